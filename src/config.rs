@@ -1,0 +1,478 @@
+//! `plugin_opt_*` options: parsed and validated once, in init. Any unknown key, duplicate key,
+//! missing required key or bad value is an error that names the key and the value, and the
+//! broker refuses to start.
+
+use crate::envelope::valid_device_id;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const DEFAULT_DATA_TOPIC: &str = "device/+/data";
+pub const DEFAULT_RESPONSE_TOPIC: &str = "device/+/response";
+pub const DEFAULT_TOLERANCE_S: i64 = 300;
+pub const DEFAULT_REPLAY_CACHE_SIZE: usize = 1000;
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 65536;
+pub const DEFAULT_BACKEND_URL: &str = "http://localhost:5000/device/{device_id}/data";
+pub const DEFAULT_WORKERS: usize = 4;
+pub const DEFAULT_SPOOL_PATH: &str = "/var/lib/secure-iot-gateway/outbox.db";
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
+pub const DEFAULT_HTTP_TIMEOUT_MS: u64 = 5000;
+/// Largest envelope the plugin will parse (Mosquitto's own `message_size_limit` may be lower).
+pub const MAX_PAYLOAD_LIMIT: usize = 16 << 20;
+
+/// Every option key the plugin understands, for the error message on a typo.
+pub const KEYS: [&str; 13] = [
+    "db_path",
+    "data_topic",
+    "response_topic",
+    "timestamp_tolerance",
+    "replay_cache_size",
+    "max_payload_bytes",
+    "service_identities",
+    "backend_url",
+    "backend_ca_file",
+    "workers",
+    "spool_path",
+    "spool_max_bytes",
+    "http_timeout_ms",
+];
+
+/// A topic pattern with exactly one `+` level standing for the device id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPattern {
+    levels: Vec<String>,
+    device_level: usize,
+}
+
+impl TopicPattern {
+    pub fn parse(s: &str) -> Option<TopicPattern> {
+        let levels: Vec<String> = s.split('/').map(str::to_owned).collect();
+        let plus: Vec<usize> =
+            levels.iter().enumerate().filter(|(_, l)| *l == "+").map(|(i, _)| i).collect();
+        let bad_level = levels.iter().any(|l| l != "+" && (l.contains(['+', '#', '\0'])));
+        if plus.len() != 1 || bad_level || s.starts_with('$') {
+            return None;
+        }
+        Some(TopicPattern { levels, device_level: plus[0] })
+    }
+
+    /// The device level of `topic`, if `topic` has this pattern's shape.
+    pub fn device_of<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let mut found = None;
+        let mut n = 0;
+        for (i, part) in topic.split('/').enumerate() {
+            let want = self.levels.get(i)?;
+            if i == self.device_level {
+                found = Some(part);
+            } else if part != want {
+                return None;
+            }
+            n += 1;
+        }
+        if n == self.levels.len() {
+            found
+        } else {
+            None
+        }
+    }
+
+    /// The concrete topic for `device`.
+    pub fn topic_for(&self, device: &str) -> String {
+        let mut t = String::with_capacity(64);
+        for (i, l) in self.levels.iter().enumerate() {
+            if i > 0 {
+                t.push('/');
+            }
+            t.push_str(if i == self.device_level { device } else { l });
+        }
+        t
+    }
+
+    /// Is `topic` exactly the topic of `device`? (No allocation: on the ACL hot path.)
+    pub fn is_topic_of(&self, topic: &str, device: &str) -> bool {
+        self.device_of(topic) == Some(device)
+    }
+}
+
+impl fmt::Display for TopicPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.levels.join("/"))
+    }
+}
+
+/// Where and how accepted messages are forwarded; `None` in [`Config::backend`] turns forwarding off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub url_template: String,
+    pub ca_file: Option<PathBuf>,
+    pub workers: usize,
+    pub http_timeout: Duration,
+}
+
+/// The validated plugin configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub db_path: PathBuf,
+    pub data_topic: TopicPattern,
+    pub response_topic: TopicPattern,
+    pub timestamp_tolerance: i64,
+    pub replay_cache_size: usize,
+    pub max_payload_bytes: usize,
+    pub service_identities: Vec<String>,
+    pub backend: Option<BackendConfig>,
+    pub spool_path: PathBuf,
+    pub spool_max_bytes: u64,
+}
+
+/// A configuration problem, naming the option and the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub value: Option<String>,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.value {
+            Some(v) => write!(f, "plugin_opt_{} {:?}: {}", self.key, v, self.problem),
+            None => write!(f, "plugin_opt_{}: {}", self.key, self.problem),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(key: &str, value: Option<&str>, problem: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.into(), value: value.map(Into::into), problem: problem.into() }
+}
+
+fn number<T: std::str::FromStr + PartialOrd + fmt::Display>(
+    key: &str,
+    v: &str,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    let n: T = v.parse().map_err(|_| err(key, Some(v), "not a whole number"))?;
+    if n < min || n > max {
+        return Err(err(key, Some(v), format!("must be between {min} and {max}")));
+    }
+    Ok(n)
+}
+
+/// Checks a backend URL template: http or https, a host, and `{device_id}` as the only placeholder.
+pub fn check_backend_url(v: &str) -> Result<(), String> {
+    let rest = v
+        .strip_prefix("http://")
+        .or_else(|| v.strip_prefix("https://"))
+        .ok_or("must start with http:// or https://")?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if host.is_empty() || host.contains('{') {
+        return Err("has no host".into());
+    }
+    if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("contains whitespace or control characters".into());
+    }
+    let stripped = v.replace("{device_id}", "");
+    if stripped.contains(['{', '}']) {
+        return Err("the only placeholder allowed is {device_id}".into());
+    }
+    let probe = v.replace("{device_id}", "x");
+    probe.parse::<ureq::http::Uri>().map_err(|e| format!("is not a valid URL ({e})"))?;
+    Ok(())
+}
+
+impl Config {
+    /// Builds the configuration from the broker's `(key, value)` option pairs.
+    pub fn from_opts<'a>(
+        opts: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Config, ConfigError> {
+        let mut seen: Vec<&str> = Vec::new();
+        let mut db_path = None;
+        let mut data_topic = TopicPattern::parse(DEFAULT_DATA_TOPIC).expect("default is valid");
+        let mut response_topic =
+            TopicPattern::parse(DEFAULT_RESPONSE_TOPIC).expect("default is valid");
+        let mut tolerance = DEFAULT_TOLERANCE_S;
+        let mut replay_cache_size = DEFAULT_REPLAY_CACHE_SIZE;
+        let mut max_payload_bytes = DEFAULT_MAX_PAYLOAD_BYTES;
+        let mut service_identities = Vec::new();
+        let mut backend_url = Some(DEFAULT_BACKEND_URL.to_string());
+        let mut ca_file = None;
+        let mut workers = DEFAULT_WORKERS;
+        let mut spool_path = PathBuf::from(DEFAULT_SPOOL_PATH);
+        let mut spool_max_bytes = DEFAULT_SPOOL_MAX_BYTES;
+        let mut http_timeout_ms = DEFAULT_HTTP_TIMEOUT_MS;
+
+        for (key, raw) in opts {
+            // Mosquitto keeps trailing blanks in option values; they are never meaningful here.
+            let v = raw.trim();
+            if !KEYS.contains(&key) {
+                return Err(err(
+                    key,
+                    Some(raw),
+                    format!("unknown option (known: {})", KEYS.join(", ")),
+                ));
+            }
+            if seen.contains(&key) {
+                return Err(err(key, Some(raw), "given more than once"));
+            }
+            seen.push(key);
+            if v.is_empty() {
+                return Err(err(key, Some(raw), "is empty"));
+            }
+            match key {
+                "db_path" => db_path = Some(PathBuf::from(v)),
+                "data_topic" | "response_topic" => {
+                    let p = TopicPattern::parse(v).ok_or_else(|| {
+                        err(key, Some(v), "must have exactly one '+' level for the device id, and no '#'")
+                    })?;
+                    if key == "data_topic" {
+                        data_topic = p;
+                    } else {
+                        response_topic = p;
+                    }
+                }
+                "timestamp_tolerance" => {
+                    let n: i64 = v.parse().map_err(|_| err(key, Some(v), "not a whole number"))?;
+                    if n <= 0 {
+                        return Err(err(key, Some(v), "must be a positive number of seconds"));
+                    }
+                    if n > 7 * 86400 {
+                        return Err(err(key, Some(v), "must be at most 604800 (7 days)"));
+                    }
+                    tolerance = n;
+                }
+                "replay_cache_size" => replay_cache_size = number(key, v, 1, 10_000_000)?,
+                "max_payload_bytes" => max_payload_bytes = number(key, v, 64, MAX_PAYLOAD_LIMIT)?,
+                "service_identities" => {
+                    service_identities = v
+                        .split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect();
+                    if service_identities.is_empty() {
+                        return Err(err(key, Some(v), "lists no identity"));
+                    }
+                }
+                "backend_url" => {
+                    if v == "none" {
+                        backend_url = None;
+                    } else {
+                        check_backend_url(v).map_err(|p| err(key, Some(v), p))?;
+                        backend_url = Some(v.to_string());
+                    }
+                }
+                "backend_ca_file" => {
+                    let p = PathBuf::from(v);
+                    std::fs::read(&p)
+                        .map_err(|e| err(key, Some(v), format!("cannot be read ({e})")))?;
+                    ca_file = Some(p);
+                }
+                "workers" => workers = number(key, v, 1, 256)?,
+                "spool_path" => spool_path = PathBuf::from(v),
+                "spool_max_bytes" => spool_max_bytes = number(key, v, 1 << 20, u64::MAX)?,
+                "http_timeout_ms" => http_timeout_ms = number(key, v, 100, 600_000)?,
+                _ => unreachable!("every key in KEYS is handled"),
+            }
+        }
+        let db_path = db_path.ok_or_else(|| {
+            err("db_path", None, "is required (the SQLite device registry, e.g. /var/lib/secure-iot-gateway/devices.db)")
+        })?;
+        if data_topic == response_topic {
+            return Err(err(
+                "response_topic",
+                Some(&response_topic.to_string()),
+                "must differ from data_topic",
+            ));
+        }
+        if let Some(bad) = service_identities.iter().find(|s| s.contains('\0')) {
+            return Err(err("service_identities", Some(bad), "contains a NUL byte"));
+        }
+        let backend = backend_url.map(|url_template| BackendConfig {
+            url_template,
+            ca_file,
+            workers,
+            http_timeout: Duration::from_millis(http_timeout_ms),
+        });
+        Ok(Config {
+            db_path,
+            data_topic,
+            response_topic,
+            timestamp_tolerance: tolerance,
+            replay_cache_size,
+            max_payload_bytes,
+            service_identities,
+            backend,
+            spool_path,
+            spool_max_bytes,
+        })
+    }
+
+    /// Is `identity` a named service (not a device)?
+    pub fn is_service(&self, identity: &str) -> bool {
+        self.service_identities.iter().any(|s| s == identity)
+    }
+
+    /// Is `id` usable as a device identity at all?
+    pub fn is_device_id(id: &str) -> bool {
+        valid_device_id(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_opts(pairs.iter().copied())
+    }
+
+    fn with_db(extra: &[(&'static str, &'static str)]) -> Result<Config, ConfigError> {
+        let mut v = vec![("db_path", "/tmp/devices.db")];
+        v.extend_from_slice(extra);
+        parse(&v)
+    }
+
+    #[test]
+    fn config_minimal_uses_documented_defaults() {
+        let c = with_db(&[]).unwrap();
+        assert_eq!(c.data_topic.to_string(), "device/+/data");
+        assert_eq!(c.response_topic.to_string(), "device/+/response");
+        assert_eq!(c.timestamp_tolerance, 300);
+        assert_eq!(c.replay_cache_size, 1000);
+        assert_eq!(c.max_payload_bytes, 65536);
+        assert!(c.service_identities.is_empty());
+        let b = c.backend.unwrap();
+        assert_eq!(b.url_template, DEFAULT_BACKEND_URL);
+        assert_eq!(b.workers, 4);
+        assert_eq!(b.http_timeout, Duration::from_millis(5000));
+        assert_eq!(c.spool_max_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn config_missing_db_path_names_the_key() {
+        let e = parse(&[]).unwrap_err();
+        assert_eq!(e.key, "db_path");
+        assert!(e.to_string().contains("plugin_opt_db_path"));
+    }
+
+    #[test]
+    fn config_unknown_key_names_key_and_value() {
+        let e = with_db(&[("timestamp_tolerence", "300")]).unwrap_err();
+        assert_eq!(e.key, "timestamp_tolerence");
+        assert!(e.to_string().contains("\"300\""), "{e}");
+        assert!(e.to_string().contains("unknown option"));
+    }
+
+    #[test]
+    fn config_duplicate_key_is_rejected() {
+        let e = with_db(&[("workers", "2"), ("workers", "3")]).unwrap_err();
+        assert_eq!(e.key, "workers");
+    }
+
+    #[test]
+    fn config_non_number_tolerance_is_rejected() {
+        let e = with_db(&[("timestamp_tolerance", "5m")]).unwrap_err();
+        assert_eq!((e.key.as_str(), e.value.as_deref()), ("timestamp_tolerance", Some("5m")));
+    }
+
+    #[test]
+    fn config_zero_tolerance_is_rejected() {
+        assert_eq!(with_db(&[("timestamp_tolerance", "0")]).unwrap_err().key, "timestamp_tolerance");
+    }
+
+    #[test]
+    fn config_negative_tolerance_is_rejected() {
+        assert_eq!(with_db(&[("timestamp_tolerance", "-1")]).unwrap_err().key, "timestamp_tolerance");
+    }
+
+    #[test]
+    fn config_zero_replay_cache_is_rejected() {
+        assert_eq!(with_db(&[("replay_cache_size", "0")]).unwrap_err().key, "replay_cache_size");
+    }
+
+    #[test]
+    fn config_oversized_payload_limit_is_rejected() {
+        assert_eq!(with_db(&[("max_payload_bytes", "999999999")]).unwrap_err().key, "max_payload_bytes");
+    }
+
+    #[test]
+    fn config_trailing_blanks_are_ignored() {
+        assert_eq!(with_db(&[("timestamp_tolerance", "60  ")]).unwrap().timestamp_tolerance, 60);
+    }
+
+    #[test]
+    fn config_empty_value_is_rejected() {
+        assert_eq!(with_db(&[("data_topic", "  ")]).unwrap_err().key, "data_topic");
+    }
+
+    #[test]
+    fn config_topic_needs_exactly_one_plus() {
+        for bad in ["device/data", "device/+/+/data", "device/#", "a/b+/+", "$SYS/+/x"] {
+            assert_eq!(with_db(&[("data_topic", bad)]).unwrap_err().key, "data_topic", "{bad}");
+        }
+        let c = with_db(&[("data_topic", "fleet/+/up")]).unwrap();
+        assert_eq!(c.data_topic.topic_for("d1"), "fleet/d1/up");
+    }
+
+    #[test]
+    fn config_same_data_and_response_topic_is_rejected() {
+        let e = with_db(&[("response_topic", "device/+/data")]).unwrap_err();
+        assert_eq!(e.key, "response_topic");
+    }
+
+    #[test]
+    fn config_service_identities_are_split_and_trimmed() {
+        let c = with_db(&[("service_identities", "dashboard, backend-svc ,")]).unwrap();
+        assert_eq!(c.service_identities, ["dashboard", "backend-svc"]);
+        assert!(c.is_service("dashboard"));
+        assert!(!c.is_service("sensor_001"));
+    }
+
+    #[test]
+    fn config_backend_url_must_be_http_or_https() {
+        for bad in ["ftp://x/y", "localhost:5000", "http:///path", "http://h/{device}", "http://h/a b"] {
+            assert_eq!(with_db(&[("backend_url", bad)]).unwrap_err().key, "backend_url", "{bad}");
+        }
+        assert!(with_db(&[("backend_url", "https://api.example.com/in/{device_id}")]).is_ok());
+    }
+
+    #[test]
+    fn config_backend_url_none_turns_forwarding_off() {
+        assert!(with_db(&[("backend_url", "none")]).unwrap().backend.is_none());
+    }
+
+    #[test]
+    fn config_workers_out_of_range_is_rejected() {
+        assert_eq!(with_db(&[("workers", "0")]).unwrap_err().key, "workers");
+        assert_eq!(with_db(&[("workers", "1000")]).unwrap_err().key, "workers");
+    }
+
+    #[test]
+    fn config_unreadable_ca_file_is_rejected() {
+        let e = with_db(&[("backend_ca_file", "/nonexistent/ca.pem")]).unwrap_err();
+        assert_eq!(e.key, "backend_ca_file");
+    }
+
+    #[test]
+    fn config_tiny_spool_is_rejected() {
+        assert_eq!(with_db(&[("spool_max_bytes", "1000")]).unwrap_err().key, "spool_max_bytes");
+    }
+
+    #[test]
+    fn config_http_timeout_out_of_range_is_rejected() {
+        assert_eq!(with_db(&[("http_timeout_ms", "5")]).unwrap_err().key, "http_timeout_ms");
+    }
+
+    #[test]
+    fn topic_pattern_matching() {
+        let p = TopicPattern::parse("device/+/data").unwrap();
+        assert_eq!(p.device_of("device/s1/data"), Some("s1"));
+        assert_eq!(p.device_of("device/s1/data/x"), None);
+        assert_eq!(p.device_of("device/s1"), None);
+        assert_eq!(p.device_of("devices/s1/data"), None);
+        assert_eq!(p.device_of("device//data"), Some(""));
+        assert!(p.is_topic_of("device/s1/data", "s1"));
+        assert!(!p.is_topic_of("device/s2/data", "s1"));
+    }
+}

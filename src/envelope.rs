@@ -1,0 +1,376 @@
+//! The signed device envelope of `spec/envelope.md`: parsing, canonical form, HMAC.
+//!
+//! Used by every signer and verifier in the project (plugin, CLI `sign`/`verify`, simulator,
+//! downlink responses), so they cannot drift apart.
+
+use crate::json::{self, Json, JsonError};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::fmt;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Why a message was rejected, in the spec's check order. `as_str` is the name used in logs
+/// and counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    Malformed,
+    RequiredFields,
+    Identity,
+    UnknownDevice,
+    Timestamp,
+    Replay,
+    Signature,
+}
+
+impl Reason {
+    /// Every reason, in check order.
+    pub const ALL: [Reason; 7] = [
+        Reason::Malformed,
+        Reason::RequiredFields,
+        Reason::Identity,
+        Reason::UnknownDevice,
+        Reason::Timestamp,
+        Reason::Replay,
+        Reason::Signature,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Malformed => "malformed",
+            Reason::RequiredFields => "required_fields",
+            Reason::Identity => "identity",
+            Reason::UnknownDevice => "unknown_device",
+            Reason::Timestamp => "timestamp",
+            Reason::Replay => "replay",
+            Reason::Signature => "signature",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A rejection: the reason plus a short human detail (never a secret or a whole payload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: Reason,
+    pub detail: String,
+}
+
+impl Rejection {
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        Rejection { reason, detail: detail.into() }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.reason, self.detail)
+    }
+}
+
+/// The members every envelope must carry.
+pub const REQUIRED: [&str; 5] = ["device_id", "timestamp", "message_id", "payload", "signature"];
+
+/// Longest device_id and message_id, in characters.
+pub const MAX_ID_CHARS: usize = 128;
+
+/// `device_id` syntax: 1–128 of `A-Z a-z 0-9 _ . -`, not `.` or `..`.
+pub fn valid_device_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_CHARS
+        && id != "."
+        && id != ".."
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// A parsed envelope whose members have the right types. Not yet authenticated.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// All members except `signature`, in wire order.
+    members: Vec<(String, Json)>,
+    pub signature: [u8; 32],
+    pub timestamp: i64,
+}
+
+impl Envelope {
+    /// Parses and type-checks an uplink envelope (checks 1 and 2 of the spec).
+    pub fn parse(bytes: &[u8], max_bytes: usize) -> Result<Envelope, Rejection> {
+        if bytes.is_empty() {
+            return Err(Rejection::new(Reason::Malformed, "empty payload"));
+        }
+        if bytes.len() > max_bytes {
+            return Err(Rejection::new(
+                Reason::Malformed,
+                format!("{} bytes exceeds the {max_bytes}-byte limit", bytes.len()),
+            ));
+        }
+        let root = json::parse_strict(bytes).map_err(|e| {
+            let detail = match e {
+                JsonError::Syntax(_) => "not valid UTF-8 JSON".to_string(),
+                other => other.to_string(),
+            };
+            Rejection::new(Reason::Malformed, detail)
+        })?;
+        let Json::Object(mut members) = root else {
+            return Err(Rejection::new(Reason::Malformed, "not a JSON object"));
+        };
+
+        // Types first (a wrong type is malformed), then presence (required_fields).
+        let mut timestamp = None;
+        for (name, value) in &members {
+            match (name.as_str(), value) {
+                ("device_id", Json::String(s)) if valid_device_id(s) => {}
+                ("device_id", _) => {
+                    return Err(Rejection::new(
+                        Reason::Malformed,
+                        "device_id must be 1-128 of A-Z a-z 0-9 _ . -",
+                    ))
+                }
+                ("timestamp", Json::Number(n)) if n.as_i64().is_some() => timestamp = n.as_i64(),
+                ("timestamp", _) => {
+                    return Err(Rejection::new(Reason::Malformed, "timestamp must be an integer"))
+                }
+                ("message_id", Json::String(s))
+                    if !s.is_empty() && s.chars().count() <= MAX_ID_CHARS => {}
+                ("message_id", _) => {
+                    return Err(Rejection::new(
+                        Reason::Malformed,
+                        "message_id must be a string of 1-128 characters",
+                    ))
+                }
+                ("signature", Json::String(s)) if s.len() == 64 && decode_hex32(s).is_some() => {}
+                ("signature", _) => {
+                    return Err(Rejection::new(Reason::Malformed, "signature must be 64 hex digits"))
+                }
+                _ => {}
+            }
+        }
+        if let Some(missing) = REQUIRED.iter().find(|r| !members.iter().any(|(k, _)| k == *r)) {
+            return Err(Rejection::new(Reason::RequiredFields, format!("missing {missing}")));
+        }
+        let sig_pos = members.iter().position(|(k, _)| k == "signature").unwrap_or_default();
+        let (_, sig) = members.remove(sig_pos);
+        let signature = match sig {
+            Json::String(s) => decode_hex32(&s).unwrap_or_default(),
+            _ => [0; 32],
+        };
+        Ok(Envelope { members, signature, timestamp: timestamp.unwrap_or_default() })
+    }
+
+    fn str_member(&self, name: &str) -> &str {
+        match self.members.iter().find(|(k, _)| k == name) {
+            Some((_, Json::String(s))) => s,
+            _ => "",
+        }
+    }
+
+    pub fn device_id(&self) -> &str {
+        self.str_member("device_id")
+    }
+
+    pub fn message_id(&self) -> &str {
+        self.str_member("message_id")
+    }
+
+    pub fn payload(&self) -> &Json {
+        self.members.iter().find(|(k, _)| k == "payload").map_or(&Json::Null, |(_, v)| v)
+    }
+
+    /// Appends the signed bytes: the envelope without `signature`, RFC 8785 canonical.
+    pub fn write_canonical(&self, out: &mut Vec<u8>) {
+        json::write_object(self.members.iter().map(|(k, v)| (k.as_str(), v)), out);
+    }
+
+    /// The canonical bytes as a fresh vector.
+    pub fn canonical(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        self.write_canonical(&mut out);
+        out
+    }
+
+    /// The payload re-serialized canonically: what the backend receives.
+    pub fn canonical_payload(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128);
+        json::write_canonical(self.payload(), &mut out);
+        out
+    }
+}
+
+/// HMAC-SHA256 of `data` keyed by `secret`.
+pub fn hmac(secret: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+/// Constant-time check of `signature` over `data`.
+pub fn verify(secret: &[u8], data: &[u8], signature: &[u8; 32]) -> bool {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(data);
+    mac.verify_slice(signature).is_ok()
+}
+
+/// Signs `members` (without a signature) and returns the envelope text with `signature` added,
+/// members in canonical order. Used by the CLI, the simulator and downlink responses.
+pub fn sign_members(secret: &[u8], members: &[(String, Json)]) -> String {
+    let mut canonical = Vec::with_capacity(256);
+    json::write_object(members.iter().map(|(k, v)| (k.as_str(), v)), &mut canonical);
+    let sig = Json::String(hex(&hmac(secret, &canonical)));
+    let mut out = Vec::with_capacity(canonical.len() + 90);
+    json::write_object(
+        members.iter().map(|(k, v)| (k.as_str(), v)).chain(std::iter::once(("signature", &sig))),
+        &mut out,
+    );
+    String::from_utf8(out).expect("canonical JSON is UTF-8")
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(HEX[(b >> 4) as usize] as char);
+        s.push(HEX[(b & 0xf) as usize] as char);
+    }
+    s
+}
+
+fn decode_hex32(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let nib = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = nib(b[2 * i])? << 4 | nib(b[2 * i + 1])?;
+    }
+    Some(out)
+}
+
+/// A random UUID v4 string (fresh downlink message ids).
+pub fn uuid_v4() -> String {
+    let mut b = [0u8; 16];
+    openssl::rand::rand_bytes(&mut b).expect("the OS random source is available");
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex(&b);
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_id_syntax_edges() {
+        assert!(valid_device_id("sensor_001"));
+        assert!(valid_device_id("a.b-C_9"));
+        assert!(valid_device_id(&"x".repeat(128)));
+        assert!(!valid_device_id(&"x".repeat(129)));
+        assert!(!valid_device_id(""));
+        assert!(!valid_device_id("."));
+        assert!(!valid_device_id(".."));
+        assert!(!valid_device_id("a/b"));
+        assert!(!valid_device_id("a+b"));
+        assert!(!valid_device_id("dé"));
+    }
+
+    fn env(s: &str) -> Result<Envelope, Rejection> {
+        Envelope::parse(s.as_bytes(), 65536)
+    }
+
+    const SIG: &str = "\"signature\":\"00000000000000000000000000000000000000000000000000000000000000ff\"";
+
+    #[test]
+    fn wrong_types_are_malformed_before_missing_fields() {
+        let r = env(r#"{"device_id":"d","timestamp":"1"}"#).unwrap_err();
+        assert_eq!(r.reason, Reason::Malformed);
+        let r = env(&format!(r#"{{"device_id":"d","timestamp":1,"message_id":"","payload":1,{SIG}}}"#));
+        assert_eq!(r.unwrap_err().reason, Reason::Malformed);
+        let r = env(r#"{"device_id":"d","timestamp":1,"message_id":"m","payload":1,"signature":"zz"}"#);
+        assert_eq!(r.unwrap_err().reason, Reason::Malformed);
+        let r = env(&format!(r#"{{"device_id":"a/b","timestamp":1,"message_id":"m","payload":1,{SIG}}}"#));
+        assert_eq!(r.unwrap_err().reason, Reason::Malformed);
+    }
+
+    #[test]
+    fn each_missing_member_is_required_fields() {
+        for missing in REQUIRED {
+            let mut parts = vec![
+                ("device_id", "\"d\"".to_string()),
+                ("timestamp", "1".to_string()),
+                ("message_id", "\"m\"".to_string()),
+                ("payload", "{}".to_string()),
+                ("signature", format!("\"{}\"", "0".repeat(64))),
+            ];
+            parts.retain(|(k, _)| *k != missing);
+            let body: Vec<String> = parts.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+            let r = env(&format!("{{{}}}", body.join(","))).unwrap_err();
+            assert_eq!(r.reason, Reason::RequiredFields, "missing {missing}");
+            assert!(r.detail.contains(missing));
+        }
+    }
+
+    #[test]
+    fn non_objects_empty_and_oversize_are_malformed() {
+        for bad in ["", "[]", "42", "\"x\"", "null", "temperature=22.5"] {
+            assert_eq!(env(bad).unwrap_err().reason, Reason::Malformed, "{bad:?}");
+        }
+        let big = format!("{{\"payload\":\"{}\"}}", "x".repeat(100));
+        let r = Envelope::parse(big.as_bytes(), 50).unwrap_err();
+        assert_eq!(r.reason, Reason::Malformed);
+        assert!(r.detail.contains("limit"));
+    }
+
+    #[test]
+    fn uppercase_hex_signature_is_accepted_as_the_same_bytes() {
+        let a = decode_hex32(&"Ab".repeat(32)).unwrap();
+        let b = decode_hex32(&"aB".repeat(32)).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn timestamp_beyond_i64_is_malformed() {
+        let r = env(&format!(
+            r#"{{"device_id":"d","timestamp":18446744073709551615,"message_id":"m","payload":1,{SIG}}}"#
+        ));
+        assert_eq!(r.unwrap_err().reason, Reason::Malformed);
+    }
+
+    #[test]
+    fn sign_members_round_trips_through_parse_and_verify() {
+        let members = vec![
+            ("device_id".to_string(), Json::String("d1".into())),
+            ("timestamp".to_string(), Json::Number(5.into())),
+            ("message_id".to_string(), Json::String("m".into())),
+            ("payload".to_string(), Json::Object(vec![])),
+        ];
+        let text = sign_members(b"k", &members);
+        let e = env(&text).unwrap();
+        assert!(verify(b"k", &e.canonical(), &e.signature));
+        assert!(!verify(b"k2", &e.canonical(), &e.signature));
+    }
+
+    #[test]
+    fn uuid_v4_has_the_right_shape() {
+        let u = uuid_v4();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+        assert_ne!(u, uuid_v4());
+    }
+}

@@ -1,0 +1,411 @@
+//! Delivery of accepted messages to the HTTP backend, on worker threads.
+//!
+//! The broker thread hands each outbox row to the lane of its device (`hash(device) % workers`),
+//! so one worker sees all of a device's messages, in order. A worker POSTs its message until the
+//! backend gives a final answer: 2xx delivered, other 4xx (but 429) dead-lettered. 5xx, 429,
+//! timeouts and refused connections are retried with capped exponential backoff and full jitter,
+//! for as long as it takes; the lane waits meanwhile, which keeps per-device order.
+//!
+//! Workers never call the broker: they push a [`Done`] onto the results queue and call the
+//! `wake` hook so the broker thread drains it promptly.
+
+use crate::config::BackendConfig;
+use crate::store::QueuedMessage;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Messages a lane holds in memory; the rest wait in the outbox.
+pub const LANE_CAPACITY: usize = 512;
+/// Largest backend response body kept for the downlink.
+pub const MAX_RESPONSE_BODY: u64 = 64 * 1024;
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Longest Retry-After honoured (a larger value is clamped, never ignored).
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
+
+/// The backend's final answer to one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Done {
+    pub message: QueuedMessage,
+    pub status: u16,
+    pub body: Vec<u8>,
+    /// true: 2xx. false: a final 4xx, to be dead-lettered.
+    pub delivered: bool,
+    pub attempts: u32,
+    /// When the backend's answer arrived (to measure the response path).
+    pub answered_at: Instant,
+}
+
+/// A line for the broker log, produced off the broker thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub warning: bool,
+    pub text: String,
+}
+
+/// Counters the workers update.
+#[derive(Default, Debug)]
+pub struct ForwardStats {
+    pub attempts: AtomicU64,
+    pub retries: AtomicU64,
+    pub delivered: AtomicU64,
+    pub dead_lettered: AtomicU64,
+}
+
+/// What workers share with the broker thread.
+struct Shared {
+    results: Mutex<Vec<Done>>,
+    logs: Mutex<Vec<LogLine>>,
+    stopping: AtomicBool,
+    /// Wakes workers sleeping in a backoff so shutdown is prompt.
+    sleep_lock: Mutex<()>,
+    sleep_cv: Condvar,
+    stats: ForwardStats,
+}
+
+/// The worker pool.
+pub struct Forwarder {
+    lanes: Vec<SyncSender<QueuedMessage>>,
+    handles: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+/// Where a device's messages go: a stable lane index.
+pub fn lane_of(device: &str, lanes: usize) -> usize {
+    let mut h = DefaultHasher::new();
+    device.hash(&mut h);
+    (h.finish() % lanes as u64) as usize
+}
+
+/// The backend URL for `device`: the template with `{device_id}` percent-encoded.
+pub fn url_for(template: &str, device: &str) -> String {
+    let mut enc = String::with_capacity(device.len());
+    for b in device.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            enc.push(b as char);
+        } else {
+            enc.push_str(&format!("%{b:02X}"));
+        }
+    }
+    template.replace("{device_id}", &enc)
+}
+
+/// Builds the HTTP agent: keep-alive pool, bounded timeouts, statuses as data (not errors),
+/// system trust store or the configured CA.
+pub fn agent(cfg: &BackendConfig) -> Result<ureq::Agent, String> {
+    use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+    let roots = match &cfg.ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let certs: Vec<Certificate<'static>> = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                    _ => None,
+                })
+                .collect();
+            if certs.is_empty() {
+                return Err(format!("{}: no PEM certificate found", path.display()));
+            }
+            RootCerts::new_with_certs(&certs)
+        }
+        None => RootCerts::PlatformVerifier,
+    };
+    let tls = TlsConfig::builder().provider(TlsProvider::NativeTls).root_certs(roots).build();
+    let config = ureq::Agent::config_builder()
+        .timeout_global(Some(cfg.http_timeout))
+        .http_status_as_error(false)
+        .max_idle_connections_per_host(4)
+        .tls_config(tls)
+        .user_agent("secure-iot-gateway/0.1")
+        .build();
+    Ok(config.into())
+}
+
+/// What one attempt produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// 2xx or a final 4xx.
+    Final { status: u16, body: Vec<u8> },
+    /// Try again, after at least this long if the backend said so.
+    Retry { why: String, after: Option<Duration> },
+}
+
+/// Classifies a status the spec's way.
+pub fn classify(status: u16) -> (bool, bool) {
+    // (final?, delivered?)
+    match status {
+        200..=299 => (true, true),
+        429 => (false, false),
+        400..=499 => (true, false),
+        _ => (false, false),
+    }
+}
+
+/// Parses a Retry-After header given in seconds (the HTTP-date form is treated as absent).
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    v.trim().parse::<u64>().ok().map(|s| Duration::from_secs(s).min(RETRY_AFTER_MAX))
+}
+
+/// POSTs one message once.
+pub fn attempt(agent: &ureq::Agent, template: &str, m: &QueuedMessage) -> Attempt {
+    let url = url_for(template, &m.device_id);
+    let res = agent
+        .post(&url)
+        .header("Content-Type", "application/json")
+        .header("X-Device-Id", &m.device_id)
+        .header("X-Message-Id", &m.message_id)
+        .send(&m.payload[..]);
+    match res {
+        Ok(mut resp) => {
+            let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_retry_after);
+            let mut body = Vec::new();
+            let _ = resp
+                .body_mut()
+                .as_reader()
+                .take(MAX_RESPONSE_BODY)
+                .read_to_end(&mut body);
+            match classify(status) {
+                (true, _) => Attempt::Final { status, body },
+                (false, _) => Attempt::Retry { why: format!("HTTP {status}"), after: retry_after },
+            }
+        }
+        Err(e) => Attempt::Retry { why: e.to_string(), after: None },
+    }
+}
+
+/// Backoff before retry number `n` (1-based): full jitter over an exponential ceiling.
+pub fn backoff(n: u32) -> Duration {
+    let ceiling = BACKOFF_START.saturating_mul(1u32 << n.min(16).saturating_sub(1)).min(BACKOFF_MAX);
+    let mut r = [0u8; 8];
+    let _ = openssl::rand::rand_bytes(&mut r);
+    let frac = u64::from_le_bytes(r) as f64 / u64::MAX as f64;
+    // Never less than a tenth of the ceiling, so a storm of retries cannot spin.
+    ceiling.mul_f64(0.1 + 0.9 * frac)
+}
+
+impl Forwarder {
+    /// Starts `cfg.workers` threads. `wake` is called after each result is queued.
+    pub fn start(cfg: &BackendConfig, wake: Arc<dyn Fn() + Send + Sync>) -> Result<Forwarder, String> {
+        let agent = agent(cfg)?;
+        let shared = Arc::new(Shared {
+            results: Mutex::new(Vec::new()),
+            logs: Mutex::new(Vec::new()),
+            stopping: AtomicBool::new(false),
+            sleep_lock: Mutex::new(()),
+            sleep_cv: Condvar::new(),
+            stats: ForwardStats::default(),
+        });
+        let mut lanes = Vec::new();
+        let mut handles = Vec::new();
+        for i in 0..cfg.workers {
+            let (tx, rx) = std::sync::mpsc::sync_channel(LANE_CAPACITY);
+            lanes.push(tx);
+            let worker = Worker {
+                rx,
+                agent: agent.clone(),
+                template: cfg.url_template.clone(),
+                shared: shared.clone(),
+                wake: wake.clone(),
+            };
+            let h = std::thread::Builder::new()
+                .name(format!("iotgw-fwd-{i}"))
+                .spawn(move || worker.run())
+                .map_err(|e| format!("cannot start worker thread: {e}"))?;
+            handles.push(h);
+        }
+        Ok(Forwarder { lanes, handles, shared })
+    }
+
+    pub fn lanes(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// Hands a message to its device's lane without blocking; gives it back if the lane is full.
+    pub fn try_dispatch(&self, m: QueuedMessage) -> Result<(), QueuedMessage> {
+        let lane = lane_of(&m.device_id, self.lanes.len());
+        match self.lanes[lane].try_send(m) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => Err(m),
+        }
+    }
+
+    /// Takes the finished results (broker thread).
+    pub fn take_results(&self) -> Vec<Done> {
+        std::mem::take(&mut *self.shared.results.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Takes the queued log lines (broker thread).
+    pub fn take_logs(&self) -> Vec<LogLine> {
+        std::mem::take(&mut *self.shared.logs.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn stats(&self) -> &ForwardStats {
+        &self.shared.stats
+    }
+
+    /// Stops every worker and joins it. An in-flight request ends within the HTTP timeout;
+    /// undelivered messages simply stay in the outbox.
+    pub fn shutdown(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        {
+            let _g = self.shared.sleep_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.shared.sleep_cv.notify_all();
+        }
+        self.lanes.clear();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Worker {
+    rx: Receiver<QueuedMessage>,
+    agent: ureq::Agent,
+    template: String,
+    shared: Arc<Shared>,
+    wake: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Worker {
+    fn stopping(&self) -> bool {
+        self.shared.stopping.load(Ordering::SeqCst)
+    }
+
+    fn log(&self, warning: bool, text: String) {
+        self.shared.logs.lock().unwrap_or_else(|p| p.into_inner()).push(LogLine { warning, text });
+    }
+
+    /// Sleeps up to `d`; returns false if shutdown began.
+    fn sleep(&self, d: Duration) -> bool {
+        let deadline = Instant::now() + d;
+        let mut g = self.shared.sleep_lock.lock().unwrap_or_else(|p| p.into_inner());
+        while !self.stopping() {
+            let now = Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            g = self.shared.sleep_cv.wait_timeout(g, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        false
+    }
+
+    fn run(self) {
+        while !self.stopping() {
+            let m = match self.rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            // A panic in one job must not silently shrink the pool.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.deliver(m)));
+            if outcome.is_err() {
+                self.log(true, "forwarder worker caught a panic; the message stays in the outbox".into());
+            }
+        }
+    }
+
+    fn deliver(&self, m: QueuedMessage) {
+        let mut n = 0u32;
+        loop {
+            if self.stopping() {
+                return;
+            }
+            n += 1;
+            self.shared.stats.attempts.fetch_add(1, Ordering::Relaxed);
+            match attempt(&self.agent, &self.template, &m) {
+                Attempt::Final { status, body } => {
+                    let delivered = (200..300).contains(&status);
+                    let counter = if delivered { &self.shared.stats.delivered } else { &self.shared.stats.dead_lettered };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let done = Done { message: m, status, body, delivered, attempts: n, answered_at: Instant::now() };
+                    self.shared.results.lock().unwrap_or_else(|p| p.into_inner()).push(done);
+                    (self.wake)();
+                    return;
+                }
+                Attempt::Retry { why, after } => {
+                    self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    let wait = after.unwrap_or_else(|| backoff(n));
+                    // Log the first failure and then every tenth, to keep an outage readable.
+                    if n == 1 || n % 10 == 0 {
+                        self.log(
+                            true,
+                            format!(
+                                "backend delivery failed for device {} message {} (attempt {n}: {why}); retrying in {} ms",
+                                m.device_id,
+                                m.message_id,
+                                wait.as_millis()
+                            ),
+                        );
+                    }
+                    if !self.sleep(wait) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_classes_follow_the_spec() {
+        assert_eq!(classify(200), (true, true));
+        assert_eq!(classify(204), (true, true));
+        assert_eq!(classify(400), (true, false));
+        assert_eq!(classify(404), (true, false));
+        assert_eq!(classify(429), (false, false));
+        assert_eq!(classify(500), (false, false));
+        assert_eq!(classify(503), (false, false));
+    }
+
+    #[test]
+    fn url_template_percent_encodes_the_device() {
+        assert_eq!(url_for("http://h/device/{device_id}/data", "s.1_a-b"), "http://h/device/s.1_a-b/data");
+        assert_eq!(url_for("http://h/{device_id}", "a b/c"), "http://h/a%20b%2Fc");
+    }
+
+    #[test]
+    fn lanes_are_stable_and_in_range() {
+        for d in ["a", "b", "sensor_001"] {
+            assert_eq!(lane_of(d, 4), lane_of(d, 4));
+            assert!(lane_of(d, 4) < 4);
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for n in 1..40 {
+            let b = backoff(n);
+            assert!(b <= BACKOFF_MAX, "{n}: {b:?}");
+            assert!(b >= BACKOFF_START / 10, "{n}: {b:?}");
+        }
+        assert!(backoff(30) >= BACKOFF_MAX / 10);
+    }
+
+    #[test]
+    fn retry_after_seconds_are_honoured_and_clamped() {
+        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after("99999"), Some(RETRY_AFTER_MAX));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+    }
+}

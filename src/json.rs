@@ -1,0 +1,386 @@
+//! Strict JSON parsing and RFC 8785 (JCS) canonical serialization.
+//!
+//! Why not `serde_json::Value`: it silently keeps the last of two duplicate members, so a signer
+//! and a verifier could read two different messages from the same bytes. [`parse_strict`]
+//! rejects duplicates at any depth and bounds nesting, and [`write_canonical`] produces exactly
+//! the bytes that are signed.
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use std::fmt;
+
+/// Deepest nesting accepted (the envelope object itself is level 1).
+pub const MAX_DEPTH: usize = 64;
+
+/// A JSON value that keeps object members in wire order (duplicates already refused).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Json {
+    Null,
+    Bool(bool),
+    Number(serde_json::Number),
+    String(String),
+    Array(Vec<Json>),
+    Object(Vec<(String, Json)>),
+}
+
+impl Json {
+    /// The member `name` of an object, if this is an object that has it.
+    pub fn get(&self, name: &str) -> Option<&Json> {
+        match self {
+            Json::Object(members) => members.iter().find(|(k, _)| k == name).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// Converts a `serde_json::Value` (which cannot hold duplicates) into a `Json`.
+    pub fn from_value(v: serde_json::Value) -> Json {
+        match v {
+            serde_json::Value::Null => Json::Null,
+            serde_json::Value::Bool(b) => Json::Bool(b),
+            serde_json::Value::Number(n) => Json::Number(n),
+            serde_json::Value::String(s) => Json::String(s),
+            serde_json::Value::Array(a) => Json::Array(a.into_iter().map(Json::from_value).collect()),
+            serde_json::Value::Object(o) => {
+                Json::Object(o.into_iter().map(|(k, v)| (k, Json::from_value(v))).collect())
+            }
+        }
+    }
+}
+
+/// Why bytes are not acceptable strict JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JsonError {
+    /// Syntax error, invalid UTF-8, trailing data, lone surrogate...
+    Syntax(String),
+    /// The same member name twice in one object.
+    DuplicateMember(String),
+    /// Nested deeper than [`MAX_DEPTH`].
+    TooDeep,
+}
+
+impl fmt::Display for JsonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JsonError::Syntax(s) => write!(f, "invalid JSON: {s}"),
+            JsonError::DuplicateMember(k) => write!(f, "duplicate member {k:?}"),
+            JsonError::TooDeep => write!(f, "nested deeper than {MAX_DEPTH} levels"),
+        }
+    }
+}
+
+const DUP_PREFIX: &str = "\u{0}dup:";
+const DEEP_MARK: &str = "\u{0}deep";
+
+/// Parses `bytes` as one strict JSON value: UTF-8, no duplicate members, at most
+/// [`MAX_DEPTH`] levels of arrays/objects.
+pub fn parse_strict(bytes: &[u8]) -> Result<Json, JsonError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = Seed { depth: 0 }.deserialize(&mut de).map_err(classify)?;
+    de.end().map_err(classify)?;
+    Ok(value)
+}
+
+fn classify(e: serde_json::Error) -> JsonError {
+    let msg = e.to_string();
+    if let Some(rest) = msg.strip_prefix(DUP_PREFIX) {
+        // serde_json appends " at line L column C"; the member name is everything before it.
+        let name = rest.rsplit_once(" at line ").map_or(rest, |(n, _)| n);
+        JsonError::DuplicateMember(name.to_string())
+    } else if msg.starts_with(DEEP_MARK) {
+        JsonError::TooDeep
+    } else if msg.starts_with("recursion limit exceeded") {
+        JsonError::TooDeep
+    } else {
+        JsonError::Syntax(msg)
+    }
+}
+
+struct Seed {
+    depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Seed {
+    type Value = Json;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Json, D::Error> {
+        d.deserialize_any(JsonVisitor { depth: self.depth })
+    }
+}
+
+struct JsonVisitor {
+    depth: usize,
+}
+
+impl JsonVisitor {
+    fn enter<E: de::Error>(&self) -> Result<usize, E> {
+        let depth = self.depth + 1;
+        if depth > MAX_DEPTH {
+            return Err(E::custom(DEEP_MARK));
+        }
+        Ok(depth)
+    }
+}
+
+impl<'de> Visitor<'de> for JsonVisitor {
+    type Value = Json;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Json, E> {
+        Ok(Json::Null)
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Json, E> {
+        Ok(Json::Bool(b))
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<Json, E> {
+        Ok(Json::Number(n.into()))
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<Json, E> {
+        Ok(Json::Number(n.into()))
+    }
+    fn visit_f64<E: de::Error>(self, n: f64) -> Result<Json, E> {
+        serde_json::Number::from_f64(n)
+            .map(Json::Number)
+            .ok_or_else(|| E::custom("number out of range"))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Json, E> {
+        Ok(Json::String(s.to_owned()))
+    }
+    fn visit_string<E>(self, s: String) -> Result<Json, E> {
+        Ok(Json::String(s))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
+        let depth = self.enter()?;
+        let mut items = Vec::new();
+        while let Some(v) = seq.next_element_seed(Seed { depth })? {
+            items.push(v);
+        }
+        Ok(Json::Array(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
+        let depth = self.enter()?;
+        let mut members: Vec<(String, Json)> = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            // Objects in envelopes are small; a linear scan beats hashing here.
+            if members.iter().any(|(k, _)| *k == key) {
+                return Err(de::Error::custom(format_args!("{DUP_PREFIX}{key}")));
+            }
+            let value = map.next_value_seed(Seed { depth })?;
+            members.push((key, value));
+        }
+        Ok(Json::Object(members))
+    }
+}
+
+/// Appends the RFC 8785 canonical form of `v` to `out`.
+pub fn write_canonical(v: &Json, out: &mut Vec<u8>) {
+    match v {
+        Json::Null => out.extend_from_slice(b"null"),
+        Json::Bool(true) => out.extend_from_slice(b"true"),
+        Json::Bool(false) => out.extend_from_slice(b"false"),
+        Json::Number(n) => write_number(n, out),
+        Json::String(s) => write_string(s, out),
+        Json::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        Json::Object(members) => write_object(members.iter().map(|(k, v)| (k.as_str(), v)), out),
+    }
+}
+
+/// Writes an object from `(name, value)` pairs in canonical member order.
+pub fn write_object<'a>(members: impl Iterator<Item = (&'a str, &'a Json)>, out: &mut Vec<u8>) {
+    let mut sorted: Vec<(&str, &Json)> = members.collect();
+    // RFC 8785 §3.2.3: sort by the UTF-16 code units of the names.
+    sorted.sort_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
+    out.push(b'{');
+    for (i, (k, v)) in sorted.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_string(k, out);
+        out.push(b':');
+        write_canonical(v, out);
+    }
+    out.push(b'}');
+}
+
+/// A JSON string with RFC 8785's minimal escaping; everything else stays raw UTF-8.
+pub fn write_string(s: &str, out: &mut Vec<u8>) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x00..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if esc.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[(b >> 4) as usize]);
+            out.push(HEX[(b & 0xf) as usize]);
+        } else {
+            out.extend_from_slice(esc);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// Numbers as ECMAScript's `Number.prototype.toString` prints the IEEE double (RFC 8785 §3.2.2.3).
+fn write_number(n: &serde_json::Number, out: &mut Vec<u8>) {
+    const EXACT: u64 = 1 << 53;
+    if let Some(u) = n.as_u64() {
+        if u <= EXACT {
+            out.extend_from_slice(u.to_string().as_bytes());
+            return;
+        }
+    } else if let Some(i) = n.as_i64() {
+        if i.unsigned_abs() <= EXACT {
+            out.extend_from_slice(i.to_string().as_bytes());
+            return;
+        }
+    }
+    let f = n.as_f64().unwrap_or(0.0);
+    out.extend_from_slice(es_number(f).as_bytes());
+}
+
+/// ECMAScript Number::toString(10) for a finite double.
+pub fn es_number(f: f64) -> String {
+    if f == 0.0 {
+        return "0".into();
+    }
+    // Rust's `{:e}` prints the shortest digits that round-trip, like ECMAScript requires.
+    let sci = format!("{:e}", f.abs());
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let k = digits.len() as i32;
+    let n = exp.parse::<i32>().unwrap_or(0) + 1;
+    let mut s = String::new();
+    if f < 0.0 {
+        s.push('-');
+    }
+    if k <= n && n <= 21 {
+        s.push_str(&digits);
+        s.extend(std::iter::repeat_n('0', (n - k) as usize));
+    } else if 0 < n && n <= 21 {
+        s.push_str(&digits[..n as usize]);
+        s.push('.');
+        s.push_str(&digits[n as usize..]);
+    } else if -6 < n && n <= 0 {
+        s.push_str("0.");
+        s.extend(std::iter::repeat_n('0', (-n) as usize));
+        s.push_str(&digits);
+    } else {
+        s.push_str(&digits[..1]);
+        if k > 1 {
+            s.push('.');
+            s.push_str(&digits[1..]);
+        }
+        s.push('e');
+        s.push(if n - 1 >= 0 { '+' } else { '-' });
+        s.push_str(&(n - 1).abs().to_string());
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn canon(s: &str) -> String {
+        let mut out = Vec::new();
+        write_canonical(&parse_strict(s.as_bytes()).unwrap(), &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn duplicate_member_at_top_level_is_rejected() {
+        assert_eq!(parse_strict(br#"{"a":1,"a":2}"#), Err(JsonError::DuplicateMember("a".into())));
+    }
+
+    #[test]
+    fn duplicate_member_nested_is_rejected() {
+        let e = parse_strict(br#"{"p":[{"x":{"k":1,"k":1}}]}"#).unwrap_err();
+        assert_eq!(e, JsonError::DuplicateMember("k".into()));
+    }
+
+    #[test]
+    fn depth_64_is_accepted_and_65_is_rejected() {
+        let ok = format!("{}{}", "[".repeat(64), "]".repeat(64));
+        assert!(parse_strict(ok.as_bytes()).is_ok());
+        let bad = format!("{}{}", "[".repeat(65), "]".repeat(65));
+        assert_eq!(parse_strict(bad.as_bytes()), Err(JsonError::TooDeep));
+    }
+
+    #[test]
+    fn ten_thousand_deep_nesting_is_rejected_without_overflow() {
+        let bad = format!("{}{}", "{\"a\":".repeat(10_000), "}".repeat(10_000));
+        assert_eq!(parse_strict(bad.as_bytes()), Err(JsonError::TooDeep));
+    }
+
+    #[test]
+    fn invalid_utf8_and_trailing_data_are_syntax_errors() {
+        assert!(matches!(parse_strict(b"\"\xff\""), Err(JsonError::Syntax(_))));
+        assert!(matches!(parse_strict(b"{} {}"), Err(JsonError::Syntax(_))));
+        assert!(matches!(parse_strict(b""), Err(JsonError::Syntax(_))));
+        assert!(matches!(parse_strict(br#""\ud800""#), Err(JsonError::Syntax(_))));
+    }
+
+    #[test]
+    fn canonical_sorts_members_at_every_depth_and_strips_whitespace() {
+        assert_eq!(canon(r#"{ "b": [ {"z":1, "y":2} ], "a": null }"#), r#"{"a":null,"b":[{"y":2,"z":1}]}"#);
+    }
+
+    #[test]
+    fn canonical_sorts_by_utf16_code_units() {
+        // By code point U+E000 < U+1F600, but U+1F600 is the surrogate pair D83D DE00 and D83D < E000.
+        assert_eq!(canon("{\"\u{e000}\":1,\"\u{1f600}\":2}"), "{\"\u{1f600}\":2,\"\u{e000}\":1}");
+    }
+
+    #[test]
+    fn canonical_escapes_only_what_rfc8785_requires() {
+        assert_eq!(
+            canon(r#""a\"b\\c\/d\u0001\u001f\b\f\n\r\t\u00e9\u2028""#),
+            "\"a\\\"b\\\\c/d\\u0001\\u001f\\b\\f\\n\\r\\t\u{e9}\u{2028}\""
+        );
+    }
+
+    #[test]
+    fn numbers_print_like_ecmascript() {
+        let cases = [
+            ("22.5", "22.5"),
+            ("-0.5", "-0.5"),
+            ("100.0", "100"),
+            ("1e21", "1e+21"),
+            ("1e20", "100000000000000000000"),
+            ("1e-7", "1e-7"),
+            ("0.000001", "0.000001"),
+            ("-0.0", "0"),
+            ("1.5e300", "1.5e+300"),
+            ("123456789012345678901234", "1.2345678901234568e+23"),
+            ("9007199254740993", "9007199254740992"),
+            ("-42", "-42"),
+            ("0.1", "0.1"),
+            ("5e-324", "5e-324"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(canon(input), want, "input {input}");
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! secure-iot-gateway: a Mosquitto plugin that authenticates every device message and forwards
+//! it durably to an HTTP backend.
+//!
+//! # Layout
+//! - [`json`]: strict JSON (no duplicate members, bounded depth) and RFC 8785 canonical form.
+//! - [`envelope`]: the signed envelope of `spec/envelope.md`; the seven rejection reasons.
+//! - [`replay`]: time-windowed, per-device-capped memory of accepted message ids.
+//! - [`registry`]: the SQLite device registry (read-only in the plugin, hot-reloaded).
+//! - [`store`]: the durable outbox, dead letters and persisted replay ids.
+//! - [`forward`]: worker threads that POST to the backend with retries.
+//! - [`gateway`]: the broker-thread logic tying these together, behind the [`gateway::Host`] trait.
+//! - [`config`]: `plugin_opt_*` parsing and validation.
+//! - [`cli`]: the `iotgw` command (PKI, registry, signing, simulator, demo backend).
+//! - `plugin` (private): the only unsafe code, the FFI shim Mosquitto calls.
+#![deny(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod envelope;
+pub mod forward;
+pub mod gateway;
+pub mod json;
+#[allow(unsafe_code)]
+mod plugin;
+pub mod registry;
+pub mod replay;
+pub mod store;

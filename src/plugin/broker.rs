@@ -1,0 +1,94 @@
+//! Safe wrappers over the few broker functions the gateway calls. All of them may be called only
+//! on the broker thread, inside a callback; [`BrokerHost`] is `!Send` so it cannot leave it.
+
+use super::sys;
+use crate::gateway::{Host, Level};
+use foreign_types::ForeignType;
+use openssl::nid::Nid;
+use openssl::x509::X509;
+use std::ffi::{CStr, CString};
+use std::marker::PhantomData;
+use std::os::raw::{c_int, c_void};
+
+/// Writes one line to the broker log.
+pub fn log_raw(level: c_int, msg: &str) {
+    let Ok(c) = CString::new(msg.replace('\0', "\\0")) else { return };
+    // SAFETY: "%s" with one NUL-terminated string argument matches the variadic contract.
+    unsafe { sys::mosquitto_log_printf(level, c"%s".as_ptr(), c.as_ptr()) };
+}
+
+/// The broker as the core sees it. Constructed only inside callbacks.
+pub struct BrokerHost {
+    _not_send: PhantomData<*const ()>,
+}
+
+impl BrokerHost {
+    /// # Safety
+    /// Only on the broker thread, inside a broker callback.
+    pub unsafe fn new() -> Self {
+        BrokerHost { _not_send: PhantomData }
+    }
+}
+
+impl Host for BrokerHost {
+    fn log(&mut self, level: Level, msg: &str) {
+        let l = match level {
+            Level::Debug => sys::MOSQ_LOG_DEBUG,
+            Level::Info => sys::MOSQ_LOG_INFO,
+            Level::Notice => sys::MOSQ_LOG_NOTICE,
+            Level::Warning => sys::MOSQ_LOG_WARNING,
+            Level::Error => sys::MOSQ_LOG_ERR,
+        };
+        log_raw(l as c_int, msg);
+    }
+
+    fn publish(&mut self, topic: &str, payload: &[u8]) -> bool {
+        let Ok(t) = CString::new(topic) else { return false };
+        let Ok(len) = c_int::try_from(payload.len()) else { return false };
+        // SAFETY: valid NUL-terminated topic; the _copy variant copies the payload, so the broker
+        // never frees our buffer; NULL clientid = normal delivery to subscribers (READ ACL applies).
+        let rc = unsafe {
+            sys::mosquitto_broker_publish_copy(
+                std::ptr::null(),
+                t.as_ptr(),
+                len,
+                payload.as_ptr() as *const c_void,
+                1,
+                false,
+                std::ptr::null_mut(),
+            )
+        };
+        rc == sys::MOSQ_ERR_SUCCESS as c_int
+    }
+}
+
+/// The client's username bytes, if it has one.
+///
+/// # Safety
+/// `client` is the valid client pointer of the current callback.
+pub unsafe fn client_username<'a>(client: *const sys::mosquitto) -> Option<&'a [u8]> {
+    // SAFETY: the broker owns the string for at least the duration of the callback.
+    let p = unsafe { sys::mosquitto_client_username(client) };
+    if p.is_null() {
+        None
+    } else {
+        // SAFETY: non-NULL, NUL-terminated, valid during the callback (not necessarily UTF-8).
+        Some(unsafe { CStr::from_ptr(p) }.to_bytes())
+    }
+}
+
+/// The first CN of the client's verified certificate, if it presented one.
+///
+/// # Safety
+/// `client` is the valid client pointer of the current callback.
+pub unsafe fn client_cert_cn(client: *const sys::mosquitto) -> Option<Vec<u8>> {
+    // SAFETY: returns a new reference (or NULL) that we own and must free.
+    let cert = unsafe { sys::mosquitto_client_certificate(client) };
+    if cert.is_null() {
+        return None;
+    }
+    // SAFETY: a valid X509* from the same libcrypto; X509 takes ownership and frees it on drop.
+    let x509 = unsafe { X509::from_ptr(cert as *mut openssl_sys::X509) };
+    let cn = x509.subject_name().entries_by_nid(Nid::COMMONNAME).next();
+    Some(cn.map(|e| e.data().as_slice().to_vec()).unwrap_or_default())
+}

@@ -1,0 +1,283 @@
+//! The FFI shim: the only place with `extern "C"`, raw pointers and `mosquitto_*` calls.
+//!
+//! Threading: Mosquitto is single-threaded and nothing in its plugin API is thread-safe. Every
+//! function here runs on the broker thread; worker threads (registry watcher, checkpointer,
+//! forwarders) never call the broker. They hand results over through queues that the tick drains,
+//! and wake the loop with [`wake::Waker`].
+//!
+//! Lifetime: init boxes an [`Instance`] into `*userdata` and registers the callbacks with it;
+//! cleanup unregisters them, joins every thread and frees the box. With
+//! `per_listener_settings true` init runs once per listener, so nothing lives in globals.
+
+mod broker;
+mod guard;
+mod sys;
+mod wake;
+
+use crate::config::Config;
+use crate::gateway::{self, Access, Gateway, Host, Identity, Level, Verdict};
+use broker::BrokerHost;
+use guard::guard;
+use std::cell::RefCell;
+use std::os::raw::{c_int, c_void};
+use std::sync::Arc;
+
+const ERR_SUCCESS: c_int = sys::MOSQ_ERR_SUCCESS as c_int;
+const ERR_ACL_DENIED: c_int = sys::MOSQ_ERR_ACL_DENIED as c_int;
+const ERR_DEFER: c_int = sys::MOSQ_ERR_PLUGIN_DEFER as c_int;
+const ERR_UNKNOWN: c_int = sys::MOSQ_ERR_UNKNOWN as c_int;
+const ERR_INVAL: c_int = sys::MOSQ_ERR_INVAL as c_int;
+
+/// One loaded plugin instance.
+struct Instance {
+    identifier: *mut sys::mosquitto_plugin_id_t,
+    /// Immutable after init: the ACL read path needs only this, never the mutable state.
+    cfg: Config,
+    gateway: RefCell<Gateway>,
+    waker: Arc<wake::Waker>,
+}
+
+type Callback = unsafe extern "C" fn(c_int, *mut c_void, *mut c_void) -> c_int;
+const EVENTS: [(u32, Callback); 3] = [
+    (sys::MOSQ_EVT_ACL_CHECK, on_acl_check),
+    (sys::MOSQ_EVT_TICK, on_tick),
+    (sys::MOSQ_EVT_RELOAD, on_reload),
+];
+
+// Pin the exported signatures to the header's declarations: a drift is a type error.
+const _: [unsafe extern "C" fn(c_int, *const c_int) -> c_int; 2] =
+    [sys::mosquitto_plugin_version, mosquitto_plugin_version];
+const _: [unsafe extern "C" fn(*mut sys::mosquitto_plugin_id_t, *mut *mut c_void, *mut sys::mosquitto_opt, c_int) -> c_int; 2] =
+    [sys::mosquitto_plugin_init, mosquitto_plugin_init];
+const _: [unsafe extern "C" fn(*mut c_void, *mut sys::mosquitto_opt, c_int) -> c_int; 2] =
+    [sys::mosquitto_plugin_cleanup, mosquitto_plugin_cleanup];
+
+/// Plugin API version negotiation: we speak v5 only.
+///
+/// # Safety
+/// Called by the broker with its list of supported versions.
+#[no_mangle]
+pub unsafe extern "C" fn mosquitto_plugin_version(count: c_int, versions: *const c_int) -> c_int {
+    let offered = if versions.is_null() || count <= 0 {
+        &[][..]
+    } else {
+        // SAFETY: the broker passes `count` ints at `versions`.
+        unsafe { std::slice::from_raw_parts(versions, count as usize) }
+    };
+    if !offered.contains(&5) {
+        broker::log_raw(sys::MOSQ_LOG_ERR as c_int, "secure-iot-gateway: needs plugin API v5 (Mosquitto 2.0 or later)");
+    }
+    5
+}
+
+/// Reads the broker's option array into owned (key, value) pairs; non-UTF-8 is kept lossily so
+/// the config error can still name it.
+///
+/// # Safety
+/// `opts` points to `count` valid options (or is NULL with count 0).
+unsafe fn read_opts(opts: *const sys::mosquitto_opt, count: c_int) -> Vec<(String, String)> {
+    if opts.is_null() || count <= 0 {
+        return Vec::new();
+    }
+    // SAFETY: the broker passes `count` options at `opts`, valid until cleanup.
+    let slice = unsafe { std::slice::from_raw_parts(opts, count as usize) };
+    let text = |p: *mut std::os::raw::c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: the broker's option strings are NUL-terminated.
+            unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        }
+    };
+    slice.iter().map(|o| (text(o.key), text(o.value))).collect()
+}
+
+/// Parses the options, opens the registry and outbox, starts the workers, registers callbacks.
+/// Any failure is logged as one line naming the option, and the broker refuses to start.
+///
+/// # Safety
+/// Called once per instance by the broker, on its thread, with valid pointers.
+#[no_mangle]
+pub unsafe extern "C" fn mosquitto_plugin_init(
+    identifier: *mut sys::mosquitto_plugin_id_t,
+    userdata: *mut *mut c_void,
+    opts: *mut sys::mosquitto_opt,
+    count: c_int,
+) -> c_int {
+    guard("init", ERR_UNKNOWN, || {
+        // SAFETY: we are inside init, on the broker thread.
+        let mut host = unsafe { BrokerHost::new() };
+        // SAFETY: forwarded from the broker's arguments.
+        let pairs = unsafe { read_opts(opts, count) };
+        let cfg = match Config::from_opts(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+            Ok(c) => c,
+            Err(e) => {
+                host.log(Level::Error, &format!("secure-iot-gateway: configuration error: {e}"));
+                return ERR_INVAL;
+            }
+        };
+        let waker = match wake::Waker::install() {
+            Ok(w) => Arc::new(w),
+            Err(e) => {
+                host.log(Level::Error, &format!("secure-iot-gateway: cannot install the wake-up signal: {e}"));
+                return ERR_UNKNOWN;
+            }
+        };
+        let w = waker.clone();
+        let gw = match Gateway::start(cfg.clone(), Arc::new(move || w.wake())) {
+            Ok(g) => g,
+            Err(e) => {
+                host.log(Level::Error, &format!("secure-iot-gateway: configuration error: {e}"));
+                return ERR_INVAL;
+            }
+        };
+        host.log(Level::Notice, &format!("secure-iot-gateway {} loaded: {}", env!("CARGO_PKG_VERSION"), gw.describe()));
+        let inst = Box::into_raw(Box::new(Instance { identifier, cfg, gateway: RefCell::new(gw), waker }));
+        for (event, cb) in EVENTS {
+            // SAFETY: valid identifier from init; `inst` outlives the registration (freed in cleanup
+            // after unregistering).
+            let rc = unsafe { sys::mosquitto_callback_register(identifier, event as c_int, Some(cb), std::ptr::null(), inst as *mut c_void) };
+            if rc != ERR_SUCCESS {
+                host.log(Level::Error, &format!("secure-iot-gateway: cannot register callback for event {event} (rc {rc})"));
+                // SAFETY: undo what was registered, then free the instance we still own.
+                unsafe { teardown(inst) };
+                return ERR_UNKNOWN;
+            }
+        }
+        if !userdata.is_null() {
+            // SAFETY: the broker passes a valid out-pointer.
+            unsafe { *userdata = inst as *mut c_void };
+        }
+        ERR_SUCCESS
+    })
+}
+
+/// Unregisters every callback, stops and joins every thread, frees the instance.
+///
+/// # Safety
+/// `inst` came from `Box::into_raw` in init and is not used afterwards.
+unsafe fn teardown(inst: *mut Instance) {
+    // SAFETY: per the function contract.
+    let instance = unsafe { Box::from_raw(inst) };
+    for (event, cb) in EVENTS {
+        // SAFETY: the identifier from init; unregistering a callback never registered is harmless.
+        unsafe { sys::mosquitto_callback_unregister(instance.identifier, event as c_int, Some(cb), std::ptr::null()) };
+    }
+    // SAFETY: cleanup runs on the broker thread.
+    let mut host = unsafe { BrokerHost::new() };
+    if let Ok(mut gw) = instance.gateway.try_borrow_mut() {
+        gw.shutdown(&mut host);
+    }
+    host.log(Level::Notice, "secure-iot-gateway: stopped; every worker joined");
+    drop(instance);
+}
+
+/// # Safety
+/// Called by the broker at shutdown with the userdata set in init.
+#[no_mangle]
+pub unsafe extern "C" fn mosquitto_plugin_cleanup(userdata: *mut c_void, _opts: *mut sys::mosquitto_opt, _count: c_int) -> c_int {
+    guard("cleanup", ERR_SUCCESS, || {
+        if !userdata.is_null() {
+            // SAFETY: userdata is the Instance boxed in init, handed back once.
+            unsafe { teardown(userdata as *mut Instance) };
+        }
+        ERR_SUCCESS
+    })
+}
+
+/// Maps a verdict to the broker's return codes.
+fn rc(v: Verdict) -> c_int {
+    match v {
+        Verdict::Allow => ERR_SUCCESS,
+        Verdict::Deny => ERR_ACL_DENIED,
+        Verdict::Defer => ERR_DEFER,
+    }
+}
+
+/// Every ACL question. WRITE carries publishes and wills: data-topic messages are validated here.
+unsafe extern "C" fn on_acl_check(_event: c_int, event_data: *mut c_void, userdata: *mut c_void) -> c_int {
+    guard("acl_check", ERR_ACL_DENIED, || {
+        if event_data.is_null() || userdata.is_null() {
+            return ERR_ACL_DENIED;
+        }
+        // SAFETY: registered with an Instance pointer that lives until cleanup.
+        let inst = unsafe { &*(userdata as *const Instance) };
+        // SAFETY: the broker passes a valid mosquitto_evt_acl_check for this event.
+        let ed = unsafe { &*(event_data as *const sys::mosquitto_evt_acl_check) };
+        if ed.client.is_null() || ed.topic.is_null() {
+            return ERR_ACL_DENIED;
+        }
+        // SAFETY: valid client pointer for the duration of the callback.
+        let username = unsafe { broker::client_username(ed.client) };
+        // The certificate is only consulted when there is a username it could vouch for.
+        // SAFETY: as above.
+        let cn = username.and_then(|_| unsafe { broker::client_cert_cn(ed.client) });
+        let who = gateway::identity(&inst.cfg, username, cn.as_deref());
+        // SAFETY: the topic is a NUL-terminated string valid during the callback.
+        let topic = unsafe { std::ffi::CStr::from_ptr(ed.topic) }.to_bytes();
+        let access = ed.access as u32;
+        if access == sys::MOSQ_ACL_WRITE {
+            let payload: &[u8] = if ed.payload.is_null() || ed.payloadlen == 0 {
+                &[]
+            } else {
+                // SAFETY: the broker's payload buffer holds payloadlen bytes during the callback.
+                unsafe { std::slice::from_raw_parts(ed.payload as *const u8, ed.payloadlen as usize) }
+            };
+            return write_check(inst, who, topic, payload);
+        }
+        let access = match access {
+            sys::MOSQ_ACL_READ => Access::Read,
+            sys::MOSQ_ACL_SUBSCRIBE => Access::Subscribe,
+            sys::MOSQ_ACL_UNSUBSCRIBE => Access::Unsubscribe,
+            _ => return if matches!(who, Identity::Device(_)) { ERR_ACL_DENIED } else { ERR_DEFER },
+        };
+        rc(gateway::acl_verdict(&inst.cfg, who, access, topic))
+    })
+}
+
+fn write_check(inst: &Instance, who: Identity<'_>, topic: &[u8], payload: &[u8]) -> c_int {
+    // SAFETY: inside the ACL callback, on the broker thread.
+    let mut host = unsafe { BrokerHost::new() };
+    let Ok(mut gw) = inst.gateway.try_borrow_mut() else {
+        // Re-entered while the gateway is busy (cannot happen for WRITE in 2.0): fail closed.
+        return ERR_ACL_DENIED;
+    };
+    rc(gw.on_write(&mut host, who, topic, payload, gateway::unix_now()))
+}
+
+/// Drains worker results (responses, outbox updates), applies registry snapshots, housekeeping.
+unsafe extern "C" fn on_tick(_event: c_int, _event_data: *mut c_void, userdata: *mut c_void) -> c_int {
+    guard("tick", ERR_SUCCESS, || {
+        if userdata.is_null() {
+            return ERR_SUCCESS;
+        }
+        // SAFETY: registered with an Instance pointer that lives until cleanup.
+        let inst = unsafe { &*(userdata as *const Instance) };
+        inst.waker.clear();
+        if let Ok(mut gw) = inst.gateway.try_borrow_mut() {
+            // SAFETY: inside the tick callback, on the broker thread.
+            let mut host = unsafe { BrokerHost::new() };
+            gw.on_tick(&mut host, gateway::unix_now());
+        }
+        ERR_SUCCESS
+    })
+}
+
+/// SIGHUP. Options are not re-read by the broker (plugin lines are not reloadable); the registry
+/// is already watched. Must return success: an error here disables acl_file in 2.0.11.
+unsafe extern "C" fn on_reload(_event: c_int, _event_data: *mut c_void, userdata: *mut c_void) -> c_int {
+    guard("reload", ERR_SUCCESS, || {
+        if userdata.is_null() {
+            return ERR_SUCCESS;
+        }
+        // SAFETY: registered with an Instance pointer that lives until cleanup.
+        let inst = unsafe { &*(userdata as *const Instance) };
+        // SAFETY: inside the reload callback, on the broker thread.
+        let mut host = unsafe { BrokerHost::new() };
+        if let Ok(mut gw) = inst.gateway.try_borrow_mut() {
+            gw.log_stats(&mut host);
+        }
+        host.log(Level::Notice, "secure-iot-gateway: reload: registry changes apply on their own; plugin_opt_* changes need a restart");
+        ERR_SUCCESS
+    })
+}
