@@ -34,6 +34,15 @@ pub trait Host {
     fn publish(&mut self, topic: &str, payload: &[u8]) -> bool;
 }
 
+/// A host that drops everything (used before the broker is running).
+struct NullHost;
+impl Host for NullHost {
+    fn log(&mut self, _: Level, _: &str) {}
+    fn publish(&mut self, _: &str, _: &[u8]) -> bool {
+        false
+    }
+}
+
 /// Who a client is, as far as this plugin is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Identity<'a> {
@@ -205,7 +214,7 @@ impl Gateway {
             None => None,
         };
         let now_i = Instant::now();
-        Ok(Gateway {
+        let mut gw = Gateway {
             spilling: forwarder.is_some(),
             cfg,
             registry,
@@ -219,7 +228,11 @@ impl Gateway {
             last_stats: now_i,
             canon_buf: Vec::with_capacity(1024),
             background,
-        })
+        };
+        // Hand the backlog left by the last run to the workers now, not at the first tick.
+        let mut quiet = NullHost;
+        gw.refill_lanes(&mut quiet);
+        Ok(gw)
     }
 
     pub fn config(&self) -> &Config {
