@@ -20,6 +20,7 @@ pub mod envelope;
 pub mod forward;
 pub mod gateway;
 pub mod json;
+pub mod pki;
 #[allow(unsafe_code)]
 mod plugin;
 pub mod registry;

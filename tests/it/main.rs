@@ -1,0 +1,3 @@
+//! One integration-test crate (faster to link than one per file): real Mosquitto, real TLS.
+mod core;
+mod support;

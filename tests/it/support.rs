@@ -1,0 +1,468 @@
+//! Test harness: a real Mosquitto with the built plugin behind real mutual TLS.
+//!
+//! Each [`Env`] is a temp dir with its own PKI, registry and outbox; each [`Broker`] a
+//! `mosquitto -c` child on a free loopback port, killed by Drop. Readiness is polled, never
+//! slept for, and every failure message carries the broker's log.
+
+#![allow(dead_code)]
+
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAckReason, PubRecReason, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{Client, Connection, ConnectionError, Event, MqttOptions, StateError};
+use rumqttc::{TlsConfiguration, Transport};
+use rusqlite::Connection as Db;
+use secure_iot_gateway::json::Json;
+use secure_iot_gateway::pki::{self, Issued, Role};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SECRETS: [(&str, &str); 3] =
+    [("sensor_001", "supersecretkey123"), ("sensor_002", "anothersecretkey456"), ("sensor_003", "yetanothersecret789")];
+
+pub fn secret_of(device: &str) -> &'static str {
+    SECRETS.iter().find(|(d, _)| *d == device).map(|(_, s)| *s).unwrap_or("unregistered-secret")
+}
+
+/// The plugin under test: `$IOTGW_PLUGIN_SO`, else the cdylib cargo built next to this test.
+pub fn plugin_path() -> PathBuf {
+    if let Ok(p) = std::env::var("IOTGW_PLUGIN_SO") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    for cand in [deps.join("libsecure_iot_gateway.so"), deps.parent().unwrap().join("libsecure_iot_gateway.so")] {
+        if cand.exists() {
+            return cand;
+        }
+    }
+    panic!("libsecure_iot_gateway.so not found next to {}; run `cargo build` first", exe.display());
+}
+
+pub fn mosquitto_bin() -> String {
+    std::env::var("MOSQUITTO_BIN").unwrap_or_else(|_| "/usr/sbin/mosquitto".into())
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A temp dir with a CA, broker and client certificates, a registry and an ACL file.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub ca: Issued,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = pki::new_ca("test ca", 2).unwrap();
+        let p = dir.path();
+        std::fs::write(p.join("ca.pem"), ca.cert_pem()).unwrap();
+        let server = pki::issue(&ca, "broker", Role::Server, &["localhost", "127.0.0.1"], 2).unwrap();
+        std::fs::write(p.join("server.pem"), server.cert_pem()).unwrap();
+        std::fs::write(p.join("server.key"), server.key_pem()).unwrap();
+        let db = Db::open(p.join("devices.db")).unwrap();
+        db.execute_batch(secure_iot_gateway::registry::BASE_SCHEMA).unwrap();
+        for (d, s) in SECRETS {
+            db.execute("INSERT INTO devices VALUES (?1, ?2, 0)", [d, s]).unwrap();
+        }
+        std::fs::write(p.join("acl"), "user monitor\ntopic read device/#\n").unwrap();
+        Env { dir, ca }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn db(&self) -> Db {
+        Db::open(self.path().join("devices.db")).unwrap()
+    }
+
+    /// PEM certificate and key for a client with this CN, signed by this env's CA.
+    pub fn client_cert(&self, cn: &str) -> (Vec<u8>, Vec<u8>) {
+        let c = pki::issue(&self.ca, cn, Role::Client, &[], 2).unwrap();
+        (c.cert_pem(), c.key_pem())
+    }
+
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.path().join("ca.pem")).unwrap()
+    }
+}
+
+/// A running broker; killed on drop.
+pub struct Broker {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub log_path: PathBuf,
+    pub conf_path: PathBuf,
+}
+
+/// The configuration the tests use, with `opts` as extra `plugin_opt_*` lines.
+pub fn write_conf(env: &Env, port: u16, opts: &[(&str, &str)]) -> PathBuf {
+    let p = env.path();
+    let mut conf = format!(
+        "per_listener_settings false\npersistence false\nuser root\nlog_dest stderr\nlog_type all\n\
+         listener {port} 127.0.0.1\ncafile {ca}\ncertfile {crt}\nkeyfile {key}\nrequire_certificate true\n\
+         use_identity_as_username true\nacl_file {acl}\nplugin {so}\nplugin_opt_db_path {db}\nplugin_opt_spool_path {spool}\n\
+         plugin_opt_service_identities monitor\n",
+        ca = p.join("ca.pem").display(),
+        crt = p.join("server.pem").display(),
+        key = p.join("server.key").display(),
+        acl = p.join("acl").display(),
+        so = plugin_path().display(),
+        db = p.join("devices.db").display(),
+        spool = p.join("outbox.db").display(),
+    );
+    if !opts.iter().any(|(k, _)| *k == "backend_url") {
+        conf.push_str("plugin_opt_backend_url none\n");
+    }
+    for (k, v) in opts {
+        conf.push_str(&format!("plugin_opt_{k} {v}\n"));
+    }
+    let path = p.join(format!("mosquitto-{port}.conf"));
+    std::fs::write(&path, conf).unwrap();
+    path
+}
+
+impl Broker {
+    /// Starts a broker with the plugin and waits until it accepts connections.
+    pub fn start(env: &Env, opts: &[(&str, &str)]) -> Broker {
+        Self::start_on(env, free_port(), opts)
+    }
+
+    pub fn start_on(env: &Env, port: u16, opts: &[(&str, &str)]) -> Broker {
+        let conf_path = write_conf(env, port, opts);
+        Self::start_conf(env, port, conf_path)
+    }
+
+    pub fn start_conf(env: &Env, port: u16, conf_path: PathBuf) -> Broker {
+        let log_path = env.path().join(format!("broker-{port}-{}.log", Instant::now().elapsed().as_nanos() ^ std::process::id() as u128 ^ rand_u32() as u128));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&conf_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {} ({e}); `make deps` installs mosquitto", mosquitto_bin()));
+        let mut b = Broker { child: Some(child), port, log_path, conf_path };
+        b.wait_ready();
+        b
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("broker exited during start-up ({status}); log:\n{}", self.log());
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "broker not ready within 10 s; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Polls the log until `needle` appears (bounded).
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        let ok = Command::new("kill").args([&format!("-{sig}"), &pid]).status().unwrap().success();
+        assert!(ok, "kill -{sig} {pid} failed");
+    }
+
+    /// Sends SIGTERM and waits for exit; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        self.signal("TERM");
+        self.wait_exit(Duration::from_secs(15))
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                self.child = None;
+                return s.code();
+            }
+            assert!(Instant::now() < deadline, "broker did not exit within {timeout:?}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// kill -9 and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    /// Number of log lines containing `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(needle)).count()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    openssl::rand::rand_bytes(&mut b).unwrap();
+    u32::from_le_bytes(b)
+}
+
+/// Runs the broker's config check for plugin errors: starts it and expects a non-zero exit.
+pub fn start_expect_failure(env: &Env, opts_lines: &str) -> (i32, String) {
+    let port = free_port();
+    let path = write_conf(env, port, &[]);
+    let conf = std::fs::read_to_string(&path).unwrap() + opts_lines;
+    std::fs::write(&path, conf).unwrap();
+    let out = Command::new(mosquitto_bin()).arg("-c").arg(&path).stdin(Stdio::null()).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), log)
+}
+
+/// A signed envelope for `device`.
+pub fn signed(device: &str, ts: i64, mid: &str, payload: &str) -> Vec<u8> {
+    signed_with(secret_of(device), device, ts, mid, payload)
+}
+
+pub fn signed_with(secret: &str, device: &str, ts: i64, mid: &str, payload: &str) -> Vec<u8> {
+    let p = Json::from_value(serde_json::from_str(payload).unwrap());
+    let members = vec![
+        ("device_id".to_string(), Json::String(device.into())),
+        ("timestamp".to_string(), Json::Number(ts.into())),
+        ("message_id".to_string(), Json::String(mid.into())),
+        ("payload".to_string(), p),
+    ];
+    secure_iot_gateway::envelope::sign_members(secret.as_bytes(), &members).into_bytes()
+}
+
+pub fn now() -> i64 {
+    secure_iot_gateway::gateway::unix_now()
+}
+
+pub fn uid() -> String {
+    secure_iot_gateway::envelope::uuid_v4()
+}
+
+/// What the broker answered to a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ack {
+    /// QoS 0: nothing comes back.
+    None,
+    PubAck(PubAckReason),
+    PubRec(PubRecReason),
+}
+
+impl Ack {
+    pub fn is_not_authorized(&self) -> bool {
+        matches!(self, Ack::PubAck(PubAckReason::NotAuthorized) | Ack::PubRec(PubRecReason::NotAuthorized))
+    }
+    pub fn is_ok(&self) -> bool {
+        matches!(
+            self,
+            Ack::None
+                | Ack::PubAck(PubAckReason::Success | PubAckReason::NoMatchingSubscribers)
+                | Ack::PubRec(PubRecReason::Success | PubRecReason::NoMatchingSubscribers)
+        )
+    }
+}
+
+/// An MQTT v5 client over mutual TLS (rumqttc), driven synchronously with timeouts.
+pub struct Mqtt {
+    pub client: Client,
+    conn: Connection,
+    pub inbox: Vec<(String, Vec<u8>)>,
+}
+
+pub struct ConnectOpts<'a> {
+    pub cn: Option<&'a str>,
+    pub ca: Option<Vec<u8>>,
+    pub cert: Option<(Vec<u8>, Vec<u8>)>,
+    pub will: Option<(String, Vec<u8>)>,
+}
+
+impl Mqtt {
+    /// Connects as the device/service `cn` with a certificate from `env`'s CA.
+    pub fn connect(env: &Env, port: u16, cn: &str) -> Mqtt {
+        Self::try_connect(env, port, ConnectOpts { cn: Some(cn), ca: None, cert: None, will: None })
+            .unwrap_or_else(|e| panic!("{cn} could not connect: {e}"))
+    }
+
+    pub fn try_connect(env: &Env, port: u16, o: ConnectOpts<'_>) -> Result<Mqtt, String> {
+        let id = format!("{}-{}", o.cn.unwrap_or("anon"), rand_u32());
+        let mut opts = MqttOptions::new(id, "localhost", port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        let client_auth = o.cert.or_else(|| o.cn.map(|cn| env.client_cert(cn)));
+        let tls = TlsConfiguration::Simple { ca: o.ca.unwrap_or_else(|| env.ca_pem()), alpn: None, client_auth };
+        opts.set_transport(Transport::tls_with_config(tls));
+        if let Some((topic, payload)) = o.will {
+            opts.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, false, None));
+        }
+        let (client, conn) = Client::new(opts, 100);
+        let mut m = Mqtt { client, conn, inbox: Vec::new() };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err("no CONNACK within 10 s".into());
+            }
+            match m.conn.recv_timeout(left) {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                    return if ack.code == rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success {
+                        Ok(m)
+                    } else {
+                        Err(format!("CONNACK {:?}", ack.code))
+                    };
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(format!("connection error: {e}")),
+                Err(_) => return Err("no CONNACK within 10 s".into()),
+            }
+        }
+    }
+
+    /// Polls the connection until `f` returns Some or the timeout passes; buffers publishes.
+    /// rumqttc reports a refused PUBACK/PUBREC/SUBACK as a state error, so `f` sees those too.
+    fn pump<T>(&mut self, timeout: Duration, mut f: impl FnMut(Result<&Packet, &StateError>) -> Option<T>) -> Option<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            match self.conn.recv_timeout(left) {
+                Ok(Ok(Event::Incoming(p))) => {
+                    if let Packet::Publish(publ) = &p {
+                        self.inbox.push((String::from_utf8_lossy(&publ.topic).into_owned(), publ.payload.to_vec()));
+                    }
+                    if let Some(t) = f(Ok(&p)) {
+                        return Some(t);
+                    }
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(ConnectionError::MqttState(e))) => {
+                    if let Some(t) = f(Err(&e)) {
+                        return Some(t);
+                    }
+                }
+                Ok(Err(_)) | Err(_) => {
+                    // Errors (e.g. disconnect) end the wait early but not silently for callers
+                    // that need an answer: they get None.
+                    if Instant::now() >= deadline {
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+
+    /// Publishes and waits for the broker's answer (PUBACK for QoS 1, PUBREC for QoS 2).
+    pub fn publish(&mut self, topic: &str, qos: u8, retain: bool, payload: &[u8]) -> Ack {
+        let q = match qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        };
+        self.client.publish(topic, q, retain, payload.to_vec()).unwrap();
+        match qos {
+            0 => {
+                // Let the packet leave: wait for the outgoing event.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < deadline {
+                    if let Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_)))) = self.conn.recv_timeout(Duration::from_millis(100)) {
+                        break;
+                    }
+                }
+                Some(Ack::None)
+            }
+            1 => self.pump(Duration::from_secs(10), |p| match p {
+                Ok(Packet::PubAck(a)) => Some(Ack::PubAck(a.reason)),
+                Err(StateError::PubAckFail { reason }) => Some(Ack::PubAck(*reason)),
+                _ => None,
+            }),
+            _ => self.pump(Duration::from_secs(10), |p| match p {
+                Ok(Packet::PubRec(r)) => Some(Ack::PubRec(r.reason)),
+                Err(StateError::PubRecFail { reason }) => Some(Ack::PubRec(*reason)),
+                _ => None,
+            }),
+        }
+        .unwrap_or_else(|| panic!("no acknowledgement for a QoS {qos} publish to {topic} within 10 s"))
+    }
+
+    /// Subscribes and returns the SUBACK's first reason code.
+    pub fn subscribe(&mut self, filter: &str, qos: u8) -> SubscribeReasonCode {
+        let q = if qos == 0 { QoS::AtMostOnce } else if qos == 1 { QoS::AtLeastOnce } else { QoS::ExactlyOnce };
+        self.client.subscribe(filter, q).unwrap();
+        self.pump(Duration::from_secs(10), |p| match p {
+            Ok(Packet::SubAck(s)) => s.return_codes.first().cloned(),
+            Err(StateError::SubFail { reason }) => Some(*reason),
+            _ => None,
+        })
+        .expect("no SUBACK within 10 s")
+    }
+
+    /// Waits for the next application message (bounded).
+    pub fn next_message(&mut self, timeout: Duration) -> Option<(String, Vec<u8>)> {
+        if !self.inbox.is_empty() {
+            return Some(self.inbox.remove(0));
+        }
+        self.pump(timeout, |p| matches!(p, Ok(Packet::Publish(_))).then_some(()))?;
+        Some(self.inbox.remove(0))
+    }
+
+    /// Collects messages until `quiet` passes with none (bounded by `max`).
+    pub fn drain(&mut self, quiet: Duration, max: Duration) -> Vec<(String, Vec<u8>)> {
+        let deadline = Instant::now() + max;
+        let mut out = std::mem::take(&mut self.inbox);
+        while Instant::now() < deadline {
+            match self.next_message(quiet) {
+                Some(m) => out.push(m),
+                None => break,
+            }
+        }
+        out
+    }
+
+    pub fn disconnect(mut self) {
+        let _ = self.client.disconnect();
+        let _ = self.pump(Duration::from_millis(500), |_| None::<()>);
+    }
+}
+
+/// Is `reason=...` logged for a rejection of `message_id`?
+pub fn rejected_with(broker: &Broker, reason: &str, message_id: &str) -> bool {
+    broker.wait_log(&format!("rejected reason={reason} "), Duration::from_secs(5))
+        && broker.log().lines().any(|l| l.contains(&format!("rejected reason={reason} ")) && l.contains(&format!("message_id={message_id}")))
+}
