@@ -1,3 +1,4 @@
 //! One integration-test crate (faster to link than one per file): real Mosquitto, real TLS.
 mod core;
+mod forward;
 mod support;
