@@ -490,6 +490,15 @@ impl Gateway {
         let topic = self.cfg.response_topic.topic_for(device);
         if host.publish(&topic, text.as_bytes()) {
             self.stats.responses += 1;
+            host.log(
+                Level::Debug,
+                &format!(
+                    "secure-iot-gateway: response device={device} in_reply_to={} status={} queued {} us after the backend answered",
+                    printable(&d.message.message_id),
+                    d.status,
+                    d.answered_at.elapsed().as_micros()
+                ),
+            );
         } else {
             host.log(Level::Warning, &format!("secure-iot-gateway: broker refused the response on {topic}"));
         }

@@ -23,6 +23,8 @@ fn signo() -> libc::c_int {
 pub struct Waker {
     main: libc::pthread_t,
     pending: AtomicBool,
+    /// `IOTGW_NO_WAKE=1` in the broker's environment turns the signal off (to measure its effect).
+    enabled: bool,
 }
 
 // SAFETY: pthread_t is a plain thread id; pthread_kill may be called from any thread.
@@ -50,13 +52,14 @@ impl Waker {
             }
             *OLD_ACTION.lock().unwrap_or_else(|p| p.into_inner()) = Some(old);
         }
+        let enabled = std::env::var_os("IOTGW_NO_WAKE").is_none();
         // SAFETY: pthread_self has no preconditions.
-        Ok(Waker { main: unsafe { libc::pthread_self() }, pending: AtomicBool::new(false) })
+        Ok(Waker { main: unsafe { libc::pthread_self() }, pending: AtomicBool::new(false), enabled })
     }
 
     /// Called by workers after queueing a result.
     pub fn wake(&self) {
-        if !self.pending.swap(true, Ordering::AcqRel) {
+        if self.enabled && !self.pending.swap(true, Ordering::AcqRel) {
             // SAFETY: `main` is the broker thread, alive until cleanup, which joins every worker
             // before the Waker is dropped.
             unsafe { libc::pthread_kill(self.main, signo()) };

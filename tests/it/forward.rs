@@ -16,6 +16,7 @@ pub struct Req {
     pub message_id: String,
     pub content_type: String,
     pub body: Vec<u8>,
+    pub at: Instant,
 }
 
 /// A loopback HTTP backend: answers with scripted statuses (then 200), or hangs.
@@ -52,6 +53,7 @@ impl Sink {
                         message_id: hv("x-message-id"),
                         content_type: hv("content-type"),
                         body,
+                        at: Instant::now(),
                     };
                     // Bounded hang: long enough to outlast the plugin's HTTP timeout.
                     let until = Instant::now() + Duration::from_secs(20);
@@ -140,14 +142,16 @@ fn valid_message_reaches_the_backend_and_a_signed_response_reaches_the_device() 
     let m = signed("sensor_001", now(), &mid, r#"{"temperature": 22.5, "humidity": 60}"#);
     let sent = Instant::now();
     assert!(dev.publish("device/sensor_001/data", 1, false, &m).is_ok());
+    // Read the response first: this is the device's view of the round trip.
+    let (topic, payload) = dev.next_message(Duration::from_secs(10)).unwrap_or_else(|| panic!("no response; {}", broker.log()));
+    let round_trip = sent.elapsed();
     let got = sink.wait_for(1, Duration::from_secs(10));
     assert_eq!(got.len(), 1, "{}", broker.log());
+    eprintln!("publish -> signed response round trip: {round_trip:?} (publish -> backend {:?})", got[0].at - sent);
     assert_eq!(got[0].path, "/device/sensor_001/data");
     assert_eq!(got[0].body, br#"{"humidity":60,"temperature":22.5}"#);
     assert_eq!((got[0].device.as_str(), got[0].message_id.as_str()), ("sensor_001", mid.as_str()));
     assert_eq!(got[0].content_type, "application/json");
-    let (topic, payload) = dev.next_message(Duration::from_secs(10)).unwrap_or_else(|| panic!("no response; {}", broker.log()));
-    eprintln!("publish -> signed response round trip: {:?}", sent.elapsed());
     assert_eq!(topic, "device/sensor_001/response");
     let v = verify_downlink(&payload, "sensor_001");
     assert_eq!(v["in_reply_to"], mid.as_str());

@@ -102,7 +102,7 @@ pub struct Broker {
 pub fn write_conf(env: &Env, port: u16, opts: &[(&str, &str)]) -> PathBuf {
     let p = env.path();
     let mut conf = format!(
-        "per_listener_settings false\npersistence false\nuser root\nlog_dest stderr\nlog_type all\n\
+        "per_listener_settings false\nset_tcp_nodelay true\npersistence false\nuser root\nlog_dest stderr\nlog_type all\n\
          listener {port} 127.0.0.1\ncafile {ca}\ncertfile {crt}\nkeyfile {key}\nrequire_certificate true\n\
          use_identity_as_username true\nacl_file {acl}\nplugin {so}\nplugin_opt_db_path {db}\nplugin_opt_spool_path {spool}\n\
          plugin_opt_service_identities monitor\n",
