@@ -224,7 +224,11 @@ impl Config {
                 "db_path" => db_path = Some(PathBuf::from(v)),
                 "data_topic" | "response_topic" => {
                     let p = TopicPattern::parse(v).ok_or_else(|| {
-                        err(key, Some(v), "must have exactly one '+' level for the device id, and no '#'")
+                        err(
+                            key,
+                            Some(v),
+                            "must have exactly one '+' level for the device id, and no '#'",
+                        )
                     })?;
                     if key == "data_topic" {
                         data_topic = p;
@@ -378,12 +382,18 @@ mod tests {
 
     #[test]
     fn config_zero_tolerance_is_rejected() {
-        assert_eq!(with_db(&[("timestamp_tolerance", "0")]).unwrap_err().key, "timestamp_tolerance");
+        assert_eq!(
+            with_db(&[("timestamp_tolerance", "0")]).unwrap_err().key,
+            "timestamp_tolerance"
+        );
     }
 
     #[test]
     fn config_negative_tolerance_is_rejected() {
-        assert_eq!(with_db(&[("timestamp_tolerance", "-1")]).unwrap_err().key, "timestamp_tolerance");
+        assert_eq!(
+            with_db(&[("timestamp_tolerance", "-1")]).unwrap_err().key,
+            "timestamp_tolerance"
+        );
     }
 
     #[test]
@@ -393,7 +403,10 @@ mod tests {
 
     #[test]
     fn config_oversized_payload_limit_is_rejected() {
-        assert_eq!(with_db(&[("max_payload_bytes", "999999999")]).unwrap_err().key, "max_payload_bytes");
+        assert_eq!(
+            with_db(&[("max_payload_bytes", "999999999")]).unwrap_err().key,
+            "max_payload_bytes"
+        );
     }
 
     #[test]
@@ -431,7 +444,9 @@ mod tests {
 
     #[test]
     fn config_backend_url_must_be_http_or_https() {
-        for bad in ["ftp://x/y", "localhost:5000", "http:///path", "http://h/{device}", "http://h/a b"] {
+        for bad in
+            ["ftp://x/y", "localhost:5000", "http:///path", "http://h/{device}", "http://h/a b"]
+        {
             assert_eq!(with_db(&[("backend_url", bad)]).unwrap_err().key, "backend_url", "{bad}");
         }
         assert!(with_db(&[("backend_url", "https://api.example.com/in/{device_id}")]).is_ok());

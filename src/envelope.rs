@@ -149,7 +149,10 @@ impl Envelope {
                 }
                 ("signature", Json::String(s)) if s.len() == 64 && decode_hex32(s).is_some() => {}
                 ("signature", _) => {
-                    return Err(Rejection::new(Reason::Malformed, "signature must be 64 hex digits"))
+                    return Err(Rejection::new(
+                        Reason::Malformed,
+                        "signature must be 64 hex digits",
+                    ))
                 }
                 _ => {}
             }
@@ -294,17 +297,22 @@ mod tests {
         Envelope::parse(s.as_bytes(), 65536)
     }
 
-    const SIG: &str = "\"signature\":\"00000000000000000000000000000000000000000000000000000000000000ff\"";
+    const SIG: &str =
+        "\"signature\":\"00000000000000000000000000000000000000000000000000000000000000ff\"";
 
     #[test]
     fn wrong_types_are_malformed_before_missing_fields() {
         let r = env(r#"{"device_id":"d","timestamp":"1"}"#).unwrap_err();
         assert_eq!(r.reason, Reason::Malformed);
-        let r = env(&format!(r#"{{"device_id":"d","timestamp":1,"message_id":"","payload":1,{SIG}}}"#));
+        let r =
+            env(&format!(r#"{{"device_id":"d","timestamp":1,"message_id":"","payload":1,{SIG}}}"#));
         assert_eq!(r.unwrap_err().reason, Reason::Malformed);
-        let r = env(r#"{"device_id":"d","timestamp":1,"message_id":"m","payload":1,"signature":"zz"}"#);
+        let r =
+            env(r#"{"device_id":"d","timestamp":1,"message_id":"m","payload":1,"signature":"zz"}"#);
         assert_eq!(r.unwrap_err().reason, Reason::Malformed);
-        let r = env(&format!(r#"{{"device_id":"a/b","timestamp":1,"message_id":"m","payload":1,{SIG}}}"#));
+        let r = env(&format!(
+            r#"{{"device_id":"a/b","timestamp":1,"message_id":"m","payload":1,{SIG}}}"#
+        ));
         assert_eq!(r.unwrap_err().reason, Reason::Malformed);
     }
 

@@ -170,11 +170,7 @@ pub fn attempt(agent: &ureq::Agent, template: &str, m: &QueuedMessage) -> Attemp
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_retry_after);
             let mut body = Vec::new();
-            let _ = resp
-                .body_mut()
-                .as_reader()
-                .take(MAX_RESPONSE_BODY)
-                .read_to_end(&mut body);
+            let _ = resp.body_mut().as_reader().take(MAX_RESPONSE_BODY).read_to_end(&mut body);
             match classify(status) {
                 (true, _) => Attempt::Final { status, body },
                 (false, _) => Attempt::Retry { why: format!("HTTP {status}"), after: retry_after },
@@ -186,7 +182,8 @@ pub fn attempt(agent: &ureq::Agent, template: &str, m: &QueuedMessage) -> Attemp
 
 /// Backoff before retry number `n` (1-based): full jitter over an exponential ceiling.
 pub fn backoff(n: u32) -> Duration {
-    let ceiling = BACKOFF_START.saturating_mul(1u32 << n.min(16).saturating_sub(1)).min(BACKOFF_MAX);
+    let ceiling =
+        BACKOFF_START.saturating_mul(1u32 << n.min(16).saturating_sub(1)).min(BACKOFF_MAX);
     let mut r = [0u8; 8];
     let _ = openssl::rand::rand_bytes(&mut r);
     let frac = u64::from_le_bytes(r) as f64 / u64::MAX as f64;
@@ -196,7 +193,10 @@ pub fn backoff(n: u32) -> Duration {
 
 impl Forwarder {
     /// Starts `cfg.workers` threads. `wake` is called after each result is queued.
-    pub fn start(cfg: &BackendConfig, wake: Arc<dyn Fn() + Send + Sync>) -> Result<Forwarder, String> {
+    pub fn start(
+        cfg: &BackendConfig,
+        wake: Arc<dyn Fn() + Send + Sync>,
+    ) -> Result<Forwarder, String> {
         let agent = agent(cfg)?;
         let shared = Arc::new(Shared {
             results: Mutex::new(Vec::new()),
@@ -301,7 +301,12 @@ impl Worker {
             if now >= deadline {
                 return true;
             }
-            g = self.shared.sleep_cv.wait_timeout(g, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            g = self
+                .shared
+                .sleep_cv
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         false
     }
@@ -314,9 +319,13 @@ impl Worker {
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             // A panic in one job must not silently shrink the pool.
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.deliver(m)));
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.deliver(m)));
             if outcome.is_err() {
-                self.log(true, "forwarder worker caught a panic; the message stays in the outbox".into());
+                self.log(
+                    true,
+                    "forwarder worker caught a panic; the message stays in the outbox".into(),
+                );
             }
         }
     }
@@ -332,9 +341,20 @@ impl Worker {
             match attempt(&self.agent, &self.template, &m) {
                 Attempt::Final { status, body } => {
                     let delivered = (200..300).contains(&status);
-                    let counter = if delivered { &self.shared.stats.delivered } else { &self.shared.stats.dead_lettered };
+                    let counter = if delivered {
+                        &self.shared.stats.delivered
+                    } else {
+                        &self.shared.stats.dead_lettered
+                    };
                     counter.fetch_add(1, Ordering::Relaxed);
-                    let done = Done { message: m, status, body, delivered, attempts: n, answered_at: Instant::now() };
+                    let done = Done {
+                        message: m,
+                        status,
+                        body,
+                        delivered,
+                        attempts: n,
+                        answered_at: Instant::now(),
+                    };
                     self.shared.results.lock().unwrap_or_else(|p| p.into_inner()).push(done);
                     (self.wake)();
                     return;
@@ -380,7 +400,10 @@ mod tests {
 
     #[test]
     fn url_template_percent_encodes_the_device() {
-        assert_eq!(url_for("http://h/device/{device_id}/data", "s.1_a-b"), "http://h/device/s.1_a-b/data");
+        assert_eq!(
+            url_for("http://h/device/{device_id}/data", "s.1_a-b"),
+            "http://h/device/s.1_a-b/data"
+        );
         assert_eq!(url_for("http://h/{device_id}", "a b/c"), "http://h/a%20b%2Fc");
     }
 

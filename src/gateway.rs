@@ -56,7 +56,11 @@ pub enum Identity<'a> {
 }
 
 /// Classifies a client from its username and its certificate's first CN (None: no certificate).
-pub fn identity<'a>(cfg: &Config, username: Option<&'a [u8]>, cert_cn: Option<&[u8]>) -> Identity<'a> {
+pub fn identity<'a>(
+    cfg: &Config,
+    username: Option<&'a [u8]>,
+    cert_cn: Option<&[u8]>,
+) -> Identity<'a> {
     match (username, cert_cn) {
         (Some(u), Some(cn)) if u == cn => match std::str::from_utf8(u) {
             Ok(s) if cfg.is_service(s) => Identity::Service(s),
@@ -193,24 +197,37 @@ impl Gateway {
     /// configured) starts the workers. Every failure is a message naming the option at fault.
     pub fn start(cfg: Config, wake: Arc<dyn Fn() + Send + Sync>) -> Result<Gateway, String> {
         let mut registry = Registry::open(&cfg.db_path).map_err(|e| {
-            format!("plugin_opt_db_path {:?}: cannot open the device registry: {e}", cfg.db_path.display().to_string())
+            format!(
+                "plugin_opt_db_path {:?}: cannot open the device registry: {e}",
+                cfg.db_path.display().to_string()
+            )
         })?;
         let store = Store::open(&cfg.spool_path, cfg.spool_max_bytes).map_err(|e| {
-            format!("plugin_opt_spool_path {:?}: cannot open the outbox: {e}", cfg.spool_path.display().to_string())
+            format!(
+                "plugin_opt_spool_path {:?}: cannot open the outbox: {e}",
+                cfg.spool_path.display().to_string()
+            )
         })?;
         let now = unix_now();
         let mut replay = ReplayCache::new(cfg.replay_cache_size);
-        let seen = store.live_seen(now).map_err(|e| format!("plugin_opt_spool_path: cannot read seen ids: {e}"))?;
+        let seen = store
+            .live_seen(now)
+            .map_err(|e| format!("plugin_opt_spool_path: cannot read seen ids: {e}"))?;
         for (device, digest, expires) in seen {
             replay.record(&device, digest, expires);
         }
         let mut background: Vec<Box<dyn Stoppable>> = Vec::new();
-        let watcher = registry.watch().map_err(|e| format!("cannot start the registry watcher: {e}"))?;
+        let watcher =
+            registry.watch().map_err(|e| format!("cannot start the registry watcher: {e}"))?;
         background.push(Box::new(watcher));
-        let checkpointer = Checkpointer::start(store.path()).map_err(|e| format!("cannot start the checkpointer: {e}"))?;
+        let checkpointer = Checkpointer::start(store.path())
+            .map_err(|e| format!("cannot start the checkpointer: {e}"))?;
         background.push(Box::new(checkpointer));
         let forwarder = match &cfg.backend {
-            Some(b) => Some(Forwarder::start(b, wake).map_err(|e| format!("plugin_opt_backend_url {:?}: {e}", b.url_template))?),
+            Some(b) => Some(
+                Forwarder::start(b, wake)
+                    .map_err(|e| format!("plugin_opt_backend_url {:?}: {e}", b.url_template))?,
+            ),
             None => None,
         };
         let now_i = Instant::now();
@@ -266,7 +283,14 @@ impl Gateway {
 
     /// ACL WRITE: every publish and every will. Validates data-topic messages; refuses client
     /// publishes on response topics; confines devices to their own data topic.
-    pub fn on_write(&mut self, host: &mut dyn Host, who: Identity<'_>, topic: &[u8], payload: &[u8], now: i64) -> Verdict {
+    pub fn on_write(
+        &mut self,
+        host: &mut dyn Host,
+        who: Identity<'_>,
+        topic: &[u8],
+        payload: &[u8],
+        now: i64,
+    ) -> Verdict {
         let topic_str = std::str::from_utf8(topic).ok();
         if let Some(dev) = topic_str.and_then(|t| self.cfg.data_topic.device_of(t)) {
             let topic = topic_str.unwrap_or_default();
@@ -279,7 +303,9 @@ impl Gateway {
                 Err((rej, message_id)) => {
                     match rej.reason {
                         Some(r) => self.stats.rejected[r.index()] += 1,
-                        None if rej.detail.starts_with("outbox full") => self.stats.outbox_full += 1,
+                        None if rej.detail.starts_with("outbox full") => {
+                            self.stats.outbox_full += 1
+                        }
                         None => self.stats.internal_errors += 1,
                     }
                     let who_s = match who {
@@ -312,7 +338,11 @@ impl Gateway {
                         Identity::None => "-".into(),
                     },
                     printable(&String::from_utf8_lossy(topic)),
-                    if on_response { "only the gateway publishes responses" } else { "a device may publish only to its own data topic" }
+                    if on_response {
+                        "only the gateway publishes responses"
+                    } else {
+                        "a device may publish only to its own data topic"
+                    }
                 ),
             );
             return Verdict::Deny;
@@ -330,21 +360,39 @@ impl Gateway {
         payload: &[u8],
         now: i64,
     ) -> Result<(String, String), (OpRejection, Option<String>)> {
-        let env = Envelope::parse(payload, self.cfg.max_payload_bytes).map_err(|r| (r.into(), None))?;
+        let env =
+            Envelope::parse(payload, self.cfg.max_payload_bytes).map_err(|r| (r.into(), None))?;
         let mid = || Some(env.message_id().to_string());
         let device = env.device_id();
         let tls = match who {
             Identity::Device(d) => d,
             Identity::Service(s) => {
-                return Err((Rejection::new(Reason::Identity, format!("service identity {} cannot publish device data", printable(s))).into(), mid()))
+                return Err((
+                    Rejection::new(
+                        Reason::Identity,
+                        format!("service identity {} cannot publish device data", printable(s)),
+                    )
+                    .into(),
+                    mid(),
+                ))
             }
-            Identity::None => return Err((Rejection::new(Reason::Identity, "client has no TLS identity").into(), mid())),
+            Identity::None => {
+                return Err((
+                    Rejection::new(Reason::Identity, "client has no TLS identity").into(),
+                    mid(),
+                ))
+            }
         };
         if device != tls || device != topic_device {
             return Err((
                 Rejection::new(
                     Reason::Identity,
-                    format!("device_id {} vs TLS identity {} vs topic device {}", printable(device), printable(tls), printable(topic_device)),
+                    format!(
+                        "device_id {} vs TLS identity {} vs topic device {}",
+                        printable(device),
+                        printable(tls),
+                        printable(topic_device)
+                    ),
                 )
                 .into(),
                 mid(),
@@ -352,25 +400,55 @@ impl Gateway {
         }
         let keys = match self.registry.get(device) {
             Ok(Some(k)) => k.clone(),
-            Ok(None) => return Err((Rejection::new(Reason::UnknownDevice, "no enabled device with that id").into(), mid())),
+            Ok(None) => {
+                return Err((
+                    Rejection::new(Reason::UnknownDevice, "no enabled device with that id").into(),
+                    mid(),
+                ))
+            }
             Err(e) => {
-                return Err((Rejection::new(Reason::UnknownDevice, format!("registry lookup failed: {e}")).into(), mid()))
+                return Err((
+                    Rejection::new(Reason::UnknownDevice, format!("registry lookup failed: {e}"))
+                        .into(),
+                    mid(),
+                ))
             }
         };
         let tol = self.cfg.timestamp_tolerance;
         if now.abs_diff(env.timestamp) > tol as u64 {
             return Err((
-                Rejection::new(Reason::Timestamp, format!("timestamp {} is {} s from now (tolerance {tol} s)", env.timestamp, now.saturating_sub(env.timestamp))).into(),
+                Rejection::new(
+                    Reason::Timestamp,
+                    format!(
+                        "timestamp {} is {} s from now (tolerance {tol} s)",
+                        env.timestamp,
+                        now.saturating_sub(env.timestamp)
+                    ),
+                )
+                .into(),
                 mid(),
             ));
         }
         let digest = replay::digest(env.message_id());
         match self.replay.check(device, &digest, now) {
             ReplayCheck::Fresh => {}
-            ReplayCheck::Seen => return Err((Rejection::new(Reason::Replay, "message_id already accepted within the window").into(), mid())),
+            ReplayCheck::Seen => {
+                return Err((
+                    Rejection::new(Reason::Replay, "message_id already accepted within the window")
+                        .into(),
+                    mid(),
+                ))
+            }
             ReplayCheck::CacheFull => {
                 return Err((
-                    Rejection::new(Reason::Replay, format!("replay cache full: {} ids inside the window for this device", self.cfg.replay_cache_size)).into(),
+                    Rejection::new(
+                        Reason::Replay,
+                        format!(
+                            "replay cache full: {} ids inside the window for this device",
+                            self.cfg.replay_cache_size
+                        ),
+                    )
+                    .into(),
                     mid(),
                 ))
             }
@@ -390,14 +468,21 @@ impl Gateway {
                 let detail = e.to_string();
                 let op = match e {
                     AppendError::Full { .. } => OpRejection { reason: None, detail },
-                    AppendError::Db(_) => OpRejection { reason: None, detail: format!("internal: {detail}") },
+                    AppendError::Db(_) => {
+                        OpRejection { reason: None, detail: format!("internal: {detail}") }
+                    }
                 };
                 (op, mid())
             })?;
         self.replay.record(device, digest, expires_at);
         if let (Some(id), Some(payload), Some(fwd)) = (row, forward_payload, &self.forwarder) {
             if !self.spilling {
-                let m = QueuedMessage { id, device_id: device.to_string(), message_id: env.message_id().to_string(), payload };
+                let m = QueuedMessage {
+                    id,
+                    device_id: device.to_string(),
+                    message_id: env.message_id().to_string(),
+                    payload,
+                };
                 match fwd.try_dispatch(m) {
                     Ok(()) => self.dispatched_up_to = id,
                     Err(_) => self.spilling = true,
@@ -419,7 +504,10 @@ impl Gateway {
             self.last_prune = Instant::now();
             self.replay.prune_all(now);
             if let Err(e) = self.store.prune_seen(now) {
-                host.log(Level::Warning, &format!("secure-iot-gateway: pruning seen ids failed: {e}"));
+                host.log(
+                    Level::Warning,
+                    &format!("secure-iot-gateway: pruning seen ids failed: {e}"),
+                );
             }
         }
         if self.last_stats.elapsed() >= STATS_INTERVAL {
@@ -444,15 +532,22 @@ impl Gateway {
     fn settle_results(&mut self, host: &mut dyn Host, now: i64, respond: bool) {
         let Some(fwd) = &self.forwarder else { return };
         for line in fwd.take_logs() {
-            host.log(if line.warning { Level::Warning } else { Level::Info }, &format!("secure-iot-gateway: {}", line.text));
+            host.log(
+                if line.warning { Level::Warning } else { Level::Info },
+                &format!("secure-iot-gateway: {}", line.text),
+            );
         }
         let results = fwd.take_results();
         if results.is_empty() {
             return;
         }
-        let delivered: Vec<&QueuedMessage> = results.iter().filter(|d| d.delivered).map(|d| &d.message).collect();
-        let dead: Vec<(&QueuedMessage, u16, &[u8])> =
-            results.iter().filter(|d| !d.delivered).map(|d| (&d.message, d.status, &d.body[..])).collect();
+        let delivered: Vec<&QueuedMessage> =
+            results.iter().filter(|d| d.delivered).map(|d| &d.message).collect();
+        let dead: Vec<(&QueuedMessage, u16, &[u8])> = results
+            .iter()
+            .filter(|d| !d.delivered)
+            .map(|d| (&d.message, d.status, &d.body[..]))
+            .collect();
         if let Err(e) = self.store.settle(&delivered, &dead, now) {
             // The rows stay; they are delivered again after a restart (at least once).
             host.log(Level::Error, &format!("secure-iot-gateway: cannot update the outbox: {e}"));
@@ -500,7 +595,10 @@ impl Gateway {
                 ),
             );
         } else {
-            host.log(Level::Warning, &format!("secure-iot-gateway: broker refused the response on {topic}"));
+            host.log(
+                Level::Warning,
+                &format!("secure-iot-gateway: broker refused the response on {topic}"),
+            );
         }
     }
 
@@ -511,7 +609,10 @@ impl Gateway {
             let rows = match self.store.pending_after(self.dispatched_up_to, PAGE) {
                 Ok(r) => r,
                 Err(e) => {
-                    host.log(Level::Error, &format!("secure-iot-gateway: cannot read the outbox: {e}"));
+                    host.log(
+                        Level::Error,
+                        &format!("secure-iot-gateway: cannot read the outbox: {e}"),
+                    );
                     return;
                 }
             };
@@ -561,7 +662,14 @@ impl From<Rejection> for OpRejection {
 }
 
 /// The signed downlink envelope of the spec for a backend answer.
-pub fn downlink(secret: &[u8], device: &str, in_reply_to: &str, status: u16, body: &[u8], now: i64) -> String {
+pub fn downlink(
+    secret: &[u8],
+    device: &str,
+    in_reply_to: &str,
+    status: u16,
+    body: &[u8],
+    now: i64,
+) -> String {
     let payload = match json::parse_strict(body) {
         Ok(v) => v,
         Err(_) => Json::String(String::from_utf8_lossy(body).into_owned()),

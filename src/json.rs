@@ -38,7 +38,9 @@ impl Json {
             serde_json::Value::Bool(b) => Json::Bool(b),
             serde_json::Value::Number(n) => Json::Number(n),
             serde_json::Value::String(s) => Json::String(s),
-            serde_json::Value::Array(a) => Json::Array(a.into_iter().map(Json::from_value).collect()),
+            serde_json::Value::Array(a) => {
+                Json::Array(a.into_iter().map(Json::from_value).collect())
+            }
             serde_json::Value::Object(o) => {
                 Json::Object(o.into_iter().map(|(k, v)| (k, Json::from_value(v))).collect())
             }
@@ -85,9 +87,7 @@ fn classify(e: serde_json::Error) -> JsonError {
         // serde_json appends " at line L column C"; the member name is everything before it.
         let name = rest.rsplit_once(" at line ").map_or(rest, |(n, _)| n);
         JsonError::DuplicateMember(name.to_string())
-    } else if msg.starts_with(DEEP_MARK) {
-        JsonError::TooDeep
-    } else if msg.starts_with("recursion limit exceeded") {
+    } else if msg.starts_with(DEEP_MARK) || msg.starts_with("recursion limit exceeded") {
         JsonError::TooDeep
     } else {
         JsonError::Syntax(msg)
@@ -293,7 +293,7 @@ pub fn es_number(f: f64) -> String {
             s.push_str(&digits[1..]);
         }
         s.push('e');
-        s.push(if n - 1 >= 0 { '+' } else { '-' });
+        s.push(if n > 0 { '+' } else { '-' });
         s.push_str(&(n - 1).abs().to_string());
     }
     s
@@ -344,7 +344,10 @@ mod tests {
 
     #[test]
     fn canonical_sorts_members_at_every_depth_and_strips_whitespace() {
-        assert_eq!(canon(r#"{ "b": [ {"z":1, "y":2} ], "a": null }"#), r#"{"a":null,"b":[{"y":2,"z":1}]}"#);
+        assert_eq!(
+            canon(r#"{ "b": [ {"z":1, "y":2} ], "a": null }"#),
+            r#"{"a":null,"b":[{"y":2,"z":1}]}"#
+        );
     }
 
     #[test]

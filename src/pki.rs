@@ -85,7 +85,13 @@ pub enum Role {
 }
 
 /// Issues a leaf certificate signed by `ca`. `hosts` become DNS or IP subjectAltNames.
-pub fn issue(ca: &Issued, cn: &str, role: Role, hosts: &[&str], days: u32) -> Result<Issued, ErrorStack> {
+pub fn issue(
+    ca: &Issued,
+    cn: &str,
+    role: Role,
+    hosts: &[&str],
+    days: u32,
+) -> Result<Issued, ErrorStack> {
     let key = new_key()?;
     let mut b = X509::builder()?;
     b.set_version(2)?;
@@ -117,7 +123,9 @@ pub fn issue(ca: &Issued, cn: &str, role: Role, hosts: &[&str], days: u32) -> Re
         let ext = san.build(&b.x509v3_context(Some(&ca.cert), None))?;
         b.append_extension(ext)?;
     }
-    let aki = AuthorityKeyIdentifier::new().keyid(false).build(&b.x509v3_context(Some(&ca.cert), None))?;
+    let aki = AuthorityKeyIdentifier::new()
+        .keyid(false)
+        .build(&b.x509v3_context(Some(&ca.cert), None))?;
     b.append_extension(aki)?;
     b.sign(&ca.key, MessageDigest::sha256())?;
     Ok(Issued { cert: b.build(), key })

@@ -43,7 +43,9 @@ pub struct DeviceKeys {
 impl std::fmt::Debug for DeviceKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print secrets, even in debug output.
-        f.debug_struct("DeviceKeys").field("previous", &self.previous.as_ref().map(|p| p.1)).finish()
+        f.debug_struct("DeviceKeys")
+            .field("previous", &self.previous.as_ref().map(|p| p.1))
+            .finish()
     }
 }
 
@@ -154,11 +156,8 @@ impl Registry {
     /// The keys of `id` if it is an enabled device. Memory first; on a miss, one indexed query.
     pub fn get(&mut self, id: &str) -> Result<Option<&DeviceKeys>, rusqlite::Error> {
         if !self.devices.contains_key(id) {
-            let found = self
-                .conn
-                .prepare_cached(&self.miss_sql)?
-                .query_row([id], row_keys)
-                .optional()?;
+            let found =
+                self.conn.prepare_cached(&self.miss_sql)?.query_row([id], row_keys).optional()?;
             match found {
                 Some((id, keys)) => {
                     self.devices.insert(id.into_boxed_str(), keys);
@@ -217,53 +216,54 @@ impl Watcher {
     fn start(path: PathBuf, tx: Sender<Devices>) -> std::io::Result<Watcher> {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
-        let handle = std::thread::Builder::new().name("iotgw-registry".into()).spawn(move || {
-            let mut conn: Option<Connection> = None;
-            let mut version: Option<i64> = None;
-            let mut ident = file_id(&path);
-            while !stop2.load(Ordering::Relaxed) {
-                std::thread::park_timeout(POLL_INTERVAL);
-                if stop2.load(Ordering::Relaxed) {
-                    break;
-                }
-                // A replaced file (new inode) needs a new connection.
-                let now_ident = file_id(&path);
-                if now_ident != ident {
-                    ident = now_ident;
-                    conn = None;
-                    version = None;
-                }
-                if conn.is_none() {
-                    conn = open_readonly(&path).ok();
-                }
-                let Some(c) = &conn else { continue };
-                let v: Option<i64> = c.query_row("PRAGMA data_version", [], |r| r.get(0)).ok();
-                if v.is_none() {
-                    conn = None;
-                    continue;
-                }
-                if version.is_some() && v == version {
-                    continue;
-                }
-                let first = version.is_none();
-                version = v;
-                if first && ident.is_some() {
-                    // The plugin loaded this very state at init; only later changes matter. A
-                    // reopen after replacement is not "first": it sends.
-                }
-                match load_all(c) {
-                    Ok(devices) => {
-                        if tx.send(devices).is_err() {
-                            break;
-                        }
+        let handle =
+            std::thread::Builder::new().name("iotgw-registry".into()).spawn(move || {
+                let mut conn: Option<Connection> = None;
+                let mut version: Option<i64> = None;
+                let mut ident = file_id(&path);
+                while !stop2.load(Ordering::Relaxed) {
+                    std::thread::park_timeout(POLL_INTERVAL);
+                    if stop2.load(Ordering::Relaxed) {
+                        break;
                     }
-                    Err(_) => {
+                    // A replaced file (new inode) needs a new connection.
+                    let now_ident = file_id(&path);
+                    if now_ident != ident {
+                        ident = now_ident;
                         conn = None;
                         version = None;
                     }
+                    if conn.is_none() {
+                        conn = open_readonly(&path).ok();
+                    }
+                    let Some(c) = &conn else { continue };
+                    let v: Option<i64> = c.query_row("PRAGMA data_version", [], |r| r.get(0)).ok();
+                    if v.is_none() {
+                        conn = None;
+                        continue;
+                    }
+                    if version.is_some() && v == version {
+                        continue;
+                    }
+                    let first = version.is_none();
+                    version = v;
+                    if first && ident.is_some() {
+                        // The plugin loaded this very state at init; only later changes matter. A
+                        // reopen after replacement is not "first": it sends.
+                    }
+                    match load_all(c) {
+                        Ok(devices) => {
+                            if tx.send(devices).is_err() {
+                                break;
+                            }
+                        }
+                        Err(_) => {
+                            conn = None;
+                            version = None;
+                        }
+                    }
                 }
-            }
-        })?;
+            })?;
         Ok(Watcher { stop, handle: Some(handle) })
     }
 

@@ -73,7 +73,10 @@ fn spool_cost(device: &str, message_id: &str, payload_len: usize) -> u64 {
 #[derive(Debug)]
 pub enum AppendError {
     /// The outbox is at `spool_max_bytes`.
-    Full { queued_bytes: u64, max: u64 },
+    Full {
+        queued_bytes: u64,
+        max: u64,
+    },
     Db(rusqlite::Error),
 }
 
@@ -139,7 +142,12 @@ impl Store {
     }
 
     /// Would a message of this size fit under the cap?
-    pub fn check_room(&self, device: &str, message_id: &str, payload_len: usize) -> Result<(), AppendError> {
+    pub fn check_room(
+        &self,
+        device: &str,
+        message_id: &str,
+        payload_len: usize,
+    ) -> Result<(), AppendError> {
         let need = spool_cost(device, message_id, payload_len);
         if self.queued_bytes + need > self.max_bytes {
             return Err(AppendError::Full { queued_bytes: self.queued_bytes, max: self.max_bytes });
@@ -162,9 +170,11 @@ impl Store {
             self.check_room(device, message_id, p.len())?;
         }
         let tx = self.conn.transaction().map_err(AppendError::Db)?;
-        tx.prepare_cached("INSERT OR REPLACE INTO seen (device_id, digest, expires_at) VALUES (?1, ?2, ?3)")
-            .and_then(|mut s| s.execute(params![device, &digest[..], expires_at]))
-            .map_err(AppendError::Db)?;
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO seen (device_id, digest, expires_at) VALUES (?1, ?2, ?3)",
+        )
+        .and_then(|mut s| s.execute(params![device, &digest[..], expires_at]))
+        .map_err(AppendError::Db)?;
         let id = match payload {
             Some(p) => {
                 tx.prepare_cached("INSERT INTO outbox (device_id, message_id, payload, accepted_at) VALUES (?1, ?2, ?3, ?4)")
@@ -187,7 +197,12 @@ impl Store {
             "SELECT id, device_id, message_id, payload FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![after, limit as i64], |r| {
-            Ok(QueuedMessage { id: r.get(0)?, device_id: r.get(1)?, message_id: r.get(2)?, payload: r.get(3)? })
+            Ok(QueuedMessage {
+                id: r.get(0)?,
+                device_id: r.get(1)?,
+                message_id: r.get(2)?,
+                payload: r.get(3)?,
+            })
         })?;
         rows.collect()
     }
@@ -268,22 +283,23 @@ impl Checkpointer {
         let path = path.to_owned();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
-        let handle = std::thread::Builder::new().name("iotgw-checkpoint".into()).spawn(move || {
-            let conn = Connection::open_with_flags(
-                &path,
-                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            );
-            let Ok(conn) = conn else { return };
-            let _ = conn.busy_timeout(Duration::from_millis(100));
-            loop {
-                std::thread::park_timeout(CHECKPOINT_INTERVAL);
-                // PASSIVE never blocks the writer; a final one runs on shutdown.
-                let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-                if stop2.load(Ordering::Relaxed) {
-                    break;
+        let handle =
+            std::thread::Builder::new().name("iotgw-checkpoint".into()).spawn(move || {
+                let conn = Connection::open_with_flags(
+                    &path,
+                    OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                );
+                let Ok(conn) = conn else { return };
+                let _ = conn.busy_timeout(Duration::from_millis(100));
+                loop {
+                    std::thread::park_timeout(CHECKPOINT_INTERVAL);
+                    // PASSIVE never blocks the writer; a final one runs on shutdown.
+                    let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                    if stop2.load(Ordering::Relaxed) {
+                        break;
+                    }
                 }
-            }
-        })?;
+            })?;
         Ok(Checkpointer { stop, handle: Some(handle) })
     }
 

@@ -28,7 +28,9 @@ pub fn guard(name: &str, fallback: c_int, f: impl FnOnce() -> c_int) -> c_int {
             let _ = catch_unwind(|| {
                 log_raw(
                     sys::MOSQ_LOG_ERR as c_int,
-                    &format!("secure-iot-gateway: internal error in {name} (failing closed): {what}"),
+                    &format!(
+                        "secure-iot-gateway: internal error in {name} (failing closed): {what}"
+                    ),
                 )
             });
             fallback

@@ -47,8 +47,12 @@ const EVENTS: [(u32, Callback); 3] = [
 // Pin the exported signatures to the header's declarations: a drift is a type error.
 const _: [unsafe extern "C" fn(c_int, *const c_int) -> c_int; 2] =
     [sys::mosquitto_plugin_version, mosquitto_plugin_version];
-const _: [unsafe extern "C" fn(*mut sys::mosquitto_plugin_id_t, *mut *mut c_void, *mut sys::mosquitto_opt, c_int) -> c_int; 2] =
-    [sys::mosquitto_plugin_init, mosquitto_plugin_init];
+const _: [unsafe extern "C" fn(
+    *mut sys::mosquitto_plugin_id_t,
+    *mut *mut c_void,
+    *mut sys::mosquitto_opt,
+    c_int,
+) -> c_int; 2] = [sys::mosquitto_plugin_init, mosquitto_plugin_init];
 const _: [unsafe extern "C" fn(*mut c_void, *mut sys::mosquitto_opt, c_int) -> c_int; 2] =
     [sys::mosquitto_plugin_cleanup, mosquitto_plugin_cleanup];
 
@@ -65,7 +69,10 @@ pub unsafe extern "C" fn mosquitto_plugin_version(count: c_int, versions: *const
         unsafe { std::slice::from_raw_parts(versions, count as usize) }
     };
     if !offered.contains(&5) {
-        broker::log_raw(sys::MOSQ_LOG_ERR as c_int, "secure-iot-gateway: needs plugin API v5 (Mosquitto 2.0 or later)");
+        broker::log_raw(
+            sys::MOSQ_LOG_ERR as c_int,
+            "secure-iot-gateway: needs plugin API v5 (Mosquitto 2.0 or later)",
+        );
     }
     5
 }
@@ -119,7 +126,10 @@ pub unsafe extern "C" fn mosquitto_plugin_init(
         let waker = match wake::Waker::install() {
             Ok(w) => Arc::new(w),
             Err(e) => {
-                host.log(Level::Error, &format!("secure-iot-gateway: cannot install the wake-up signal: {e}"));
+                host.log(
+                    Level::Error,
+                    &format!("secure-iot-gateway: cannot install the wake-up signal: {e}"),
+                );
                 return ERR_UNKNOWN;
             }
         };
@@ -131,14 +141,31 @@ pub unsafe extern "C" fn mosquitto_plugin_init(
                 return ERR_INVAL;
             }
         };
-        host.log(Level::Notice, &format!("secure-iot-gateway {} loaded: {}", env!("CARGO_PKG_VERSION"), gw.describe()));
-        let inst = Box::into_raw(Box::new(Instance { identifier, cfg, gateway: RefCell::new(gw), waker }));
+        host.log(
+            Level::Notice,
+            &format!("secure-iot-gateway {} loaded: {}", env!("CARGO_PKG_VERSION"), gw.describe()),
+        );
+        let inst =
+            Box::into_raw(Box::new(Instance { identifier, cfg, gateway: RefCell::new(gw), waker }));
         for (event, cb) in EVENTS {
             // SAFETY: valid identifier from init; `inst` outlives the registration (freed in cleanup
             // after unregistering).
-            let rc = unsafe { sys::mosquitto_callback_register(identifier, event as c_int, Some(cb), std::ptr::null(), inst as *mut c_void) };
+            let rc = unsafe {
+                sys::mosquitto_callback_register(
+                    identifier,
+                    event as c_int,
+                    Some(cb),
+                    std::ptr::null(),
+                    inst as *mut c_void,
+                )
+            };
             if rc != ERR_SUCCESS {
-                host.log(Level::Error, &format!("secure-iot-gateway: cannot register callback for event {event} (rc {rc})"));
+                host.log(
+                    Level::Error,
+                    &format!(
+                        "secure-iot-gateway: cannot register callback for event {event} (rc {rc})"
+                    ),
+                );
                 // SAFETY: undo what was registered, then free the instance we still own.
                 unsafe { teardown(inst) };
                 return ERR_UNKNOWN;
@@ -161,7 +188,14 @@ unsafe fn teardown(inst: *mut Instance) {
     let instance = unsafe { Box::from_raw(inst) };
     for (event, cb) in EVENTS {
         // SAFETY: the identifier from init; unregistering a callback never registered is harmless.
-        unsafe { sys::mosquitto_callback_unregister(instance.identifier, event as c_int, Some(cb), std::ptr::null()) };
+        unsafe {
+            sys::mosquitto_callback_unregister(
+                instance.identifier,
+                event as c_int,
+                Some(cb),
+                std::ptr::null(),
+            )
+        };
     }
     // SAFETY: cleanup runs on the broker thread.
     let mut host = unsafe { BrokerHost::new() };
@@ -175,7 +209,11 @@ unsafe fn teardown(inst: *mut Instance) {
 /// # Safety
 /// Called by the broker at shutdown with the userdata set in init.
 #[no_mangle]
-pub unsafe extern "C" fn mosquitto_plugin_cleanup(userdata: *mut c_void, _opts: *mut sys::mosquitto_opt, _count: c_int) -> c_int {
+pub unsafe extern "C" fn mosquitto_plugin_cleanup(
+    userdata: *mut c_void,
+    _opts: *mut sys::mosquitto_opt,
+    _count: c_int,
+) -> c_int {
     guard("cleanup", ERR_SUCCESS, || {
         if !userdata.is_null() {
             // SAFETY: userdata is the Instance boxed in init, handed back once.
@@ -195,7 +233,11 @@ fn rc(v: Verdict) -> c_int {
 }
 
 /// Every ACL question. WRITE carries publishes and wills: data-topic messages are validated here.
-unsafe extern "C" fn on_acl_check(_event: c_int, event_data: *mut c_void, userdata: *mut c_void) -> c_int {
+unsafe extern "C" fn on_acl_check(
+    _event: c_int,
+    event_data: *mut c_void,
+    userdata: *mut c_void,
+) -> c_int {
     guard("acl_check", ERR_ACL_DENIED, || {
         if event_data.is_null() || userdata.is_null() {
             return ERR_ACL_DENIED;
@@ -221,7 +263,9 @@ unsafe extern "C" fn on_acl_check(_event: c_int, event_data: *mut c_void, userda
                 &[]
             } else {
                 // SAFETY: the broker's payload buffer holds payloadlen bytes during the callback.
-                unsafe { std::slice::from_raw_parts(ed.payload as *const u8, ed.payloadlen as usize) }
+                unsafe {
+                    std::slice::from_raw_parts(ed.payload as *const u8, ed.payloadlen as usize)
+                }
             };
             return write_check(inst, who, topic, payload);
         }
@@ -229,7 +273,9 @@ unsafe extern "C" fn on_acl_check(_event: c_int, event_data: *mut c_void, userda
             sys::MOSQ_ACL_READ => Access::Read,
             sys::MOSQ_ACL_SUBSCRIBE => Access::Subscribe,
             sys::MOSQ_ACL_UNSUBSCRIBE => Access::Unsubscribe,
-            _ => return if matches!(who, Identity::Device(_)) { ERR_ACL_DENIED } else { ERR_DEFER },
+            _ => {
+                return if matches!(who, Identity::Device(_)) { ERR_ACL_DENIED } else { ERR_DEFER }
+            }
         };
         rc(gateway::acl_verdict(&inst.cfg, who, access, topic))
     })
@@ -246,7 +292,11 @@ fn write_check(inst: &Instance, who: Identity<'_>, topic: &[u8], payload: &[u8])
 }
 
 /// Drains worker results (responses, outbox updates), applies registry snapshots, housekeeping.
-unsafe extern "C" fn on_tick(_event: c_int, _event_data: *mut c_void, userdata: *mut c_void) -> c_int {
+unsafe extern "C" fn on_tick(
+    _event: c_int,
+    _event_data: *mut c_void,
+    userdata: *mut c_void,
+) -> c_int {
     guard("tick", ERR_SUCCESS, || {
         if userdata.is_null() {
             return ERR_SUCCESS;
@@ -265,7 +315,11 @@ unsafe extern "C" fn on_tick(_event: c_int, _event_data: *mut c_void, userdata: 
 
 /// SIGHUP. Options are not re-read by the broker (plugin lines are not reloadable); the registry
 /// is already watched. Must return success: an error here disables acl_file in 2.0.11.
-unsafe extern "C" fn on_reload(_event: c_int, _event_data: *mut c_void, userdata: *mut c_void) -> c_int {
+unsafe extern "C" fn on_reload(
+    _event: c_int,
+    _event_data: *mut c_void,
+    userdata: *mut c_void,
+) -> c_int {
     guard("reload", ERR_SUCCESS, || {
         if userdata.is_null() {
             return ERR_SUCCESS;

@@ -54,7 +54,12 @@ impl Waker {
         }
         let enabled = std::env::var_os("IOTGW_NO_WAKE").is_none();
         // SAFETY: pthread_self has no preconditions.
-        Ok(Waker { main: unsafe { libc::pthread_self() }, pending: AtomicBool::new(false), enabled })
+        Ok(Waker {
+            // SAFETY: pthread_self has no preconditions.
+            main: unsafe { libc::pthread_self() },
+            pending: AtomicBool::new(false),
+            enabled,
+        })
     }
 
     /// Called by workers after queueing a result.

@@ -39,12 +39,25 @@ impl Sink {
         let (r, sc, h, st) = (received.clone(), script.clone(), hang.clone(), stop.clone());
         let handle = std::thread::spawn(move || {
             while !st.load(Ordering::SeqCst) {
-                let Ok(Some(mut req)) = server.recv_timeout(Duration::from_millis(50)) else { continue };
+                let Ok(Some(mut req)) = server.recv_timeout(Duration::from_millis(50)) else {
+                    continue;
+                };
                 let (r, sc, h, st) = (r.clone(), sc.clone(), h.clone(), st.clone());
                 std::thread::spawn(move || {
-                    let headers: Vec<(String, String)> =
-                        req.headers().iter().map(|x| (x.field.as_str().as_str().to_ascii_lowercase(), x.value.to_string())).collect();
-                    let hv = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default();
+                    let headers: Vec<(String, String)> = req
+                        .headers()
+                        .iter()
+                        .map(|x| {
+                            (x.field.as_str().as_str().to_ascii_lowercase(), x.value.to_string())
+                        })
+                        .collect();
+                    let hv = |name: &str| {
+                        headers
+                            .iter()
+                            .find(|(k, _)| k == name)
+                            .map(|(_, v)| v.clone())
+                            .unwrap_or_default()
+                    };
                     let mut body = Vec::new();
                     let _ = std::io::Read::read_to_end(req.as_reader(), &mut body);
                     let rec = Req {
@@ -57,7 +70,10 @@ impl Sink {
                     };
                     // Bounded hang: long enough to outlast the plugin's HTTP timeout.
                     let until = Instant::now() + Duration::from_secs(20);
-                    while h.load(Ordering::SeqCst) && !st.load(Ordering::SeqCst) && Instant::now() < until {
+                    while h.load(Ordering::SeqCst)
+                        && !st.load(Ordering::SeqCst)
+                        && Instant::now() < until
+                    {
                         std::thread::sleep(Duration::from_millis(20));
                     }
                     let status = sc.lock().unwrap().pop_front().unwrap_or(200);
@@ -65,7 +81,8 @@ impl Sink {
                     if status / 100 == 2 {
                         r.lock().unwrap().push(rec);
                     }
-                    let _ = req.respond(tiny_http::Response::from_string(answer).with_status_code(status));
+                    let _ = req
+                        .respond(tiny_http::Response::from_string(answer).with_status_code(status));
                 });
             }
         });
@@ -127,7 +144,10 @@ fn start_on(env: &Env, port: u16, opts: &[(&'static str, String)]) -> Broker {
 
 fn verify_downlink(payload: &[u8], device: &str) -> serde_json::Value {
     let env = Envelope::parse(payload, 65536).expect("downlink parses as an envelope");
-    assert!(envelope::verify(secret_of(device).as_bytes(), &env.canonical(), &env.signature), "downlink signature does not verify");
+    assert!(
+        envelope::verify(secret_of(device).as_bytes(), &env.canonical(), &env.signature),
+        "downlink signature does not verify"
+    );
     serde_json::from_slice(payload).unwrap()
 }
 
@@ -143,11 +163,16 @@ fn valid_message_reaches_the_backend_and_a_signed_response_reaches_the_device() 
     let sent = Instant::now();
     assert!(dev.publish("device/sensor_001/data", 1, false, &m).is_ok());
     // Read the response first: this is the device's view of the round trip.
-    let (topic, payload) = dev.next_message(Duration::from_secs(10)).unwrap_or_else(|| panic!("no response; {}", broker.log()));
+    let (topic, payload) = dev
+        .next_message(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no response; {}", broker.log()));
     let round_trip = sent.elapsed();
     let got = sink.wait_for(1, Duration::from_secs(10));
     assert_eq!(got.len(), 1, "{}", broker.log());
-    eprintln!("publish -> signed response round trip: {round_trip:?} (publish -> backend {:?})", got[0].at - sent);
+    eprintln!(
+        "publish -> signed response round trip: {round_trip:?} (publish -> backend {:?})",
+        got[0].at - sent
+    );
     assert_eq!(got[0].path, "/device/sensor_001/data");
     assert_eq!(got[0].body, br#"{"humidity":60,"temperature":22.5}"#);
     assert_eq!((got[0].device.as_str(), got[0].message_id.as_str()), ("sensor_001", mid.as_str()));
@@ -166,7 +191,8 @@ fn backend_down_then_up_delivers_all_200_in_order_per_device() {
     let env = Env::new();
     let port = free_port();
     let broker = start(&env, &backend_opts(port));
-    let mut devs: Vec<Mqtt> = ["sensor_001", "sensor_002"].iter().map(|d| Mqtt::connect(&env, broker.port, d)).collect();
+    let mut devs: Vec<Mqtt> =
+        ["sensor_001", "sensor_002"].iter().map(|d| Mqtt::connect(&env, broker.port, d)).collect();
     let t = now();
     for i in 0..100 {
         for (k, d) in ["sensor_001", "sensor_002"].iter().enumerate() {
@@ -174,12 +200,17 @@ fn backend_down_then_up_delivers_all_200_in_order_per_device() {
             assert!(devs[k].publish(&format!("device/{d}/data"), 1, false, &m).is_ok());
         }
     }
-    assert!(broker.wait_log("backend delivery failed", Duration::from_secs(10)), "{}", broker.log());
+    assert!(
+        broker.wait_log("backend delivery failed", Duration::from_secs(10)),
+        "{}",
+        broker.log()
+    );
     let sink = Sink::start(port);
     let got = sink.wait_for(200, Duration::from_secs(60));
     assert_eq!(got.len(), 200, "{}", broker.log());
     for d in ["sensor_001", "sensor_002"] {
-        let seq: Vec<String> = got.iter().filter(|r| r.device == d).map(|r| r.message_id.clone()).collect();
+        let seq: Vec<String> =
+            got.iter().filter(|r| r.device == d).map(|r| r.message_id.clone()).collect();
         let want: Vec<String> = (0..100).map(|i| format!("{d}-{i:03}")).collect();
         assert_eq!(seq, want, "per-device order for {d}");
     }
@@ -196,7 +227,10 @@ fn kill_9_mid_stream_loses_no_acknowledged_message() {
     let mut acked = Vec::new();
     for i in 0..150 {
         let mid = format!("k-{i}");
-        if dev.publish("device/sensor_001/data", 1, false, &signed("sensor_001", t, &mid, "{}")).is_ok() {
+        if dev
+            .publish("device/sensor_001/data", 1, false, &signed("sensor_001", t, &mid, "{}"))
+            .is_ok()
+        {
             acked.push(mid);
         }
     }
@@ -220,7 +254,9 @@ fn backend_500_then_200_is_retried() {
     let broker = start(&env, &backend_opts(sink.port));
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     let mid = uid();
-    assert!(dev.publish("device/sensor_001/data", 1, false, &signed("sensor_001", now(), &mid, "{}")).is_ok());
+    assert!(dev
+        .publish("device/sensor_001/data", 1, false, &signed("sensor_001", now(), &mid, "{}"))
+        .is_ok());
     let got = sink.wait_for(1, Duration::from_secs(15));
     assert_eq!(got.len(), 1, "{}", broker.log());
     assert_eq!(got[0].message_id, mid);
@@ -236,14 +272,26 @@ fn backend_400_is_dead_lettered_and_the_device_gets_status_400() {
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     dev.subscribe("device/sensor_001/response", 1);
     let mid = uid();
-    assert!(dev.publish("device/sensor_001/data", 1, false, &signed("sensor_001", now(), &mid, "{}")).is_ok());
-    let (_, payload) = dev.next_message(Duration::from_secs(10)).unwrap_or_else(|| panic!("no response; {}", broker.log()));
+    assert!(dev
+        .publish("device/sensor_001/data", 1, false, &signed("sensor_001", now(), &mid, "{}"))
+        .is_ok());
+    let (_, payload) = dev
+        .next_message(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no response; {}", broker.log()));
     let v = verify_downlink(&payload, "sensor_001");
     assert_eq!(v["status"], 400);
     assert_eq!(v["in_reply_to"], mid.as_str());
-    assert!(broker.wait_log("dead-lettered device=sensor_001", Duration::from_secs(5)), "{}", broker.log());
+    assert!(
+        broker.wait_log("dead-lettered device=sensor_001", Duration::from_secs(5)),
+        "{}",
+        broker.log()
+    );
     let db = rusqlite::Connection::open(env.path().join("outbox.db")).unwrap();
-    let (n, status): (i64, i64) = db.query_row("SELECT COUNT(*), MAX(status) FROM dead_letter", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    let (n, status): (i64, i64) = db
+        .query_row("SELECT COUNT(*), MAX(status) FROM dead_letter", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
     assert_eq!((n, status), (1, 400));
     let pending: i64 = db.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0)).unwrap();
     assert_eq!(pending, 0);
@@ -254,13 +302,21 @@ fn hanging_backend_does_not_stop_mqtt_traffic() {
     let env = Env::new();
     let sink = Sink::start(free_port());
     sink.set_hang(true);
-    let broker = start(&env, &[("backend_url", Sink::url(sink.port)), ("http_timeout_ms", "5000".into())]);
+    let broker =
+        start(&env, &[("backend_url", Sink::url(sink.port)), ("http_timeout_ms", "5000".into())]);
     let mut monitor = Mqtt::connect(&env, broker.port, "monitor");
     monitor.subscribe("device/#", 1);
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     let t = now();
     for i in 0..50 {
-        assert!(dev.publish("device/sensor_001/data", 1, false, &signed("sensor_001", t, &format!("h{i}"), "{}")).is_ok());
+        assert!(dev
+            .publish(
+                "device/sensor_001/data",
+                1,
+                false,
+                &signed("sensor_001", t, &format!("h{i}"), "{}")
+            )
+            .is_ok());
     }
     let seen = monitor.drain(Duration::from_millis(500), Duration::from_secs(10));
     assert_eq!(seen.len(), 50, "subscriber starved while the backend hangs; {}", broker.log());
@@ -271,7 +327,8 @@ fn hanging_backend_does_not_stop_mqtt_traffic() {
 fn outbox_cap_refuses_new_messages_and_keeps_old_ones() {
     let env = Env::new();
     let port = free_port(); // nothing listens: every message stays queued
-    let broker = start(&env, &[("backend_url", Sink::url(port)), ("spool_max_bytes", "1048576".into())]);
+    let broker =
+        start(&env, &[("backend_url", Sink::url(port)), ("spool_max_bytes", "1048576".into())]);
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     let big = format!(r#"{{"blob":"{}"}}"#, "x".repeat(60_000));
     let t = now();
@@ -279,7 +336,8 @@ fn outbox_cap_refuses_new_messages_and_keeps_old_ones() {
     let mut refused = 0;
     for i in 0..25 {
         let mid = format!("cap-{i}");
-        let ack = dev.publish("device/sensor_001/data", 1, false, &signed("sensor_001", t, &mid, &big));
+        let ack =
+            dev.publish("device/sensor_001/data", 1, false, &signed("sensor_001", t, &mid, &big));
         if ack.is_ok() {
             accepted.push(mid);
         } else {
@@ -287,7 +345,12 @@ fn outbox_cap_refuses_new_messages_and_keeps_old_ones() {
             refused += 1;
         }
     }
-    assert!(refused > 0 && accepted.len() >= 15, "accepted {} refused {refused}; {}", accepted.len(), broker.log());
+    assert!(
+        refused > 0 && accepted.len() >= 15,
+        "accepted {} refused {refused}; {}",
+        accepted.len(),
+        broker.log()
+    );
     assert!(broker.log().contains("rejected reason=outbox"), "{}", broker.log());
     let sink = Sink::start(port);
     let got = sink.wait_for(accepted.len(), Duration::from_secs(60));
@@ -304,7 +367,14 @@ fn sigterm_with_a_full_outbox_exits_cleanly_and_delivers_after_restart() {
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     let t = now();
     for i in 0..20 {
-        assert!(dev.publish("device/sensor_001/data", 1, false, &signed("sensor_001", t, &format!("t{i}"), "{}")).is_ok());
+        assert!(dev
+            .publish(
+                "device/sensor_001/data",
+                1,
+                false,
+                &signed("sensor_001", t, &format!("t{i}"), "{}")
+            )
+            .is_ok());
     }
     drop(dev);
     let stopped = Instant::now();

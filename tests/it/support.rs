@@ -6,7 +6,9 @@
 
 #![allow(dead_code)]
 
-use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAckReason, PubRecReason, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::v5::{
+    LastWill, Packet, PubAckReason, PubRecReason, SubscribeReasonCode,
+};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{Client, Connection, ConnectionError, Event, MqttOptions, StateError};
 use rumqttc::{TlsConfiguration, Transport};
@@ -17,8 +19,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub const SECRETS: [(&str, &str); 3] =
-    [("sensor_001", "supersecretkey123"), ("sensor_002", "anothersecretkey456"), ("sensor_003", "yetanothersecret789")];
+pub const SECRETS: [(&str, &str); 3] = [
+    ("sensor_001", "supersecretkey123"),
+    ("sensor_002", "anothersecretkey456"),
+    ("sensor_003", "yetanothersecret789"),
+];
 
 pub fn secret_of(device: &str) -> &'static str {
     SECRETS.iter().find(|(d, _)| *d == device).map(|(_, s)| *s).unwrap_or("unregistered-secret")
@@ -31,7 +36,10 @@ pub fn plugin_path() -> PathBuf {
     }
     let exe = std::env::current_exe().unwrap();
     let deps = exe.parent().unwrap();
-    for cand in [deps.join("libsecure_iot_gateway.so"), deps.parent().unwrap().join("libsecure_iot_gateway.so")] {
+    for cand in [
+        deps.join("libsecure_iot_gateway.so"),
+        deps.parent().unwrap().join("libsecure_iot_gateway.so"),
+    ] {
         if cand.exists() {
             return cand;
         }
@@ -59,7 +67,8 @@ impl Env {
         let ca = pki::new_ca("test ca", 2).unwrap();
         let p = dir.path();
         std::fs::write(p.join("ca.pem"), ca.cert_pem()).unwrap();
-        let server = pki::issue(&ca, "broker", Role::Server, &["localhost", "127.0.0.1"], 2).unwrap();
+        let server =
+            pki::issue(&ca, "broker", Role::Server, &["localhost", "127.0.0.1"], 2).unwrap();
         std::fs::write(p.join("server.pem"), server.cert_pem()).unwrap();
         std::fs::write(p.join("server.key"), server.key_pem()).unwrap();
         let db = Db::open(p.join("devices.db")).unwrap();
@@ -137,7 +146,10 @@ impl Broker {
     }
 
     pub fn start_conf(env: &Env, port: u16, conf_path: PathBuf) -> Broker {
-        let log_path = env.path().join(format!("broker-{port}-{}.log", Instant::now().elapsed().as_nanos() ^ std::process::id() as u128 ^ rand_u32() as u128));
+        let log_path = env.path().join(format!(
+            "broker-{port}-{}.log",
+            Instant::now().elapsed().as_nanos() ^ std::process::id() as u128 ^ rand_u32() as u128
+        ));
         let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(mosquitto_bin())
             .arg("-c")
@@ -146,7 +158,9 @@ impl Broker {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {} ({e}); `make deps` installs mosquitto", mosquitto_bin()));
+            .unwrap_or_else(|e| {
+                panic!("cannot run {} ({e}); `make deps` installs mosquitto", mosquitto_bin())
+            });
         let mut b = Broker { child: Some(child), port, log_path, conf_path };
         b.wait_ready();
         b
@@ -161,7 +175,11 @@ impl Broker {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;
             }
-            assert!(Instant::now() < deadline, "broker not ready within 10 s; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "broker not ready within 10 s; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -202,7 +220,11 @@ impl Broker {
                 self.child = None;
                 return s.code();
             }
-            assert!(Instant::now() < deadline, "broker did not exit within {timeout:?}; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "broker did not exit within {timeout:?}; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -246,8 +268,10 @@ pub fn start_expect_failure(env: &Env, opts_lines: &str) -> (i32, String) {
     let path = write_conf(env, port, &[]);
     let conf = std::fs::read_to_string(&path).unwrap() + opts_lines;
     std::fs::write(&path, conf).unwrap();
-    let out = Command::new(mosquitto_bin()).arg("-c").arg(&path).stdin(Stdio::null()).output().unwrap();
-    let log = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let out =
+        Command::new(mosquitto_bin()).arg("-c").arg(&path).stdin(Stdio::null()).output().unwrap();
+    let log =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), log)
 }
 
@@ -277,6 +301,7 @@ pub fn uid() -> String {
 
 /// What the broker answered to a publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)] // named after the MQTT packets
 pub enum Ack {
     /// QoS 0: nothing comes back.
     None,
@@ -286,7 +311,10 @@ pub enum Ack {
 
 impl Ack {
     pub fn is_not_authorized(&self) -> bool {
-        matches!(self, Ack::PubAck(PubAckReason::NotAuthorized) | Ack::PubRec(PubRecReason::NotAuthorized))
+        matches!(
+            self,
+            Ack::PubAck(PubAckReason::NotAuthorized) | Ack::PubRec(PubRecReason::NotAuthorized)
+        )
     }
     pub fn is_ok(&self) -> bool {
         matches!(
@@ -324,7 +352,11 @@ impl Mqtt {
         let mut opts = MqttOptions::new(id, "localhost", port);
         opts.set_keep_alive(Duration::from_secs(30));
         let client_auth = o.cert.or_else(|| o.cn.map(|cn| env.client_cert(cn)));
-        let tls = TlsConfiguration::Simple { ca: o.ca.unwrap_or_else(|| env.ca_pem()), alpn: None, client_auth };
+        let tls = TlsConfiguration::Simple {
+            ca: o.ca.unwrap_or_else(|| env.ca_pem()),
+            alpn: None,
+            client_auth,
+        };
         opts.set_transport(Transport::tls_with_config(tls));
         if let Some((topic, payload)) = o.will {
             opts.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, false, None));
@@ -354,7 +386,11 @@ impl Mqtt {
 
     /// Polls the connection until `f` returns Some or the timeout passes; buffers publishes.
     /// rumqttc reports a refused PUBACK/PUBREC/SUBACK as a state error, so `f` sees those too.
-    fn pump<T>(&mut self, timeout: Duration, mut f: impl FnMut(Result<&Packet, &StateError>) -> Option<T>) -> Option<T> {
+    fn pump<T>(
+        &mut self,
+        timeout: Duration,
+        mut f: impl FnMut(Result<&Packet, &StateError>) -> Option<T>,
+    ) -> Option<T> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -364,7 +400,10 @@ impl Mqtt {
             match self.conn.recv_timeout(left) {
                 Ok(Ok(Event::Incoming(p))) => {
                     if let Packet::Publish(publ) = &p {
-                        self.inbox.push((String::from_utf8_lossy(&publ.topic).into_owned(), publ.payload.to_vec()));
+                        self.inbox.push((
+                            String::from_utf8_lossy(&publ.topic).into_owned(),
+                            publ.payload.to_vec(),
+                        ));
                     }
                     if let Some(t) = f(Ok(&p)) {
                         return Some(t);
@@ -401,7 +440,9 @@ impl Mqtt {
                 // Let the packet leave: wait for the outgoing event.
                 let deadline = Instant::now() + Duration::from_secs(5);
                 while Instant::now() < deadline {
-                    if let Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_)))) = self.conn.recv_timeout(Duration::from_millis(100)) {
+                    if let Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_)))) =
+                        self.conn.recv_timeout(Duration::from_millis(100))
+                    {
                         break;
                     }
                 }
@@ -418,12 +459,20 @@ impl Mqtt {
                 _ => None,
             }),
         }
-        .unwrap_or_else(|| panic!("no acknowledgement for a QoS {qos} publish to {topic} within 10 s"))
+        .unwrap_or_else(|| {
+            panic!("no acknowledgement for a QoS {qos} publish to {topic} within 10 s")
+        })
     }
 
     /// Subscribes and returns the SUBACK's first reason code.
     pub fn subscribe(&mut self, filter: &str, qos: u8) -> SubscribeReasonCode {
-        let q = if qos == 0 { QoS::AtMostOnce } else if qos == 1 { QoS::AtLeastOnce } else { QoS::ExactlyOnce };
+        let q = if qos == 0 {
+            QoS::AtMostOnce
+        } else if qos == 1 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::ExactlyOnce
+        };
         self.client.subscribe(filter, q).unwrap();
         self.pump(Duration::from_secs(10), |p| match p {
             Ok(Packet::SubAck(s)) => s.return_codes.first().cloned(),
@@ -464,5 +513,8 @@ impl Mqtt {
 /// Is `reason=...` logged for a rejection of `message_id`?
 pub fn rejected_with(broker: &Broker, reason: &str, message_id: &str) -> bool {
     broker.wait_log(&format!("rejected reason={reason} "), Duration::from_secs(5))
-        && broker.log().lines().any(|l| l.contains(&format!("rejected reason={reason} ")) && l.contains(&format!("message_id={message_id}")))
+        && broker.log().lines().any(|l| {
+            l.contains(&format!("rejected reason={reason} "))
+                && l.contains(&format!("message_id={message_id}"))
+        })
 }
