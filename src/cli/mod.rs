@@ -1,1 +1,462 @@
-//! The `iotgw` command-line tool, as library code so it can be tested.
+//! The `iotgw` command-line tool, as library code so it can be tested. The binary in
+//! `src/bin/iotgw.rs` only calls [`main`].
+
+pub mod backend;
+pub mod check;
+pub mod device;
+pub mod gwdir;
+pub mod simulate;
+
+use crate::envelope::{self, Envelope};
+use crate::json::Json;
+use clap::{Parser, Subcommand};
+use gwdir::{GwDir, InitOptions};
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Operate a secure-iot-gateway: PKI, device registry, signing, simulation, demo backend.
+#[derive(Parser, Debug)]
+#[command(name = "iotgw", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Create a gateway directory: CA, broker certificate, registry, ACL, mosquitto.conf.
+    Init {
+        /// The directory to create (or complete).
+        dir: PathBuf,
+        /// Extra DNS names or IP addresses for the broker certificate (localhost and 127.0.0.1
+        /// are always included). Repeatable.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// MQTT over TLS port in the generated mosquitto.conf.
+        #[arg(long, default_value_t = 8883)]
+        port: u16,
+        /// Address the listener binds to.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: String,
+        /// Path of the plugin .so written into mosquitto.conf (default: the installed one, else
+        /// the one built next to this binary).
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+        /// Backend URL template written into mosquitto.conf.
+        #[arg(long, default_value = crate::config::DEFAULT_BACKEND_URL)]
+        backend_url: String,
+        /// Certificate lifetime in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Replace an existing CA (every certificate it issued stops working).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Manage devices in the registry.
+    Device {
+        /// The gateway directory made by `init`.
+        #[arg(long, short = 'd', default_value = ".", global = true)]
+        dir: PathBuf,
+        #[command(subcommand)]
+        cmd: DeviceCmd,
+    },
+    /// Print a signed envelope for a device (for mosquitto_pub by hand).
+    Sign {
+        #[arg(long)]
+        device: String,
+        /// The payload, as JSON.
+        #[arg(long)]
+        payload: String,
+        /// The secret; by default it is read from the registry in --dir.
+        #[arg(long)]
+        secret: Option<String>,
+        #[arg(long, short = 'd', default_value = ".")]
+        dir: PathBuf,
+        /// Default: a fresh UUID v4.
+        #[arg(long)]
+        message_id: Option<String>,
+        /// Unix seconds; default: now.
+        #[arg(long)]
+        timestamp: Option<i64>,
+        /// Extra envelope member NAME=JSON (covered by the signature). Repeatable.
+        #[arg(long = "extra")]
+        extras: Vec<String>,
+    },
+    /// Check an envelope's structure and signature (from the argument or standard input).
+    Verify {
+        envelope: Option<String>,
+        #[arg(long)]
+        secret: Option<String>,
+        #[arg(long, short = 'd', default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Run simulated devices against a gateway.
+    Simulate {
+        #[arg(long, short = 'd', default_value = ".")]
+        dir: PathBuf,
+        /// Device ids (must exist in the registry, with certificates in DIR/devices). Repeatable.
+        #[arg(long = "device", required = true)]
+        devices: Vec<String>,
+        #[arg(long, default_value = "localhost")]
+        host: String,
+        #[arg(long, default_value_t = 8883)]
+        port: u16,
+        /// Seconds between readings.
+        #[arg(long, default_value_t = 5.0)]
+        interval: f64,
+        /// Readings per device (0: none, e.g. to run only attacks).
+        #[arg(long, default_value_t = 3)]
+        count: u64,
+        /// Keep sending readings until stopped (overrides --count).
+        #[arg(long)]
+        forever: bool,
+        /// Attacks to run after the readings. Repeatable.
+        #[arg(long = "attack", value_enum)]
+        attacks: Vec<simulate::Attack>,
+        /// Never colour the output.
+        #[arg(long)]
+        no_color: bool,
+    },
+    /// Run the demo HTTP backend.
+    Backend {
+        #[arg(long, default_value = "127.0.0.1:5000")]
+        listen: String,
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// Do not print each request.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Validate the plugin options of a mosquitto.conf without starting the broker.
+    CheckConfig { file: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeviceCmd {
+    /// Register a device and issue its certificate; prints its secret once.
+    Add {
+        id: String,
+        /// Default: 32 random bytes, hex.
+        #[arg(long)]
+        secret: Option<String>,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+    /// List devices (never secrets).
+    List,
+    /// Show one device.
+    Show {
+        id: String,
+        /// Also print the secret.
+        #[arg(long)]
+        show_secret: bool,
+    },
+    /// Refuse the device's messages until enabled again (within a second, no restart).
+    Disable {
+        id: String,
+    },
+    Enable {
+        id: String,
+    },
+    /// Delete the device and its certificate files.
+    Remove {
+        id: String,
+    },
+    /// New secret; the old one keeps working for the grace period, then stops.
+    RotateSecret {
+        id: String,
+        /// e.g. 24h, 90m, 3600s, 2d.
+        #[arg(long, default_value = "24h")]
+        grace: String,
+        #[arg(long)]
+        secret: Option<String>,
+    },
+    /// Add many devices from a file of `device_id[,secret]` lines; all or nothing.
+    Import {
+        file: PathBuf,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+}
+
+/// Parses 24h / 90m / 3600s / 2d / 3600.
+pub fn parse_duration(s: &str) -> Result<i64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        Some('d') => (&s[..s.len() - 1], 86400),
+        _ => (s, 1),
+    };
+    num.parse::<i64>()
+        .ok()
+        .filter(|n| *n >= 0)
+        .map(|n| n * mult)
+        .ok_or_else(|| format!("invalid duration {s:?} (e.g. 24h, 90m, 3600s)"))
+}
+
+fn default_plugin() -> PathBuf {
+    let installed = PathBuf::from(format!("/usr/lib/{}/secure_iot_gateway.so", multiarch()));
+    if installed.exists() {
+        return installed;
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|p| p.join("libsecure_iot_gateway.so")))
+        .filter(|p| p.exists())
+        .unwrap_or(installed)
+}
+
+fn multiarch() -> &'static str {
+    if cfg!(target_arch = "aarch64") {
+        "aarch64-linux-gnu"
+    } else {
+        "x86_64-linux-gnu"
+    }
+}
+
+fn secret_for(
+    dir: &std::path::Path,
+    device: &str,
+    secret: Option<String>,
+) -> Result<String, String> {
+    match secret {
+        Some(s) => Ok(s),
+        None => device::secret_of(&GwDir::new(dir), device),
+    }
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+/// Runs one parsed command.
+pub fn run(cli: Cli) -> Result<i32, String> {
+    match cli.cmd {
+        Cmd::Init { dir, hosts, port, bind, plugin, backend_url, days, force } => {
+            crate::config::check_backend_url(&backend_url)
+                .map_err(|e| format!("--backend-url {backend_url:?}: {e}"))?;
+            let gw = GwDir::new(&dir);
+            let notes = gw.init(&InitOptions {
+                hosts,
+                port,
+                bind,
+                plugin: plugin.unwrap_or_else(default_plugin),
+                backend_url,
+                force,
+                days,
+            })?;
+            println!("gateway directory ready: {}", gw.root.display());
+            for n in notes {
+                println!("  {n}");
+            }
+            println!("next: iotgw device add sensor_001 --dir {0}\n      mosquitto -c {0}/mosquitto.conf", gw.root.display());
+            Ok(0)
+        }
+        Cmd::Device { dir, cmd } => {
+            let gw = GwDir::new(&dir);
+            match cmd {
+                DeviceCmd::Add { id, secret, days } => {
+                    let s = device::add(&gw, &id, secret.as_deref(), days)?;
+                    println!(
+                        "added {id}; certificate {} and key {}",
+                        gw.device_cert(&id).display(),
+                        gw.device_key(&id).display()
+                    );
+                    println!("secret (shown once, store it in the device): {s}");
+                }
+                DeviceCmd::List => {
+                    println!(
+                        "{:<32} {:<8} {:<12} {:<6} rotation",
+                        "device_id", "enabled", "created_at", "cert"
+                    );
+                    for d in device::list(&gw)? {
+                        let rot = match d.previous_until {
+                            Some(u) if u >= crate::gateway::unix_now() => {
+                                format!("old secret valid until {u}")
+                            }
+                            _ => "-".into(),
+                        };
+                        println!(
+                            "{:<32} {:<8} {:<12} {:<6} {rot}",
+                            d.id,
+                            if d.enabled { "yes" } else { "no" },
+                            d.created_at,
+                            if d.has_cert { "yes" } else { "no" }
+                        );
+                    }
+                }
+                DeviceCmd::Show { id, show_secret } => {
+                    let (d, s) = device::show(&gw, &id, show_secret)?;
+                    println!(
+                        "device_id:  {}\nenabled:    {}\ncreated_at: {}\ncertificate: {}",
+                        d.id,
+                        d.enabled,
+                        d.created_at,
+                        gw.device_cert(&id).display()
+                    );
+                    if let Some(u) = d.previous_until {
+                        println!("previous secret valid until: {u}");
+                    }
+                    match s {
+                        Some(s) => println!("secret:     {s}"),
+                        None => println!("secret:     (hidden; --show-secret prints it)"),
+                    }
+                }
+                DeviceCmd::Disable { id } => {
+                    device::set_enabled(&gw, &id, false)?;
+                    println!("disabled {id}: its messages are refused within a second");
+                }
+                DeviceCmd::Enable { id } => {
+                    device::set_enabled(&gw, &id, true)?;
+                    println!("enabled {id}");
+                }
+                DeviceCmd::Remove { id } => {
+                    device::remove(&gw, &id)?;
+                    println!("removed {id} and its certificate files");
+                }
+                DeviceCmd::RotateSecret { id, grace, secret } => {
+                    let g = parse_duration(&grace)?;
+                    let (s, until) = device::rotate(&gw, &id, secret.as_deref(), g)?;
+                    println!("rotated {id}; the old secret works until {until} (unix time)");
+                    println!("new secret (shown once): {s}");
+                }
+                DeviceCmd::Import { file, days } => {
+                    let text = std::fs::read_to_string(&file)
+                        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+                    let done = device::import(&gw, &text, days)?;
+                    println!("imported {} devices (id,secret):", done.len());
+                    for (id, s) in done {
+                        println!("{id},{s}");
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Sign { device, payload, secret, dir, message_id, timestamp, extras } => {
+            if !envelope::valid_device_id(&device) {
+                return Err(format!("invalid device id {device:?}"));
+            }
+            let secret = secret_for(&dir, &device, secret)?;
+            let p: serde_json::Value = serde_json::from_str(&payload)
+                .map_err(|e| format!("--payload is not JSON: {e}"))?;
+            let mut members = vec![
+                ("device_id".to_string(), Json::String(device)),
+                (
+                    "timestamp".to_string(),
+                    Json::Number(timestamp.unwrap_or_else(crate::gateway::unix_now).into()),
+                ),
+                (
+                    "message_id".to_string(),
+                    Json::String(message_id.unwrap_or_else(envelope::uuid_v4)),
+                ),
+                ("payload".to_string(), Json::from_value(p)),
+            ];
+            for e in extras {
+                let (k, v) = e
+                    .split_once('=')
+                    .ok_or_else(|| format!("--extra {e:?}: expected NAME=JSON"))?;
+                if members.iter().any(|(m, _)| m == k) || k == "signature" {
+                    return Err(format!("--extra {k:?}: that member is already set"));
+                }
+                let v: serde_json::Value = serde_json::from_str(v)
+                    .map_err(|err| format!("--extra {k}: not JSON: {err}"))?;
+                members.push((k.to_string(), Json::from_value(v)));
+            }
+            println!("{}", envelope::sign_members(secret.as_bytes(), &members));
+            Ok(0)
+        }
+        Cmd::Verify { envelope: text, secret, dir } => {
+            let text = match text {
+                Some(t) => t,
+                None => {
+                    let mut s = String::new();
+                    std::io::stdin().read_to_string(&mut s).map_err(|e| e.to_string())?;
+                    s
+                }
+            };
+            let env = match Envelope::parse(
+                text.trim_end_matches(['\n', '\r']).as_bytes(),
+                crate::config::MAX_PAYLOAD_LIMIT,
+            ) {
+                Ok(e) => e,
+                Err(r) => {
+                    println!("invalid: {r}");
+                    return Ok(1);
+                }
+            };
+            let secret = secret_for(&dir, env.device_id(), secret)?;
+            if envelope::verify(secret.as_bytes(), &env.canonical(), &env.signature) {
+                let skew = crate::gateway::unix_now() - env.timestamp;
+                println!(
+                    "valid: device {} message {} (timestamp {skew} s ago)",
+                    env.device_id(),
+                    env.message_id()
+                );
+                Ok(0)
+            } else {
+                println!("invalid: signature (HMAC mismatch)");
+                Ok(1)
+            }
+        }
+        Cmd::Simulate { dir, devices, host, port, interval, count, forever, attacks, no_color } => {
+            let gw = GwDir::new(&dir);
+            let mut with_secrets = Vec::new();
+            for d in devices {
+                let s = device::secret_of(&gw, &d)?;
+                with_secrets.push((d, s));
+            }
+            let color = !no_color && std::env::var_os("NO_COLOR").is_none();
+            let count = if forever { None } else { Some(count) };
+            let o = simulate::SimOptions {
+                host,
+                port,
+                interval: Duration::from_secs_f64(interval.max(0.0)),
+                count,
+                attacks,
+                color,
+            };
+            let (sent, ok) = simulate::run(&gw, &with_secrets, &o)?;
+            Ok(if sent == ok { 0 } else { 2 })
+        }
+        Cmd::Backend { listen, threads, quiet } => {
+            backend::serve(&listen, threads, quiet)?;
+            Ok(0)
+        }
+        Cmd::CheckConfig { file } => match check::check(&file) {
+            Ok(summary) => {
+                println!("{summary}");
+                Ok(0)
+            }
+            Err(e) => {
+                println!("configuration error: {e}");
+                Ok(1)
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("24h"), Ok(86400));
+        assert_eq!(parse_duration("90m"), Ok(5400));
+        assert_eq!(parse_duration("2d"), Ok(172800));
+        assert_eq!(parse_duration("15"), Ok(15));
+        assert!(parse_duration("-1h").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

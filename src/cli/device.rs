@@ -1,0 +1,245 @@
+//! `iotgw device ...`: the fleet registry. Every command validates all of its input before it
+//! changes anything, and a failure leaves the registry and the certificate files as they were.
+
+use super::gwdir::{self, GwDir, Result};
+use crate::envelope::{hex, valid_device_id};
+use crate::gateway::unix_now;
+use crate::pki::{self, Role};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::fs;
+
+/// A fresh random secret: 32 bytes, hex-encoded.
+pub fn random_secret() -> String {
+    let mut b = [0u8; 32];
+    openssl::rand::rand_bytes(&mut b).expect("the OS random source is available");
+    hex(&b)
+}
+
+fn check_id(id: &str) -> Result<()> {
+    if valid_device_id(id) {
+        Ok(())
+    } else {
+        Err(format!("invalid device id {id:?}: use 1-128 of A-Z a-z 0-9 _ . - (not . or ..)"))
+    }
+}
+
+fn check_secret(s: &str) -> Result<()> {
+    if s.is_empty() {
+        return Err("the secret is empty".into());
+    }
+    if s.len() < 16 {
+        return Err(
+            "the secret is shorter than 16 characters; use the default random secret".into()
+        );
+    }
+    Ok(())
+}
+
+fn exists(c: &Connection, id: &str) -> Result<bool> {
+    c.query_row("SELECT 1 FROM devices WHERE device_id = ?1", [id], |_| Ok(()))
+        .optional()
+        .map(|o| o.is_some())
+        .map_err(|e| e.to_string())
+}
+
+fn must_exist(c: &Connection, id: &str) -> Result<()> {
+    if exists(c, id)? {
+        Ok(())
+    } else {
+        Err(format!("no device {id:?} in the registry"))
+    }
+}
+
+/// Issues and writes a device's certificate; returns the paths written.
+fn issue_cert(dir: &GwDir, ca: &pki::Issued, id: &str, days: u32) -> Result<()> {
+    let cert = pki::issue(ca, id, Role::Client, &[], days).map_err(|e| e.to_string())?;
+    fs::create_dir_all(dir.root.join("devices")).map_err(|e| e.to_string())?;
+    gwdir::write(&dir.device_key(id), &cert.key_pem(), 0o600)?;
+    gwdir::write(&dir.device_cert(id), &cert.cert_pem(), 0o644)
+}
+
+fn remove_cert(dir: &GwDir, id: &str) {
+    let _ = fs::remove_file(dir.device_cert(id));
+    let _ = fs::remove_file(dir.device_key(id));
+}
+
+/// `device add`: registers `id`, issues its certificate, returns its secret (shown once).
+pub fn add(dir: &GwDir, id: &str, secret: Option<&str>, days: u32) -> Result<String> {
+    check_id(id)?;
+    if let Some(s) = secret {
+        check_secret(s)?;
+    }
+    let c = dir.open_db()?;
+    if exists(&c, id)? {
+        return Err(format!("device {id:?} already exists"));
+    }
+    let ca = dir.load_ca()?;
+    let secret = secret.map(str::to_owned).unwrap_or_else(random_secret);
+    issue_cert(dir, &ca, id, days)?;
+    if let Err(e) = c.execute(
+        "INSERT INTO devices (device_id, shared_secret, created_at, enabled) VALUES (?1, ?2, ?3, 1)",
+        params![id, secret, unix_now()],
+    ) {
+        remove_cert(dir, id);
+        return Err(format!("cannot add {id:?}: {e}"));
+    }
+    Ok(secret)
+}
+
+/// One registry row, without its secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub id: String,
+    pub enabled: bool,
+    pub created_at: i64,
+    pub previous_until: Option<i64>,
+    pub has_cert: bool,
+}
+
+fn info(dir: &GwDir, r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceInfo> {
+    let id: String = r.get(0)?;
+    Ok(DeviceInfo {
+        has_cert: dir.device_cert(&id).exists(),
+        id,
+        enabled: r.get::<_, i64>(1)? != 0,
+        created_at: r.get(2)?,
+        previous_until: r.get(3)?,
+    })
+}
+
+pub fn list(dir: &GwDir) -> Result<Vec<DeviceInfo>> {
+    let c = dir.open_db()?;
+    let mut s = c
+        .prepare("SELECT device_id, enabled, created_at, previous_secret_expires_at FROM devices ORDER BY device_id")
+        .map_err(|e| e.to_string())?;
+    let rows = s.query_map([], |r| info(dir, r)).map_err(|e| e.to_string())?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| e.to_string())
+}
+
+/// `device show`: the row, and the secret only when asked.
+pub fn show(dir: &GwDir, id: &str, with_secret: bool) -> Result<(DeviceInfo, Option<String>)> {
+    check_id(id)?;
+    let c = dir.open_db()?;
+    let row = c
+        .query_row(
+            "SELECT device_id, enabled, created_at, previous_secret_expires_at, shared_secret FROM devices WHERE device_id = ?1",
+            [id],
+            |r| Ok((info(dir, r)?, r.get::<_, String>(4)?)),
+        )
+        .optional()
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no device {id:?} in the registry"))?;
+    Ok((row.0, with_secret.then_some(row.1)))
+}
+
+/// The current secret of `id` (for `sign` and the simulator).
+pub fn secret_of(dir: &GwDir, id: &str) -> Result<String> {
+    Ok(show(dir, id, true)?.1.unwrap_or_default())
+}
+
+pub fn set_enabled(dir: &GwDir, id: &str, enabled: bool) -> Result<()> {
+    check_id(id)?;
+    let c = dir.open_db()?;
+    must_exist(&c, id)?;
+    c.execute("UPDATE devices SET enabled = ?2 WHERE device_id = ?1", params![id, enabled as i64])
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+pub fn remove(dir: &GwDir, id: &str) -> Result<()> {
+    check_id(id)?;
+    let c = dir.open_db()?;
+    must_exist(&c, id)?;
+    c.execute("DELETE FROM devices WHERE device_id = ?1", [id]).map_err(|e| e.to_string())?;
+    remove_cert(dir, id);
+    Ok(())
+}
+
+/// `device rotate-secret`: a new current secret; the old one keeps working for `grace_s`.
+pub fn rotate(
+    dir: &GwDir,
+    id: &str,
+    new_secret: Option<&str>,
+    grace_s: i64,
+) -> Result<(String, i64)> {
+    check_id(id)?;
+    if let Some(s) = new_secret {
+        check_secret(s)?;
+    }
+    if grace_s < 0 {
+        return Err("the grace period cannot be negative".into());
+    }
+    let c = dir.open_db()?;
+    must_exist(&c, id)?;
+    let secret = new_secret.map(str::to_owned).unwrap_or_else(random_secret);
+    let until = unix_now() + grace_s;
+    c.execute(
+        "UPDATE devices SET previous_secret = shared_secret, previous_secret_expires_at = ?2, shared_secret = ?3 WHERE device_id = ?1",
+        params![id, until, secret],
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((secret, until))
+}
+
+/// `device import FILE`: lines of `device_id[,secret]` (blank lines and `#` comments ignored).
+/// All or nothing: every line is checked before anything is written.
+pub fn import(dir: &GwDir, text: &str, days: u32) -> Result<Vec<(String, String)>> {
+    let mut wanted: Vec<(String, Option<String>)> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (id, secret) = match line.split_once(',') {
+            Some((i, s)) => (i.trim(), Some(s.trim().to_string())),
+            None => (line, None),
+        };
+        check_id(id).map_err(|e| format!("line {}: {e}", n + 1))?;
+        if let Some(s) = &secret {
+            check_secret(s).map_err(|e| format!("line {}: {e}", n + 1))?;
+        }
+        if wanted.iter().any(|(w, _)| w == id) {
+            return Err(format!("line {}: device {id:?} appears twice in the file", n + 1));
+        }
+        wanted.push((id.to_string(), secret));
+    }
+    if wanted.is_empty() {
+        return Err("the file lists no device".into());
+    }
+    let mut c = dir.open_db()?;
+    for (id, _) in &wanted {
+        if exists(&c, id)? {
+            return Err(format!("device {id:?} already exists; nothing was imported"));
+        }
+    }
+    let ca = dir.load_ca()?;
+    let now = unix_now();
+    let tx = c.transaction().map_err(|e| e.to_string())?;
+    let mut done: Vec<(String, String)> = Vec::new();
+    for (id, secret) in wanted {
+        let secret = secret.unwrap_or_else(random_secret);
+        let r = issue_cert(dir, &ca, &id, days).and_then(|_| {
+            tx.execute(
+                "INSERT INTO devices (device_id, shared_secret, created_at, enabled) VALUES (?1, ?2, ?3, 1)",
+                params![id, secret, now],
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        });
+        if let Err(e) = r {
+            remove_cert(dir, &id);
+            for (d, _) in &done {
+                remove_cert(dir, d);
+            }
+            return Err(format!("cannot import {id:?}: {e}; nothing was imported"));
+        }
+        done.push((id, secret));
+    }
+    tx.commit().map_err(|e| {
+        for (d, _) in &done {
+            remove_cert(dir, d);
+        }
+        format!("cannot commit the import: {e}; nothing was imported")
+    })?;
+    Ok(done)
+}
