@@ -14,7 +14,7 @@ pub const DEFAULT_REPLAY_CACHE_SIZE: usize = 1000;
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 65536;
 pub const DEFAULT_BACKEND_URL: &str = "http://localhost:5000/device/{device_id}/data";
 pub const DEFAULT_WORKERS: usize = 4;
-pub const DEFAULT_SPOOL_PATH: &str = "/var/lib/secure-iot-gateway/outbox.db";
+pub const DEFAULT_SPOOL_PATH: &str = "/var/lib/secure-iot-gateway/outbox";
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
 pub const DEFAULT_HTTP_TIMEOUT_MS: u64 = 5000;
 /// Largest envelope the plugin will parse (Mosquitto's own `message_size_limit` may be lower).

@@ -14,7 +14,7 @@ use crate::store::QueuedMessage;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::io::Read;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -72,15 +72,22 @@ struct Shared {
 /// The worker pool.
 pub struct Forwarder {
     lanes: Vec<SyncSender<QueuedMessage>>,
+    /// Messages sitting in each lane (so the broker thread never reads the outbox for nothing).
+    depth: Vec<Arc<AtomicUsize>>,
     handles: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
 }
 
-/// Where a device's messages go: a stable lane index.
-pub fn lane_of(device: &str, lanes: usize) -> usize {
+/// A stable hash of a device id (SipHash with fixed keys: the same in every run).
+pub fn device_hash(device: &str) -> u64 {
     let mut h = DefaultHasher::new();
     device.hash(&mut h);
-    (h.finish() % lanes as u64) as usize
+    h.finish()
+}
+
+/// Where a device's messages go: a stable lane index.
+pub fn lane_of(device: &str, lanes: usize) -> usize {
+    (device_hash(device) % lanes as u64) as usize
 }
 
 /// The backend URL for `device`: the template with `{device_id}` percent-encoded.
@@ -207,12 +214,16 @@ impl Forwarder {
             stats: ForwardStats::default(),
         });
         let mut lanes = Vec::new();
+        let mut depth = Vec::new();
         let mut handles = Vec::new();
         for i in 0..cfg.workers {
             let (tx, rx) = std::sync::mpsc::sync_channel(LANE_CAPACITY);
             lanes.push(tx);
+            let d = Arc::new(AtomicUsize::new(0));
+            depth.push(d.clone());
             let worker = Worker {
                 rx,
+                depth: d,
                 agent: agent.clone(),
                 template: cfg.url_template.clone(),
                 shared: shared.clone(),
@@ -224,7 +235,7 @@ impl Forwarder {
                 .map_err(|e| format!("cannot start worker thread: {e}"))?;
             handles.push(h);
         }
-        Ok(Forwarder { lanes, handles, shared })
+        Ok(Forwarder { lanes, depth, handles, shared })
     }
 
     pub fn lanes(&self) -> usize {
@@ -235,9 +246,17 @@ impl Forwarder {
     pub fn try_dispatch(&self, m: QueuedMessage) -> Result<(), QueuedMessage> {
         let lane = lane_of(&m.device_id, self.lanes.len());
         match self.lanes[lane].try_send(m) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.depth[lane].fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
             Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => Err(m),
         }
+    }
+
+    /// Free places in one lane.
+    pub fn lane_free(&self, lane: usize) -> usize {
+        self.depth.get(lane).map_or(0, |d| LANE_CAPACITY.saturating_sub(d.load(Ordering::Relaxed)))
     }
 
     /// Takes the finished results (broker thread).
@@ -277,6 +296,7 @@ impl Drop for Forwarder {
 
 struct Worker {
     rx: Receiver<QueuedMessage>,
+    depth: Arc<AtomicUsize>,
     agent: ureq::Agent,
     template: String,
     shared: Arc<Shared>,
@@ -314,7 +334,10 @@ impl Worker {
     fn run(self) {
         while !self.stopping() {
             let m = match self.rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(m) => m,
+                Ok(m) => {
+                    self.depth.fetch_sub(1, Ordering::Relaxed);
+                    m
+                }
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
             };

@@ -13,7 +13,8 @@ use crate::forward::{Done, Forwarder};
 use crate::json::{self, Json};
 use crate::registry::Registry;
 use crate::replay::{self, ReplayCache, ReplayCheck};
-use crate::store::{AppendError, Checkpointer, QueuedMessage, Store};
+use crate::store::{AppendError, QueuedMessage, Store, Syncer};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -141,7 +142,6 @@ impl Stats {
 
 const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 const STATS_INTERVAL: Duration = Duration::from_secs(60);
-const PAGE: usize = 256;
 
 /// All per-instance state, owned by the broker thread.
 pub struct Gateway {
@@ -150,10 +150,9 @@ pub struct Gateway {
     replay: ReplayCache,
     store: Store,
     forwarder: Option<Forwarder>,
-    /// Highest outbox id handed to a worker.
-    dispatched_up_to: i64,
-    /// Outbox rows beyond `dispatched_up_to` wait on disk (a lane was full).
-    spilling: bool,
+    /// Per lane, the ids of accepted messages waiting on disk because the lane was full, oldest
+    /// first. While a lane has any, its new messages queue behind them (per-device order).
+    spilled: Vec<VecDeque<i64>>,
     stats: Stats,
     logged_stats: Stats,
     last_prune: Instant,
@@ -171,9 +170,9 @@ impl Stoppable for crate::registry::Watcher {
         crate::registry::Watcher::stop(self)
     }
 }
-impl Stoppable for Checkpointer {
+impl Stoppable for Syncer {
     fn stop(&mut self) {
-        Checkpointer::stop(self)
+        Syncer::stop(self)
     }
 }
 
@@ -220,9 +219,9 @@ impl Gateway {
         let watcher =
             registry.watch().map_err(|e| format!("cannot start the registry watcher: {e}"))?;
         background.push(Box::new(watcher));
-        let checkpointer = Checkpointer::start(store.path())
-            .map_err(|e| format!("cannot start the checkpointer: {e}"))?;
-        background.push(Box::new(checkpointer));
+        let syncer =
+            store.start_syncer().map_err(|e| format!("cannot start the outbox syncer: {e}"))?;
+        background.push(Box::new(syncer));
         let forwarder = match &cfg.backend {
             Some(b) => Some(
                 Forwarder::start(b, wake)
@@ -231,14 +230,21 @@ impl Gateway {
             None => None,
         };
         let now_i = Instant::now();
+        let lanes = forwarder.as_ref().map_or(0, Forwarder::lanes);
+        let mut spilled = vec![VecDeque::new(); lanes];
+        if lanes > 0 {
+            // The backlog of the last run goes first, in its original order, lane by lane.
+            for (id, hash) in store.pending_index() {
+                spilled[(hash % lanes as u64) as usize].push_back(id);
+            }
+        }
         let mut gw = Gateway {
-            spilling: forwarder.is_some(),
+            spilled,
             cfg,
             registry,
             replay,
             store,
             forwarder,
-            dispatched_up_to: 0,
             stats: Stats::default(),
             logged_stats: Stats::default(),
             last_prune: now_i,
@@ -258,6 +264,11 @@ impl Gateway {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// What recovering the outbox found (torn or corrupt records), for the start-up log.
+    pub fn recovery_warnings(&self) -> &[String] {
+        &self.store.warnings
     }
 
     /// One line describing the running instance, for the start-up log.
@@ -463,30 +474,32 @@ impl Gateway {
         let expires_at = env.timestamp.saturating_add(tol);
         let row = self
             .store
-            .append(device, env.message_id(), &digest, expires_at, forward_payload.as_deref(), now)
+            .append(device, env.message_id(), expires_at, forward_payload.as_deref(), now)
             .map_err(|e| {
                 let detail = e.to_string();
                 let op = match e {
                     AppendError::Full { .. } => OpRejection { reason: None, detail },
-                    AppendError::Db(_) => {
+                    AppendError::Io(_) => {
                         OpRejection { reason: None, detail: format!("internal: {detail}") }
                     }
                 };
                 (op, mid())
             })?;
         self.replay.record(device, digest, expires_at);
-        if let (Some(id), Some(payload), Some(fwd)) = (row, forward_payload, &self.forwarder) {
-            if !self.spilling {
+        if let (Some(payload), Some(fwd)) = (forward_payload, &self.forwarder) {
+            let lane = crate::forward::lane_of(device, fwd.lanes());
+            if self.spilled[lane].is_empty() {
                 let m = QueuedMessage {
-                    id,
+                    id: row,
                     device_id: device.to_string(),
                     message_id: env.message_id().to_string(),
                     payload,
                 };
-                match fwd.try_dispatch(m) {
-                    Ok(()) => self.dispatched_up_to = id,
-                    Err(_) => self.spilling = true,
+                if fwd.try_dispatch(m).is_err() {
+                    self.spilled[lane].push_back(row);
                 }
+            } else {
+                self.spilled[lane].push_back(row);
             }
         }
         Ok((device.to_string(), env.message_id().to_string()))
@@ -602,30 +615,34 @@ impl Gateway {
         }
     }
 
-    /// Hands waiting outbox rows to the lanes, oldest first, while they have room.
+    /// Hands spilled messages to their lanes, oldest first, as the lanes free up. Each spilled
+    /// message is read from disk exactly once; a full lane never holds up the others.
     fn refill_lanes(&mut self, host: &mut dyn Host) {
         let Some(fwd) = &self.forwarder else { return };
-        while self.spilling {
-            let rows = match self.store.pending_after(self.dispatched_up_to, PAGE) {
-                Ok(r) => r,
-                Err(e) => {
-                    host.log(
-                        Level::Error,
-                        &format!("secure-iot-gateway: cannot read the outbox: {e}"),
-                    );
-                    return;
+        for (lane, queue) in self.spilled.iter_mut().enumerate() {
+            let mut room = fwd.lane_free(lane);
+            while room > 0 {
+                let Some(&id) = queue.front() else { break };
+                match self.store.read(id) {
+                    Ok(Some(m)) => {
+                        if fwd.try_dispatch(m).is_err() {
+                            break;
+                        }
+                        room -= 1;
+                    }
+                    // Settled meanwhile (e.g. delivered before a restart): nothing to send.
+                    Ok(None) => {}
+                    Err(e) => {
+                        host.log(
+                            Level::Error,
+                            &format!(
+                                "secure-iot-gateway: cannot read message {id} from the outbox: {e}"
+                            ),
+                        );
+                        break;
+                    }
                 }
-            };
-            let full_page = rows.len() == PAGE;
-            for m in rows {
-                let id = m.id;
-                if fwd.try_dispatch(m).is_err() {
-                    return;
-                }
-                self.dispatched_up_to = id;
-            }
-            if !full_page {
-                self.spilling = false;
+                queue.pop_front();
             }
         }
     }

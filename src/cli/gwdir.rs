@@ -5,7 +5,7 @@
 //! DIR/broker.pem broker.key    the broker's TLS identity (key 0600, owned by the broker user)
 //! DIR/devices.db               the registry (0600, owned by the broker user: it holds secrets)
 //! DIR/devices/ID.pem ID.key    each device's certificate and key (0600)
-//! DIR/state/outbox.db          the plugin's outbox and replay state (dir 0700, broker user)
+//! DIR/state/outbox/            the plugin's outbox log and replay state (dir 0700, broker user)
 //! DIR/acl                      acl_file for service identities and certificate-less clients
 //! DIR/mosquitto.conf           a complete mutual-TLS configuration with absolute paths
 //! ```
@@ -172,7 +172,7 @@ impl GwDir {
             acl = r("acl"),
             plugin = o.plugin.display(),
             db = r("devices.db"),
-            spool = r("state/outbox.db"),
+            spool = r("state/outbox"),
             backend = o.backend_url,
         )
     }

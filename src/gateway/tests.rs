@@ -43,7 +43,7 @@ fn gateway(dir: &Path, extra: &[(&str, &str)]) -> Gateway {
 
 fn gateway_with(dir: &Path, devices: &[(&str, &str)], extra: &[(&str, &str)]) -> Gateway {
     let db = registry(dir, devices);
-    let spool = dir.join("outbox.db");
+    let spool = dir.join("outbox");
     let mut opts = vec![
         ("db_path".to_string(), db.display().to_string()),
         ("spool_path".to_string(), spool.display().to_string()),
@@ -159,7 +159,7 @@ fn every_invalid_vector_is_rejected_with_its_reason() {
 fn gateway_reopen(dir: &Path) -> Gateway {
     let opts = [
         ("db_path".to_string(), dir.join("devices.db").display().to_string()),
-        ("spool_path".to_string(), dir.join("outbox.db").display().to_string()),
+        ("spool_path".to_string(), dir.join("outbox").display().to_string()),
         ("backend_url".to_string(), "none".to_string()),
     ];
     let cfg = Config::from_opts(opts.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();

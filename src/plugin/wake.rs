@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 static USERS: AtomicUsize = AtomicUsize::new(0);
+
 static OLD_ACTION: Mutex<Option<libc::sigaction>> = Mutex::new(None);
 
 extern "C" fn on_signal(_: libc::c_int) {}

@@ -286,15 +286,15 @@ fn backend_400_is_dead_lettered_and_the_device_gets_status_400() {
         "{}",
         broker.log()
     );
-    let db = rusqlite::Connection::open(env.path().join("outbox.db")).unwrap();
-    let (n, status): (i64, i64) = db
-        .query_row("SELECT COUNT(*), MAX(status) FROM dead_letter", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .unwrap();
-    assert_eq!((n, status), (1, 400));
-    let pending: i64 = db.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0)).unwrap();
-    assert_eq!(pending, 0);
+    let dl = std::fs::read_to_string(env.path().join("outbox/dead_letters.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> =
+        dl.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 1, "{dl}");
+    assert_eq!(
+        (rows[0]["status"].as_u64(), rows[0]["message_id"].as_str()),
+        (Some(400), Some(mid.as_str()))
+    );
+    assert!(rows[0]["body"].as_str().is_some_and(|b| b.contains("status")), "{dl}");
 }
 
 #[test]
@@ -381,8 +381,7 @@ fn sigterm_with_a_full_outbox_exits_cleanly_and_delivers_after_restart() {
     assert_eq!(broker.stop(), Some(0), "{}", broker.log());
     eprintln!("SIGTERM to exit with a backlog: {:?}", stopped.elapsed());
     assert!(broker.log().contains("every worker joined"), "{}", broker.log());
-    let db = rusqlite::Connection::open(env.path().join("outbox.db")).unwrap();
-    let pending: i64 = db.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0)).unwrap();
+    let (pending, _) = secure_iot_gateway::store::inspect(&env.path().join("outbox")).unwrap();
     assert_eq!(pending, 20);
     let sink = Sink::start(sink_port);
     let broker = start_on(&env, bport, &backend_opts(sink_port));

@@ -121,7 +121,7 @@ pub fn write_conf(env: &Env, port: u16, opts: &[(&str, &str)]) -> PathBuf {
         acl = p.join("acl").display(),
         so = plugin_path().display(),
         db = p.join("devices.db").display(),
-        spool = p.join("outbox.db").display(),
+        spool = p.join("outbox").display(),
     );
     if !opts.iter().any(|(k, _)| *k == "backend_url") {
         conf.push_str("plugin_opt_backend_url none\n");
