@@ -7,10 +7,10 @@ DOC_DIR    ?= $(PREFIX)/share/doc/secure-iot-gateway
 CARGO      ?= cargo
 # Debian packages the build, the tests and the demo need.
 APT_PKGS   := mosquitto mosquitto-clients mosquitto-dev libmosquitto-dev libclang-dev clang \
-              libssl-dev libsqlite3-dev pkg-config ca-certificates
+              libssl-dev libsqlite3-dev pkg-config ca-certificates dpkg-dev python3
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps build test lint unit integration demo install uninstall deb bench clean
+.PHONY: all deps build test lint demo install uninstall deb deb-test bench clean
 
 all: build
 
@@ -31,10 +31,12 @@ lint: deps
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-# Unit tests (pure core) and integration tests (real mosquitto + mutual TLS) in one run.
+# Unit tests (pure core), integration tests (real mosquitto + mutual TLS), then the .deb
+# installed into the system mosquitto (root only; it removes itself afterwards).
 test: deps lint
 	$(CARGO) build --all-targets
 	$(CARGO) test --all-targets
+	./scripts/test-deb.sh
 
 demo: deps
 	$(CARGO) build --release
@@ -54,9 +56,13 @@ uninstall:
 deb: deps
 	./scripts/build-deb.sh
 
+deb-test: deps
+	./scripts/test-deb.sh
+
 bench: deps
 	$(CARGO) bench --bench validate
-	./scripts/bench-e2e.sh
+	$(CARGO) run --release --example registry_scale
+	./scripts/bench-e2e.sh 16 2500
 
 clean:
 	$(CARGO) clean

@@ -5,7 +5,11 @@ use std::time::Instant;
 
 fn rss_kb() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn main() {
@@ -18,7 +22,11 @@ fn main() {
         let tx = c.transaction().unwrap();
         for i in 0..n {
             // 64-hex-character secrets, as `iotgw device add` makes them.
-            tx.execute("INSERT INTO devices (device_id, shared_secret, created_at) VALUES (?1, ?2, 0)", [format!("sensor_{i:07}"), format!("{:064x}", i)]).unwrap();
+            tx.execute(
+                "INSERT INTO devices (device_id, shared_secret, created_at) VALUES (?1, ?2, 0)",
+                [format!("sensor_{i:07}"), format!("{:064x}", i)],
+            )
+            .unwrap();
         }
         tx.commit().unwrap();
     }
