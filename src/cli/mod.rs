@@ -15,9 +15,29 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
 
+const AFTER_HELP: &str = "\
+Getting started:
+  iotgw init /etc/secure-iot-gateway --host mqtt.example.com
+  iotgw device add sensor_001 --dir /etc/secure-iot-gateway
+  mosquitto -c /etc/secure-iot-gateway/mosquitto.conf
+  iotgw sign --device sensor_001 --payload '{\"temperature\":22.5}' --dir /etc/secure-iot-gateway \\
+    | mosquitto_pub -h localhost -p 8883 --cafile ca.pem --cert devices/sensor_001.pem \\
+        --key devices/sensor_001.key -t device/sensor_001/data -s
+
+Files in a gateway directory (made by `init`):
+  ca.pem ca.key            the CA (ca.key never leaves this machine)
+  broker.pem broker.key    the broker's certificate and key
+  devices.db               the device registry (holds secrets; mode 0600)
+  devices/ID.pem ID.key    each device's certificate and key
+  state/outbox/            the plugin's outbox log and dead_letters.jsonl
+  acl, mosquitto.conf      broker configuration with absolute paths
+
+Exit status: 0 success, 1 error (message on stderr), 2 simulate saw an unexpected verdict.
+Documentation: /usr/share/doc/secure-iot-gateway/ (README.md, mosquitto.conf.example).";
+
 /// Operate a secure-iot-gateway: PKI, device registry, signing, simulation, demo backend.
 #[derive(Parser, Debug)]
-#[command(name = "iotgw", version, about, long_about = None)]
+#[command(name = "iotgw", version, about, long_about = None, after_help = AFTER_HELP)]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
@@ -63,6 +83,7 @@ pub enum Cmd {
     },
     /// Print a signed envelope for a device (for mosquitto_pub by hand).
     Sign {
+        /// The device id (envelope device_id).
         #[arg(long)]
         device: String,
         /// The payload, as JSON.
@@ -71,6 +92,7 @@ pub enum Cmd {
         /// The secret; by default it is read from the registry in --dir.
         #[arg(long)]
         secret: Option<String>,
+        /// The gateway directory (for the registry).
         #[arg(long, short = 'd', default_value = ".")]
         dir: PathBuf,
         /// Default: a fresh UUID v4.
@@ -85,21 +107,27 @@ pub enum Cmd {
     },
     /// Check an envelope's structure and signature (from the argument or standard input).
     Verify {
+        /// The envelope JSON; read from standard input when absent.
         envelope: Option<String>,
+        /// The secret; by default the device's, from the registry in --dir.
         #[arg(long)]
         secret: Option<String>,
+        /// The gateway directory (for the registry).
         #[arg(long, short = 'd', default_value = ".")]
         dir: PathBuf,
     },
     /// Run simulated devices against a gateway.
     Simulate {
+        /// The gateway directory (certificates, CA, secrets).
         #[arg(long, short = 'd', default_value = ".")]
         dir: PathBuf,
         /// Device ids (must exist in the registry, with certificates in DIR/devices). Repeatable.
         #[arg(long = "device", required = true)]
         devices: Vec<String>,
+        /// Broker host name (must match the broker certificate).
         #[arg(long, default_value = "localhost")]
         host: String,
+        /// Broker TLS port.
         #[arg(long, default_value_t = 8883)]
         port: u16,
         /// Seconds between readings.
@@ -120,8 +148,10 @@ pub enum Cmd {
     },
     /// Run the demo HTTP backend.
     Backend {
+        /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:5000")]
         listen: String,
+        /// Request handler threads.
         #[arg(long, default_value_t = 4)]
         threads: usize,
         /// Do not print each request.
@@ -129,17 +159,22 @@ pub enum Cmd {
         quiet: bool,
     },
     /// Validate the plugin options of a mosquitto.conf without starting the broker.
-    CheckConfig { file: PathBuf },
+    CheckConfig {
+        /// A mosquitto.conf that loads the plugin.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum DeviceCmd {
     /// Register a device and issue its certificate; prints its secret once.
     Add {
+        /// Device id: 1-128 of A-Z a-z 0-9 _ . - (the certificate CN).
         id: String,
-        /// Default: 32 random bytes, hex.
+        /// The shared secret (at least 16 characters). Default: 32 random bytes, hex.
         #[arg(long)]
         secret: Option<String>,
+        /// Certificate lifetime in days.
         #[arg(long, default_value_t = 825)]
         days: u32,
     },
@@ -147,6 +182,7 @@ pub enum DeviceCmd {
     List,
     /// Show one device.
     Show {
+        /// Device id.
         id: String,
         /// Also print the secret.
         #[arg(long)]
@@ -165,16 +201,20 @@ pub enum DeviceCmd {
     },
     /// New secret; the old one keeps working for the grace period, then stops.
     RotateSecret {
+        /// Device id.
         id: String,
-        /// e.g. 24h, 90m, 3600s, 2d.
+        /// How long the old secret keeps working: e.g. 24h, 90m, 3600s, 2d.
         #[arg(long, default_value = "24h")]
         grace: String,
+        /// The new secret. Default: 32 random bytes, hex.
         #[arg(long)]
         secret: Option<String>,
     },
     /// Add many devices from a file of `device_id[,secret]` lines; all or nothing.
     Import {
+        /// Lines of `device_id` or `device_id,secret`; blank lines and # comments are skipped.
         file: PathBuf,
+        /// Certificate lifetime in days.
         #[arg(long, default_value_t = 825)]
         days: u32,
     },

@@ -31,7 +31,16 @@ pub struct Sink {
 
 impl Sink {
     pub fn start(port: u16) -> Sink {
-        let server = Arc::new(tiny_http::Server::http(("127.0.0.1", port)).unwrap());
+        Self::serve(Arc::new(tiny_http::Server::http(("127.0.0.1", port)).unwrap()), port)
+    }
+
+    /// The same sink over TLS, with this certificate and key.
+    pub fn start_https(port: u16, cert: Vec<u8>, key: Vec<u8>) -> Sink {
+        let ssl = tiny_http::SslConfig { certificate: cert, private_key: key };
+        Self::serve(Arc::new(tiny_http::Server::https(("127.0.0.1", port), ssl).unwrap()), port)
+    }
+
+    fn serve(server: Arc<tiny_http::Server>, port: u16) -> Sink {
         let received = Arc::new(Mutex::new(Vec::new()));
         let script = Arc::new(Mutex::new(VecDeque::new()));
         let hang = Arc::new(AtomicBool::new(false));
@@ -388,4 +397,44 @@ fn sigterm_with_a_full_outbox_exits_cleanly_and_delivers_after_restart() {
     assert!(broker.log().contains("(20 pending)"), "{}", broker.log());
     let got = sink.wait_for(20, Duration::from_secs(30));
     assert_eq!(got.len(), 20, "{}", broker.log());
+}
+
+#[test]
+fn https_backend_is_trusted_through_backend_ca_file_only() {
+    let env = Env::new();
+    let server = secure_iot_gateway::pki::issue(
+        &env.ca,
+        "backend",
+        secure_iot_gateway::pki::Role::Server,
+        &["localhost", "127.0.0.1"],
+        1,
+    )
+    .unwrap();
+    let sink = Sink::start_https(free_port(), server.cert_pem(), server.key_pem());
+    let url = format!("https://localhost:{}/device/{{device_id}}/data", sink.port);
+    // Without the CA file the system trust store does not know our private CA: retried, not sent.
+    {
+        let broker = start(&env, &[("backend_url", url.clone())]);
+        let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
+        assert!(dev
+            .publish("device/sensor_001/data", 1, false, &signed("sensor_001", now(), &uid(), "{}"))
+            .is_ok());
+        assert!(
+            broker.wait_log("backend delivery failed", Duration::from_secs(10)),
+            "{}",
+            broker.log()
+        );
+        assert!(sink.delivered().is_empty());
+    }
+    let ca = env.path().join("ca.pem").display().to_string();
+    let broker = start(&env, &[("backend_url", url), ("backend_ca_file", ca)]);
+    // The message queued by the first broker is delivered by this one, then a new one too.
+    let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
+    let mid = uid();
+    assert!(dev
+        .publish("device/sensor_001/data", 1, false, &signed("sensor_001", now(), &mid, "{}"))
+        .is_ok());
+    let got = sink.wait_for(2, Duration::from_secs(15));
+    assert_eq!(got.len(), 2, "{}", broker.log());
+    assert_eq!(got[1].message_id, mid);
 }
