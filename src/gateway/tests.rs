@@ -80,6 +80,18 @@ fn send(
     gw.on_write(host, Identity::Device(who), topic.as_bytes(), payload, now)
 }
 
+/// sensor_001 sends a message signed with its own secret on its own topic.
+fn send1(gw: &mut Gateway, host: &mut FakeHost, ts: i64, mid: &str, now: i64) -> Verdict {
+    send(
+        gw,
+        host,
+        "sensor_001",
+        "device/sensor_001/data",
+        &sign(S1, "sensor_001", ts, mid, Json::Null),
+        now,
+    )
+}
+
 fn last_reason(host: &FakeHost) -> String {
     let line = &host.logs.last().unwrap().1;
     line.split("reason=").nth(1).unwrap().split(' ').next().unwrap().to_string()
@@ -172,51 +184,11 @@ fn timestamp_tolerance_is_inclusive_in_both_directions() {
     let mut gw = gateway(dir.path(), &[]);
     let mut h = FakeHost::default();
     let t = "device/sensor_001/data";
-    assert_eq!(
-        send(
-            &mut gw,
-            &mut h,
-            "sensor_001",
-            t,
-            &sign(S1, "sensor_001", NOW - 300, "a", Json::Null),
-            NOW
-        ),
-        Verdict::Allow
-    );
-    assert_eq!(
-        send(
-            &mut gw,
-            &mut h,
-            "sensor_001",
-            t,
-            &sign(S1, "sensor_001", NOW + 300, "b", Json::Null),
-            NOW
-        ),
-        Verdict::Allow
-    );
-    assert_eq!(
-        send(
-            &mut gw,
-            &mut h,
-            "sensor_001",
-            t,
-            &sign(S1, "sensor_001", NOW - 301, "c", Json::Null),
-            NOW
-        ),
-        Verdict::Deny
-    );
+    assert_eq!(send1(&mut gw, &mut h, NOW - 300, "a", NOW), Verdict::Allow);
+    assert_eq!(send1(&mut gw, &mut h, NOW + 300, "b", NOW), Verdict::Allow);
+    assert_eq!(send1(&mut gw, &mut h, NOW - 301, "c", NOW), Verdict::Deny);
     assert_eq!(last_reason(&h), "timestamp");
-    assert_eq!(
-        send(
-            &mut gw,
-            &mut h,
-            "sensor_001",
-            t,
-            &sign(S1, "sensor_001", NOW + 301, "d", Json::Null),
-            NOW
-        ),
-        Verdict::Deny
-    );
+    assert_eq!(send1(&mut gw, &mut h, NOW + 301, "d", NOW), Verdict::Deny);
     assert_eq!(last_reason(&h), "timestamp");
     // Extreme values must not overflow the arithmetic (checked before the signature).
     let extreme = format!(
@@ -261,31 +233,14 @@ fn replay_cap_reached_refuses_instead_of_forgetting() {
     let dir = tempfile::tempdir().unwrap();
     let mut gw = gateway(dir.path(), &[("replay_cache_size", "3")]);
     let mut h = FakeHost::default();
-    let t = "device/sensor_001/data";
     for i in 0..3 {
-        assert_eq!(
-            send(
-                &mut gw,
-                &mut h,
-                "sensor_001",
-                t,
-                &sign(S1, "sensor_001", NOW, &format!("m{i}"), Json::Null),
-                NOW
-            ),
-            Verdict::Allow
-        );
+        assert_eq!(send1(&mut gw, &mut h, NOW, &format!("m{i}"), NOW), Verdict::Allow);
     }
-    assert_eq!(
-        send(&mut gw, &mut h, "sensor_001", t, &sign(S1, "sensor_001", NOW, "m3", Json::Null), NOW),
-        Verdict::Deny
-    );
+    assert_eq!(send1(&mut gw, &mut h, NOW, "m3", NOW), Verdict::Deny);
     assert_eq!(last_reason(&h), "replay");
     assert!(h.logs.last().unwrap().1.contains("cache full"));
     // The first id is still refused as a replay: it was never forgotten.
-    assert_eq!(
-        send(&mut gw, &mut h, "sensor_001", t, &sign(S1, "sensor_001", NOW, "m0", Json::Null), NOW),
-        Verdict::Deny
-    );
+    assert_eq!(send1(&mut gw, &mut h, NOW, "m0", NOW), Verdict::Deny);
     // Other devices are unaffected.
     assert_eq!(
         send(
@@ -475,10 +430,7 @@ fn disabled_device_is_refused_after_a_registry_snapshot() {
     let mut gw = gateway(dir.path(), &[]);
     let mut h = FakeHost::default();
     let t = "device/sensor_001/data";
-    assert_eq!(
-        send(&mut gw, &mut h, "sensor_001", t, &sign(S1, "sensor_001", NOW, "a", Json::Null), NOW),
-        Verdict::Allow
-    );
+    assert_eq!(send1(&mut gw, &mut h, NOW, "a", NOW), Verdict::Allow);
     let c = Connection::open(dir.path().join("devices.db")).unwrap();
     crate::registry::migrate(&c).unwrap();
     c.execute("UPDATE devices SET enabled = 0 WHERE device_id = 'sensor_001'", []).unwrap();
