@@ -2,7 +2,6 @@
 //! missing required key or bad value is an error that names the key and the value, and the
 //! broker refuses to start.
 
-use crate::envelope::valid_device_id;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -315,11 +314,6 @@ impl Config {
     /// Is `identity` a named service (not a device)?
     pub fn is_service(&self, identity: &str) -> bool {
         self.service_identities.iter().any(|s| s == identity)
-    }
-
-    /// Is `id` usable as a device identity at all?
-    pub fn is_device_id(id: &str) -> bool {
-        valid_device_id(id)
     }
 }
 

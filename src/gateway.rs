@@ -474,7 +474,7 @@ impl Gateway {
         let expires_at = env.timestamp.saturating_add(tol);
         let row = self
             .store
-            .append(device, env.message_id(), expires_at, forward_payload.as_deref(), now)
+            .append(device, env.message_id(), expires_at, forward_payload.as_deref())
             .map_err(|e| {
                 let detail = e.to_string();
                 let op = match e {

@@ -402,7 +402,6 @@ impl Store {
         message_id: &str,
         expires_at: i64,
         payload: Option<&[u8]>,
-        _now: i64,
     ) -> Result<i64, AppendError> {
         if let Some(p) = payload {
             self.check_room(device, message_id, p.len())?;
@@ -662,8 +661,8 @@ mod tests {
         let p = dir.path().join("outbox");
         {
             let mut s = Store::open(&p, 1 << 20).unwrap();
-            assert_eq!(s.append("d1", "m1", 1300, Some(b"{}"), 1000).unwrap(), 1);
-            s.append("d1", "m2", 900, None, 1000).unwrap();
+            assert_eq!(s.append("d1", "m1", 1300, Some(b"{}")).unwrap(), 1);
+            s.append("d1", "m2", 900, None).unwrap();
         }
         let s = Store::open(&p, 1 << 20).unwrap();
         let pending = s.pending_after(0, 10).unwrap();
@@ -681,8 +680,8 @@ mod tests {
     fn cap_refuses_new_messages_and_keeps_old_ones() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path(), 200).unwrap();
-        s.append("d", "m1", 10, Some(&[b'x'; 100]), 0).unwrap();
-        let e = s.append("d", "m2", 10, Some(&[b'x'; 100]), 0).unwrap_err();
+        s.append("d", "m1", 10, Some(&[b'x'; 100])).unwrap();
+        let e = s.append("d", "m2", 10, Some(&[b'x'; 100])).unwrap_err();
         assert!(matches!(e, AppendError::Full { .. }), "{e}");
         assert_eq!(s.pending_count().unwrap(), 1);
         drop(s);
@@ -696,7 +695,7 @@ mod tests {
         {
             let mut s = Store::open(dir.path(), 1 << 20).unwrap();
             for m in ["a", "b", "c"] {
-                s.append("d", m, 10, Some(b"1"), 0).unwrap();
+                s.append("d", m, 10, Some(b"1")).unwrap();
             }
             let rows = s.pending_after(0, 10).unwrap();
             s.settle(&[&rows[0]], &[(&rows[1], 400, b"bad".as_slice())], 5).unwrap();
@@ -723,8 +722,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut s = Store::open(dir.path(), 1 << 20).unwrap();
-            s.append("d", "whole", 10, Some(b"1"), 0).unwrap();
-            s.append("d", "torn", 10, Some(b"2"), 0).unwrap();
+            s.append("d", "whole", 10, Some(b"1")).unwrap();
+            s.append("d", "torn", 10, Some(b"2")).unwrap();
         }
         let seg = seg_path(dir.path(), 1);
         let len = std::fs::metadata(&seg).unwrap().len();
@@ -734,7 +733,7 @@ mod tests {
         let p = s.pending_after(0, 10).unwrap();
         assert_eq!(p.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(), ["whole"]);
         // Appending continues cleanly after the cut, with a fresh id.
-        assert_eq!(s.append("d", "next", 10, Some(b"3"), 0).unwrap(), 2);
+        assert_eq!(s.append("d", "next", 10, Some(b"3")).unwrap(), 2);
         drop(s);
         let s = Store::open(dir.path(), 1 << 20).unwrap();
         assert!(s.warnings.is_empty());
@@ -749,7 +748,7 @@ mod tests {
         // Enough to fill more than one segment.
         let n = (SEGMENT_BYTES / (1 << 20)) + 8;
         for i in 0..n {
-            s.append("d", &format!("m{i}"), 100, Some(&big), 0).unwrap();
+            s.append("d", &format!("m{i}"), 100, Some(&big)).unwrap();
         }
         assert!(s.segments.len() >= 2);
         assert_eq!(s.prune_seen(1000).unwrap(), 0, "pending messages keep their segment");
@@ -774,7 +773,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path(), 1 << 20).unwrap();
         let mut y = s.start_syncer().unwrap();
-        s.append("d", "m", 10, Some(b"1"), 0).unwrap();
+        s.append("d", "m", 10, Some(b"1")).unwrap();
         y.stop();
     }
 }

@@ -216,8 +216,3 @@ pub fn is_root() -> bool {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
 }
-
-/// After the CLI (as root) rewrote the registry, keep it owned by the broker user.
-pub fn keep_db_owner(db: &Path) {
-    let _ = give_to_broker_user(&[db.to_path_buf()]);
-}
