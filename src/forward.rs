@@ -386,7 +386,7 @@ impl Worker {
                     self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
                     let wait = after.unwrap_or_else(|| backoff(n));
                     // Log the first failure and then every tenth, to keep an outage readable.
-                    if n == 1 || n % 10 == 0 {
+                    if n == 1 || n.is_multiple_of(10) {
                         self.log(
                             true,
                             format!(

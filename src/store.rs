@@ -127,6 +127,8 @@ pub struct Store {
     sync: Arc<SyncShared>,
     /// What recovery found worth telling the operator.
     pub warnings: Vec<String>,
+    /// Held for the store's lifetime: one writer per directory.
+    _lock: File,
 }
 
 /// What the syncer needs to find the files to flush.
@@ -223,6 +225,14 @@ impl Store {
     /// Opens (creating if needed) the outbox directory and recovers its state.
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Store> {
         std::fs::create_dir_all(dir)?;
+        // Two writers (a second broker, or a second plugin instance) would interleave records.
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+        if lock.try_lock().is_err() {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("{} is in use by another broker or plugin instance", dir.display()),
+            ));
+        }
         let mut firsts: Vec<u64> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok())
             .filter_map(|e| {
@@ -335,6 +345,7 @@ impl Store {
             dead_letters,
             sync,
             warnings,
+            _lock: lock,
         })
     }
 
@@ -766,6 +777,16 @@ mod tests {
         drop(s);
         let s = Store::open(dir.path(), u64::MAX).unwrap();
         assert_eq!(s.pending_count().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_second_writer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path(), 1 << 20).unwrap();
+        let e = Store::open(dir.path(), 1 << 20).err().expect("second open must fail");
+        assert!(e.to_string().contains("in use"), "{e}");
+        drop(first);
+        assert!(Store::open(dir.path(), 1 << 20).is_ok());
     }
 
     #[test]
