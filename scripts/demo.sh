@@ -18,14 +18,23 @@ if [ -t 1 ] && [ -z "${NO_COLOR:-}" ]; then B=$'\e[1m'; G=$'\e[32m'; R=$'\e[31m'
 say() { printf '%s==> %s%s\n' "$B" "$*" "$N"; }
 
 pids=()
+# Every process this script started, children first (pipelines, process substitutions).
+descendants() { local c; for c in $(pgrep -P "$1"); do descendants "$c"; echo "$c"; done; }
 cleanup() {
 	trap - EXIT INT TERM
-	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-	for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+	local all; all=$(descendants $$)
+	[ -n "$all" ] && kill $all 2>/dev/null || true
+	sleep 0.3
+	all=$(descendants $$)
+	[ -n "$all" ] && kill -9 $all 2>/dev/null || true
+	wait 2>/dev/null || true
 	say "stopped everything the demo started (logs kept in $DIR)"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# Long steps run in the background and are waited for: a trapped Ctrl-C interrupts `wait` at
+# once, while bash would hold it until a foreground command finished.
+run() { "$@" & wait $!; }
 
 for port in "$MQTT_PORT" "$HTTP_PORT"; do
 	if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -59,20 +68,20 @@ pids+=($!)
 sleep 0.3
 
 say "4/5 three devices send signed readings; the backend answers; signed responses come back"
-"$BIN" simulate --dir "$DIR" --port "$MQTT_PORT" --interval 1 --count 3 \
-	--device sensor_001 --device sensor_002 --device sensor_003 | sed -u 's/^/    /'
+run bash -c '"$@" | sed -u "s/^/    /"' _ "$BIN" simulate --dir "$DIR" --port "$MQTT_PORT" --interval 1 --count 3 \
+	--device sensor_001 --device sensor_002 --device sensor_003
 
 say "5/5 the four attacks: tampered payload, replay, old timestamp, wrong identity"
-"$BIN" simulate --dir "$DIR" --port "$MQTT_PORT" --count 0 --interval 0 --device sensor_001 --device sensor_002 \
-	--attack tamper --attack replay --attack old-timestamp --attack wrong-identity 2>&1 | sed -u 's/^/    /' || true
+run bash -c '"$@" 2>&1 | sed -u "s/^/    /"' _ "$BIN" simulate --dir "$DIR" --port "$MQTT_PORT" --count 0 --interval 0 \
+	--device sensor_001 --device sensor_002 --attack tamper --attack replay --attack old-timestamp --attack wrong-identity || true
 sleep 0.5
 printf '%s\n' "${G}demo: every reading accepted and answered, every attack refused.${N}"
 
 if [ "$ROUNDS" = 0 ]; then
 	say "devices keep reporting every 5 s; Ctrl-C stops everything"
-	"$BIN" simulate --dir "$DIR" --port "$MQTT_PORT" --interval 5 --forever \
-		--device sensor_001 --device sensor_002 --device sensor_003 | sed -u 's/^/    /'
+	run bash -c '"$@" | sed -u "s/^/    /"' _ "$BIN" simulate --dir "$DIR" --port "$MQTT_PORT" --interval 5 --forever \
+		--device sensor_001 --device sensor_002 --device sensor_003
 else
-	"$BIN" simulate --dir "$DIR" --port "$MQTT_PORT" --interval 1 --count "$ROUNDS" \
-		--device sensor_001 --device sensor_002 --device sensor_003 | sed -u 's/^/    /'
+	run bash -c '"$@" | sed -u "s/^/    /"' _ "$BIN" simulate --dir "$DIR" --port "$MQTT_PORT" --interval 1 --count "$ROUNDS" \
+		--device sensor_001 --device sensor_002 --device sensor_003
 fi
