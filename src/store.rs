@@ -226,7 +226,8 @@ impl Store {
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Store> {
         std::fs::create_dir_all(dir)?;
         // Two writers (a second broker, or a second plugin instance) would interleave records.
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+        let lock =
+            OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
         if lock.try_lock().is_err() {
             return Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
