@@ -46,4 +46,5 @@ echo "$out_good" | grep -q "Not authorized" && { echo "signed message refused"; 
 echo "$out_bad" | grep -qi "RC:135" || { echo "forged message not refused"; echo "$out_bad"; exit 1; }
 grep -q "secure-iot-gateway .* loaded" "$WORK/broker.log"
 grep -q "rejected reason=signature" "$WORK/broker.log"
-echo "test-deb: 1 passed, 0 failed ($DEB installed, system mosquitto loaded it via $SNIPPET, signed message accepted, forged one refused)"
+echo "$DEB installed, system mosquitto loaded it via $SNIPPET, signed message accepted, forged one refused"
+echo "test-deb: 1 passed, 0 failed"
