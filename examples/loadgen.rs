@@ -35,14 +35,17 @@ fn main() {
     let server = Arc::new(tiny_http::Server::http(("127.0.0.1", sink_port)).expect("sink port"));
     for _ in 0..4 {
         let (server, delivered) = (server.clone(), delivered.clone());
-        std::thread::spawn(move || {
-            while let Ok(mut req) = server.recv() {
-                let mut b = Vec::new();
-                let _ = std::io::Read::read_to_end(req.as_reader(), &mut b);
-                delivered.fetch_add(1, Ordering::Relaxed);
-                let _ = req.respond(tiny_http::Response::from_string("{\"ok\":true}"));
-            }
-        });
+        std::thread::Builder::new()
+            .name("sink".into())
+            .spawn(move || {
+                while let Ok(mut req) = server.recv() {
+                    let mut b = Vec::new();
+                    let _ = std::io::Read::read_to_end(req.as_reader(), &mut b);
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                    let _ = req.respond(tiny_http::Response::from_string("{\"ok\":true}"));
+                }
+            })
+            .unwrap();
     }
 
     // Sign everything up front: the generator must not be the bottleneck.
@@ -151,6 +154,20 @@ fn main() {
         e2e.as_secs_f64(),
         fwd as f64 / e2e.as_secs_f64()
     );
+    // Where this process's CPU went (it shares the machine with the broker).
+    let tick = 100.0; // USER_HZ on Linux
+    let mut by_name: std::collections::BTreeMap<String, f64> = Default::default();
+    for t in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let comm =
+            std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim().to_string();
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let f: Vec<&str> = stat.rsplit_once(") ").map(|x| x.1).unwrap_or("").split(' ').collect();
+        let cpu = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        *by_name.entry(comm).or_default() += cpu * 1000.0 / tick;
+    }
+    let total: f64 = by_name.values().sum();
+    println!("load generator + sink process CPU: {total:.0} ms (live threads: {by_name:?})");
     if bad > 0 || (sink_port != 0 && fwd < ok) {
         std::process::exit(1);
     }

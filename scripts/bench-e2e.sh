@@ -34,13 +34,17 @@ if [ -n "${BASELINE:-}" ]; then
 	for i in $(seq 1 $((DEVICES - 1))); do printf 'user %s\ntopic readwrite #\n' "$(printf 'bench_%03d' "$i")" >> "$DIR/gw/acl"; done
 	SINK=0
 fi
-${MOSQUITTO_ENV:-} ${MOSQUITTO:-mosquitto} -c "$DIR/gw/mosquitto.conf" > "$DIR/broker.log" 2>&1 &
+# PIN=1: broker (and its workers) on CPU 0, load generator and sink on CPU 1, so the gateway's
+# own capacity on one dedicated core is measured.
+BROKER_PIN=; LOAD_PIN=
+if [ -n "${PIN:-}" ]; then BROKER_PIN="taskset -c 0"; LOAD_PIN="taskset -c 1"; fi
+${MOSQUITTO_ENV:-} $BROKER_PIN ${MOSQUITTO:-mosquitto} -c "$DIR/gw/mosquitto.conf" > "$DIR/broker.log" 2>&1 &
 pid=$!
 for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$MQTT") 2>/dev/null && break; sleep 0.05; done
 cpu0=$(awk '{print $14+$15}' /proc/$pid/stat)
 # PERF=1: sample the broker thread while the load runs (report in $PERF_OUT).
 if [ -n "${PERF:-}" ]; then perf record -F 2000 -g -t "$pid" -o "${PERF_OUT:-/tmp/iotgw-perf.data}" >/dev/null 2>&1 & perfpid=$!; fi
-target/release/examples/loadgen "$DIR/gw" "$MQTT" "$SINK" "$DEVICES" "$PER"
+$LOAD_PIN target/release/examples/loadgen "$DIR/gw" "$MQTT" "$SINK" "$DEVICES" "$PER"
 cpu1=$(awk '{print $14+$15}' /proc/$pid/stat)
 if [ -n "${PERF:-}" ]; then kill -INT "$perfpid"; wait "$perfpid" 2>/dev/null || true; fi
 for t in /proc/$pid/task/*; do

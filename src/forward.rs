@@ -159,31 +159,92 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
     v.trim().parse::<u64>().ok().map(|s| Duration::from_secs(s).min(RETRY_AFTER_MAX))
 }
 
-/// POSTs one message once.
-pub fn attempt(agent: &ureq::Agent, template: &str, m: &QueuedMessage) -> Attempt {
-    let url = url_for(template, &m.device_id);
-    let res = agent
-        .post(&url)
-        .header("Content-Type", "application/json")
-        .header("X-Device-Id", &m.device_id)
-        .header("X-Message-Id", &m.message_id)
-        .send(&m.payload[..]);
-    match res {
-        Ok(mut resp) => {
-            let status = resp.status().as_u16();
-            let retry_after = resp
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(parse_retry_after);
-            let mut body = Vec::new();
-            let _ = resp.body_mut().as_reader().take(MAX_RESPONSE_BODY).read_to_end(&mut body);
-            match classify(status) {
-                (true, _) => Attempt::Final { status, body },
-                (false, _) => Attempt::Retry { why: format!("HTTP {status}"), after: retry_after },
+fn outcome(status: u16, retry_after: Option<&str>, body: Vec<u8>) -> Attempt {
+    match classify(status) {
+        (true, _) => Attempt::Final { status, body },
+        (false, _) => Attempt::Retry {
+            why: format!("HTTP {status}"),
+            after: retry_after.and_then(parse_retry_after),
+        },
+    }
+}
+
+/// One worker's connection to the backend: the small built-in client for `http://` (the hot
+/// path: one write per request), ureq for `https://` (TLS, trust store).
+pub enum Backend {
+    Plain { client: crate::http::Client, path: String },
+    Tls { agent: ureq::Agent, url: String },
+}
+
+impl Backend {
+    pub fn new(cfg: &BackendConfig) -> Result<Backend, String> {
+        let t = &cfg.url_template;
+        if let Some(rest) = t.strip_prefix("http://") {
+            let split = rest.find(['/', '?']).unwrap_or(rest.len());
+            let (authority, path) = rest.split_at(split);
+            let uri: ureq::http::Uri =
+                format!("http://{authority}/").parse().map_err(|e| format!("{t}: {e}"))?;
+            let host = uri.host().ok_or_else(|| format!("{t}: no host"))?;
+            let path = if path.is_empty() {
+                "/".to_string()
+            } else if path.starts_with('?') {
+                format!("/{path}")
+            } else {
+                path.to_string()
+            };
+            Ok(Backend::Plain {
+                client: crate::http::Client::new(host, uri.port_u16(), cfg.http_timeout),
+                path,
+            })
+        } else {
+            Ok(Backend::Tls { agent: agent(cfg)?, url: t.clone() })
+        }
+    }
+
+    /// POSTs one message once.
+    pub fn attempt(&mut self, m: &QueuedMessage) -> Attempt {
+        match self {
+            Backend::Plain { client, path } => {
+                let p = url_for(path, &m.device_id);
+                // The client makes every header value safe itself.
+                let headers = [
+                    ("Content-Type", "application/json"),
+                    ("X-Device-Id", m.device_id.as_str()),
+                    ("X-Message-Id", m.message_id.as_str()),
+                ];
+                match client.post(&p, &headers, &m.payload) {
+                    Ok(r) => outcome(r.status, r.retry_after.as_deref(), r.body),
+                    Err(e) => Attempt::Retry { why: e.to_string(), after: None },
+                }
+            }
+            Backend::Tls { agent, url } => {
+                let mid = crate::http::header_value(&m.message_id);
+                let res = agent
+                    .post(url_for(url, &m.device_id))
+                    .header("Content-Type", "application/json")
+                    .header("X-Device-Id", &m.device_id)
+                    .header("X-Message-Id", mid.as_ref())
+                    .send(&m.payload[..]);
+                match res {
+                    Ok(mut resp) => {
+                        let status = resp.status().as_u16();
+                        let retry_after = resp
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned);
+                        let mut body = Vec::new();
+                        let _ = resp
+                            .body_mut()
+                            .as_reader()
+                            .take(MAX_RESPONSE_BODY)
+                            .read_to_end(&mut body);
+                        outcome(status, retry_after.as_deref(), body)
+                    }
+                    Err(e) => Attempt::Retry { why: e.to_string(), after: None },
+                }
             }
         }
-        Err(e) => Attempt::Retry { why: e.to_string(), after: None },
     }
 }
 
@@ -204,7 +265,8 @@ impl Forwarder {
         cfg: &BackendConfig,
         wake: Arc<dyn Fn() + Send + Sync>,
     ) -> Result<Forwarder, String> {
-        let agent = agent(cfg)?;
+        // Fails here (at init) on an unreadable CA file or a bad URL.
+        Backend::new(cfg)?;
         let shared = Arc::new(Shared {
             results: Mutex::new(Vec::new()),
             logs: Mutex::new(Vec::new()),
@@ -224,8 +286,7 @@ impl Forwarder {
             let worker = Worker {
                 rx,
                 depth: d,
-                agent: agent.clone(),
-                template: cfg.url_template.clone(),
+                backend: Backend::new(cfg)?,
                 shared: shared.clone(),
                 wake: wake.clone(),
             };
@@ -297,8 +358,7 @@ impl Drop for Forwarder {
 struct Worker {
     rx: Receiver<QueuedMessage>,
     depth: Arc<AtomicUsize>,
-    agent: ureq::Agent,
-    template: String,
+    backend: Backend,
     shared: Arc<Shared>,
     wake: Arc<dyn Fn() + Send + Sync>,
 }
@@ -331,7 +391,7 @@ impl Worker {
         false
     }
 
-    fn run(self) {
+    fn run(mut self) {
         while !self.stopping() {
             let m = match self.rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(m) => {
@@ -353,7 +413,7 @@ impl Worker {
         }
     }
 
-    fn deliver(&self, m: QueuedMessage) {
+    fn deliver(&mut self, m: QueuedMessage) {
         let mut n = 0u32;
         loop {
             if self.stopping() {
@@ -361,7 +421,7 @@ impl Worker {
             }
             n += 1;
             self.shared.stats.attempts.fetch_add(1, Ordering::Relaxed);
-            match attempt(&self.agent, &self.template, &m) {
+            match self.backend.attempt(&m) {
                 Attempt::Final { status, body } => {
                     let delivered = (200..300).contains(&status);
                     let counter = if delivered {

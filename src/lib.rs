@@ -19,6 +19,7 @@ pub mod config;
 pub mod envelope;
 pub mod forward;
 pub mod gateway;
+pub mod http;
 pub mod json;
 pub mod pki;
 #[allow(unsafe_code)]

@@ -535,3 +535,26 @@ fn accepted_message_is_forwarded_and_answered_with_a_signed_response() {
     gw.shutdown(&mut host);
     h.join().unwrap();
 }
+
+#[test]
+fn message_id_with_control_characters_is_delivered_with_an_encoded_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, rx, h) = sink(vec![200]);
+    let mut gw = gateway(dir.path(), &[("backend_url", &url)]);
+    let mut host = FakeHost::default();
+    let now = unix_now();
+    // Legal per the spec (1-128 characters of anything), hostile as a header value.
+    let mid = "evil\r\nX-Injected: 1 é";
+    let m = sign(S1, "sensor_001", now, mid, Json::Null);
+    assert_eq!(
+        send(&mut gw, &mut host, "sensor_001", "device/sensor_001/data", &m, now),
+        Verdict::Allow
+    );
+    let (_, headers, _) =
+        rx.recv_timeout(Duration::from_secs(10)).expect("delivered, not retried forever");
+    let hv = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    assert_eq!(hv("x-message-id").as_deref(), Some("evil%0D%0AX-Injected:%201%20%C3%A9"));
+    assert_eq!(hv("x-injected"), None);
+    gw.shutdown(&mut host);
+    h.join().unwrap();
+}
