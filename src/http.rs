@@ -51,6 +51,24 @@ pub fn header_value(v: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// Reads from a stream within one overall deadline (a backend that trickles bytes cannot hold a
+/// worker past the timeout; shutdown relies on that bound).
+struct Deadline<'a> {
+    stream: &'a mut TcpStream,
+    until: std::time::Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "backend answer timed out"));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
 fn bad(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
@@ -129,13 +147,14 @@ impl Client {
         if self.conn.is_none() {
             self.conn = Some(self.connect().map_err(|e| (e, false))?);
         }
+        let until = std::time::Instant::now() + self.timeout;
         let stream = self.conn.as_mut().expect("connected above");
         if let Err(e) = stream.write_all(&self.wbuf) {
             self.conn = None;
             return Err((e, false));
         }
         self.rbuf.clear();
-        let r = read_response(stream, &mut self.rbuf);
+        let r = read_response(&mut Deadline { stream, until }, &mut self.rbuf);
         match r {
             Ok((resp, keep)) => {
                 if !keep {
@@ -398,6 +417,29 @@ mod tests {
         }
         // 7 requests, 3 per connection: 3 connections, each stale one replaced transparently.
         assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_trickling_backend_cannot_outlast_the_timeout() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut b = [0u8; 1024];
+            let _ = s.read(&mut b);
+            // One byte every 100 ms, forever (bounded: 50 bytes).
+            for c in b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n0123456789".iter() {
+                if s.write_all(&[*c]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let mut c = Client::new("127.0.0.1", Some(port), Duration::from_millis(500));
+        let t = std::time::Instant::now();
+        let e = c.post("/x", &[], b"{}").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(t.elapsed() < Duration::from_millis(1500), "{:?}", t.elapsed());
     }
 
     #[test]
