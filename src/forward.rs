@@ -265,8 +265,8 @@ impl Forwarder {
         cfg: &BackendConfig,
         wake: Arc<dyn Fn() + Send + Sync>,
     ) -> Result<Forwarder, String> {
-        // Fails here (at init) on an unreadable CA file or a bad URL.
-        Backend::new(cfg)?;
+        // Fails here (at init) on an unreadable CA file or a bad URL; worker 0 then uses it.
+        let mut first = Some(Backend::new(cfg)?);
         let shared = Arc::new(Shared {
             results: Mutex::new(Vec::new()),
             logs: Mutex::new(Vec::new()),
@@ -286,7 +286,10 @@ impl Forwarder {
             let worker = Worker {
                 rx,
                 depth: d,
-                backend: Backend::new(cfg)?,
+                backend: match first.take() {
+                    Some(b) => b,
+                    None => Backend::new(cfg)?,
+                },
                 shared: shared.clone(),
                 wake: wake.clone(),
             };

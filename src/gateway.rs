@@ -312,22 +312,29 @@ impl Gateway {
                     Verdict::Allow
                 }
                 Err((rej, message_id)) => {
-                    match rej.reason {
-                        Some(r) => self.stats.rejected[r.index()] += 1,
-                        None if rej.detail.starts_with("outbox full") => {
-                            self.stats.outbox_full += 1
+                    let reason = match rej.kind {
+                        Refusal::Check(r) => {
+                            self.stats.rejected[r.index()] += 1;
+                            r.as_str()
                         }
-                        None => self.stats.internal_errors += 1,
-                    }
+                        Refusal::OutboxFull => {
+                            self.stats.outbox_full += 1;
+                            "outbox"
+                        }
+                        Refusal::Internal => {
+                            self.stats.internal_errors += 1;
+                            "outbox"
+                        }
+                    };
                     let who_s = match who {
                         Identity::Device(d) | Identity::Service(d) => printable(d),
                         Identity::None => "-".into(),
                     };
                     host.log(
-                        if rej.reason.is_none() { Level::Error } else { Level::Notice },
+                        if matches!(rej.kind, Refusal::Check(_)) { Level::Notice } else { Level::Error },
                         &format!(
                             "secure-iot-gateway: rejected reason={} identity={who_s} topic={} message_id={}: {}",
-                            rej.reason.map_or("outbox", Reason::as_str),
+                            reason,
                             printable(topic),
                             message_id.as_deref().map_or("-".into(), printable),
                             rej.detail
@@ -478,10 +485,11 @@ impl Gateway {
             .map_err(|e| {
                 let detail = e.to_string();
                 let op = match e {
-                    AppendError::Full { .. } => OpRejection { reason: None, detail },
-                    AppendError::Io(_) => {
-                        OpRejection { reason: None, detail: format!("internal: {detail}") }
-                    }
+                    AppendError::Full { .. } => OpRejection { kind: Refusal::OutboxFull, detail },
+                    AppendError::Io(_) => OpRejection {
+                        kind: Refusal::Internal,
+                        detail: format!("internal: {detail}"),
+                    },
                 };
                 (op, mid())
             })?;
@@ -665,16 +673,26 @@ impl Gateway {
     }
 }
 
-/// A rejection that may also be operational (no spec reason: outbox full, internal error).
+/// Why a message was refused: one of the spec's checks, or an operational refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Check(Reason),
+    /// The outbox is at `spool_max_bytes`.
+    OutboxFull,
+    /// The outbox could not be written.
+    Internal,
+}
+
+/// A refusal and its human detail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpRejection {
-    pub reason: Option<Reason>,
+    pub kind: Refusal,
     pub detail: String,
 }
 
 impl From<Rejection> for OpRejection {
     fn from(r: Rejection) -> Self {
-        OpRejection { reason: Some(r.reason), detail: r.detail }
+        OpRejection { kind: Refusal::Check(r.reason), detail: r.detail }
     }
 }
 
