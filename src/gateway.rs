@@ -201,7 +201,7 @@ impl Gateway {
                 cfg.db_path.display().to_string()
             )
         })?;
-        let store = Store::open(&cfg.spool_path, cfg.spool_max_bytes).map_err(|e| {
+        let mut store = Store::open(&cfg.spool_path, cfg.spool_max_bytes).map_err(|e| {
             format!(
                 "plugin_opt_spool_path {:?}: cannot open the outbox: {e}",
                 cfg.spool_path.display().to_string()
@@ -209,10 +209,7 @@ impl Gateway {
         })?;
         let now = unix_now();
         let mut replay = ReplayCache::new(cfg.replay_cache_size);
-        let seen = store
-            .live_seen(now)
-            .map_err(|e| format!("plugin_opt_spool_path: cannot read seen ids: {e}"))?;
-        for (device, digest, expires) in seen {
+        for (device, digest, expires) in store.take_live_seen(now) {
             replay.record(&device, digest, expires);
         }
         let mut background: Vec<Box<dyn Stoppable>> = Vec::new();
@@ -524,10 +521,10 @@ impl Gateway {
         if self.last_prune.elapsed() >= PRUNE_INTERVAL {
             self.last_prune = Instant::now();
             self.replay.prune_all(now);
-            if let Err(e) = self.store.prune_seen(now) {
+            if let Err(e) = self.store.prune(now) {
                 host.log(
                     Level::Warning,
-                    &format!("secure-iot-gateway: pruning seen ids failed: {e}"),
+                    &format!("secure-iot-gateway: deleting settled outbox segments failed: {e}"),
                 );
             }
         }

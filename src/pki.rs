@@ -132,7 +132,8 @@ pub fn issue(
 }
 
 /// The first CN of a certificate, as Mosquitto's `use_identity_as_username` reads it.
-pub fn common_name(cert: &X509) -> Option<String> {
+#[cfg(test)]
+fn common_name(cert: &X509) -> Option<String> {
     cert.subject_name()
         .entries_by_nid(Nid::COMMONNAME)
         .next()

@@ -168,8 +168,9 @@ impl Registry {
         Ok(self.devices.get(id))
     }
 
-    /// Keys already in memory (no SQL): for the downlink path.
-    pub fn cached(&self, id: &str) -> Option<&DeviceKeys> {
+    /// Keys already in memory (no SQL).
+    #[cfg(test)]
+    fn cached(&self, id: &str) -> Option<&DeviceKeys> {
         self.devices.get(id)
     }
 

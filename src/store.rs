@@ -121,7 +121,8 @@ pub struct Store {
     queued_bytes: u64,
     max_bytes: u64,
     buf: Vec<u8>,
-    readers: Mutex<BTreeMap<u64, File>>,
+    /// Read handles on segments, for spilled messages (broker thread only).
+    readers: BTreeMap<u64, File>,
     recovered_seen: Vec<(String, IdDigest, i64)>,
     dead_letters: u64,
     sync: Arc<SyncShared>,
@@ -341,17 +342,13 @@ impl Store {
             queued_bytes,
             max_bytes,
             buf: Vec::with_capacity(1024),
-            readers: Mutex::new(BTreeMap::new()),
+            readers: BTreeMap::new(),
             recovered_seen,
             dead_letters,
             sync,
             warnings,
             _lock: lock,
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.dir
     }
 
     /// Bytes of pending messages, counted against the cap.
@@ -457,14 +454,12 @@ impl Store {
     }
 
     /// Reads one pending message back from disk (None if it is no longer pending).
-    pub fn read(&self, id: i64) -> io::Result<Option<QueuedMessage>> {
+    pub fn read(&mut self, id: i64) -> io::Result<Option<QueuedMessage>> {
         let Some(loc) = self.pending.get(&(id as u64)) else { return Ok(None) };
-        let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
-        let f = match readers.get(&loc.segment) {
-            Some(f) => f,
-            None => {
-                let f = File::open(seg_path(&self.dir, loc.segment))?;
-                readers.entry(loc.segment).or_insert(f)
+        let f = match self.readers.entry(loc.segment) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(File::open(seg_path(&self.dir, loc.segment))?)
             }
         };
         let mut head = [0u8; 8];
@@ -484,9 +479,16 @@ impl Store {
     }
 
     /// Pending messages with `id > after`, oldest first (payloads read back from disk).
-    pub fn pending_after(&self, after: i64, limit: usize) -> io::Result<Vec<QueuedMessage>> {
+    #[cfg(test)]
+    fn pending_after(&mut self, after: i64, limit: usize) -> io::Result<Vec<QueuedMessage>> {
+        let ids: Vec<u64> = self
+            .pending
+            .range((after.max(0) as u64 + 1)..)
+            .take(limit)
+            .map(|(id, _)| *id)
+            .collect();
         let mut out = Vec::new();
-        for id in self.pending.range((after.max(0) as u64 + 1)..).take(limit).map(|(id, _)| *id) {
+        for id in ids {
             out.extend(self.read(id as i64)?);
         }
         Ok(out)
@@ -562,15 +564,17 @@ impl Store {
         Ok(())
     }
 
-    /// Ids still inside their window when the store was opened, for the replay cache.
-    pub fn live_seen(&self, now: i64) -> io::Result<Vec<(String, IdDigest, i64)>> {
-        Ok(self.recovered_seen.iter().filter(|(_, _, exp)| *exp >= now).cloned().collect())
+    /// Hands over (once) the ids still inside their window when the store was opened, for
+    /// rebuilding the replay cache.
+    pub fn take_live_seen(&mut self, now: i64) -> Vec<(String, IdDigest, i64)> {
+        let mut all = std::mem::take(&mut self.recovered_seen);
+        all.retain(|(_, _, exp)| *exp >= now);
+        all
     }
 
     /// Deletes segments, oldest first, whose messages are all settled and whose ids have all
     /// left the replay window. Returns how many were deleted.
-    pub fn prune_seen(&mut self, now: i64) -> io::Result<usize> {
-        self.recovered_seen = Vec::new();
+    pub fn prune(&mut self, now: i64) -> io::Result<usize> {
         let mut gone = Vec::new();
         for (first, m) in &self.segments {
             if *first == self.current_id || m.pending > 0 || m.max_expiry >= now {
@@ -580,7 +584,7 @@ impl Store {
         }
         for first in &gone {
             self.segments.remove(first);
-            self.readers.lock().unwrap_or_else(|p| p.into_inner()).remove(first);
+            self.readers.remove(first);
             let path = seg_path(&self.dir, *first);
             self.sync.files.lock().unwrap_or_else(|p| p.into_inner()).retain(|p| *p != path);
             std::fs::remove_file(&path)?;
@@ -594,7 +598,8 @@ impl Store {
     }
 
     /// Bytes of segments on disk.
-    pub fn disk_bytes(&self) -> u64 {
+    #[cfg(test)]
+    fn disk_bytes(&self) -> u64 {
         self.segments.values().map(|m| m.bytes).sum()
     }
 
@@ -676,7 +681,7 @@ mod tests {
             assert_eq!(s.append("d1", "m1", 1300, Some(b"{}")).unwrap(), 1);
             s.append("d1", "m2", 900, None).unwrap();
         }
-        let s = Store::open(&p, 1 << 20).unwrap();
+        let mut s = Store::open(&p, 1 << 20).unwrap();
         let pending = s.pending_after(0, 10).unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(
@@ -684,7 +689,7 @@ mod tests {
             ("m1", &b"{}"[..])
         );
         assert_eq!(s.queued_bytes(), (2 + 2 + 2 + ROW_OVERHEAD as usize) as u64);
-        assert_eq!(s.live_seen(1000).unwrap(), vec![("d1".to_string(), digest("m1"), 1300)]);
+        assert_eq!(s.take_live_seen(1000), vec![("d1".to_string(), digest("m1"), 1300)]);
         assert!(s.warnings.is_empty());
     }
 
@@ -698,7 +703,7 @@ mod tests {
         assert_eq!(s.pending_count().unwrap(), 1);
         drop(s);
         // A refused message is not remembered as seen either.
-        assert_eq!(Store::open(dir.path(), 200).unwrap().live_seen(0).unwrap().len(), 1);
+        assert_eq!(Store::open(dir.path(), 200).unwrap().take_live_seen(0).len(), 1);
     }
 
     #[test]
@@ -715,7 +720,7 @@ mod tests {
             // Settling twice changes nothing.
             s.settle(&[&rows[0]], &[], 6).unwrap();
         }
-        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        let mut s = Store::open(dir.path(), 1 << 20).unwrap();
         let left = s.pending_after(0, 10).unwrap();
         assert_eq!(left.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(), ["c"]);
         assert_eq!(s.dead_letter_count().unwrap(), 1);
@@ -726,7 +731,7 @@ mod tests {
             (Some("b"), Some(400), Some("bad"))
         );
         // Delivered and dead messages are still remembered for replay until they expire.
-        assert_eq!(s.live_seen(0).unwrap().len(), 3);
+        assert_eq!(s.take_live_seen(0).len(), 3);
     }
 
     #[test]
@@ -763,17 +768,13 @@ mod tests {
             s.append("d", &format!("m{i}"), 100, Some(&big)).unwrap();
         }
         assert!(s.segments.len() >= 2);
-        assert_eq!(s.prune_seen(1000).unwrap(), 0, "pending messages keep their segment");
+        assert_eq!(s.prune(1000).unwrap(), 0, "pending messages keep their segment");
         let all = s.pending_after(0, usize::MAX).unwrap();
         let refs: Vec<&QueuedMessage> = all.iter().collect();
         s.settle(&refs, &[], 0).unwrap();
-        assert_eq!(
-            s.prune_seen(50).unwrap(),
-            0,
-            "ids still inside their window keep their segment"
-        );
+        assert_eq!(s.prune(50).unwrap(), 0, "ids still inside their window keep their segment");
         let before = s.disk_bytes();
-        assert!(s.prune_seen(1000).unwrap() >= 1);
+        assert!(s.prune(1000).unwrap() >= 1);
         assert!(s.disk_bytes() < before);
         drop(s);
         let s = Store::open(dir.path(), u64::MAX).unwrap();
