@@ -81,7 +81,7 @@ impl Client {
             Some(p) => format!("{host}:{p}"),
             None => host.to_string(),
         };
-        // Bracketed IPv6 literals come without brackets from the URI parser's host().
+        // The URI parser keeps IPv6 brackets: the Host header needs them, the socket address not.
         let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         Client {
             host_header,
