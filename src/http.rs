@@ -8,7 +8,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Largest response body kept; the rest is read and dropped (or the connection closed).
 const KEEP: usize = 64 * 1024;
@@ -55,17 +55,30 @@ pub fn header_value(v: &str) -> std::borrow::Cow<'_, str> {
 /// worker past the timeout; shutdown relies on that bound).
 struct Deadline<'a> {
     stream: &'a mut TcpStream,
-    until: std::time::Instant,
+    until: Instant,
+}
+
+fn timed_out(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, format!("backend {what} timed out"))
+}
+
+/// Time left before `until`, or a TimedOut error naming what ran out of it.
+fn left(until: Instant, what: &str) -> io::Result<Duration> {
+    let left = until.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(timed_out(what));
+    }
+    Ok(left)
 }
 
 impl Read for Deadline<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.until.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "backend answer timed out"));
-        }
-        self.stream.set_read_timeout(Some(left))?;
-        self.stream.read(buf)
+        self.stream.set_read_timeout(Some(left(self.until, "answer")?))?;
+        // A socket timeout is reported as EAGAIN (WouldBlock) on Linux: it is our deadline.
+        self.stream.read(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timed_out("answer"),
+            _ => e,
+        })
     }
 }
 
@@ -94,25 +107,26 @@ impl Client {
         }
     }
 
-    fn connect(&self) -> io::Result<TcpStream> {
+    /// Connects within what is left of the request's deadline (every address tried shares it).
+    fn connect(&self, until: Instant) -> io::Result<TcpStream> {
         let mut last =
             io::Error::new(io::ErrorKind::NotFound, format!("{} did not resolve", self.host));
         for addr in (self.host.as_str(), self.port).to_socket_addrs()? {
-            match TcpStream::connect_timeout(&addr, self.timeout) {
+            match TcpStream::connect_timeout(&addr, left(until, "connect")?) {
                 Ok(s) => {
                     s.set_nodelay(true)?;
-                    s.set_read_timeout(Some(self.timeout))?;
-                    s.set_write_timeout(Some(self.timeout))?;
                     return Ok(s);
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => last = timed_out("connect"),
                 Err(e) => last = e,
             }
         }
         Err(last)
     }
 
-    /// POSTs `body` to `path` with `headers`. A request on a reused connection that the server
-    /// had already closed is retried once on a fresh one (nothing was processed then).
+    /// POSTs `body` to `path` with `headers`, all within one deadline of `timeout` from now:
+    /// connecting, writing, reading, and the one retry on a fresh connection that a request on
+    /// a reused connection the server had already closed gets (nothing was processed then).
     pub fn post(
         &mut self,
         path: &str,
@@ -130,26 +144,33 @@ impl Client {
         }
         write!(self.wbuf, "Content-Length: {}\r\n\r\n", body.len())?;
         self.wbuf.extend_from_slice(body);
+        let until = Instant::now() + self.timeout;
         let reused = self.conn.is_some();
-        match self.exchange() {
+        match self.exchange(until) {
             Ok(r) => Ok(r),
-            Err((e, got_bytes)) if reused && !got_bytes => {
-                let _ = e;
+            // Only a stale connection is worth a second try, and only with time left for it.
+            Err((e, got_bytes)) if reused && !got_bytes && e.kind() != io::ErrorKind::TimedOut => {
                 self.conn = None;
-                self.exchange().map_err(|(e, _)| e)
+                self.exchange(until).map_err(|(e, _)| e)
             }
             Err((e, _)) => Err(e),
         }
     }
 
-    /// One request/response; the bool says whether any response byte arrived.
-    fn exchange(&mut self) -> Result<Response, (io::Error, bool)> {
+    /// One request/response before `until`; the bool says whether any response byte arrived.
+    fn exchange(&mut self, until: Instant) -> Result<Response, (io::Error, bool)> {
         if self.conn.is_none() {
-            self.conn = Some(self.connect().map_err(|e| (e, false))?);
+            self.conn = Some(self.connect(until).map_err(|e| (e, false))?);
         }
-        let until = std::time::Instant::now() + self.timeout;
         let stream = self.conn.as_mut().expect("connected above");
-        if let Err(e) = stream.write_all(&self.wbuf) {
+        let written = left(until, "request")
+            .and_then(|l| stream.set_write_timeout(Some(l)))
+            .and_then(|()| stream.write_all(&self.wbuf))
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::WouldBlock => timed_out("request"),
+                _ => e,
+            });
+        if let Err(e) = written {
             self.conn = None;
             return Err((e, false));
         }
@@ -440,6 +461,133 @@ mod tests {
         let e = c.post("/x", &[], b"{}").unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
         assert!(t.elapsed() < Duration::from_millis(1500), "{:?}", t.elapsed());
+    }
+
+    /// Reads one request (headers and Content-Length body) from `r`; false at end of stream.
+    fn read_request(r: &mut impl BufRead) -> bool {
+        let mut len = 0;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                return false;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        let mut b = vec![0; len];
+        r.read_exact(&mut b).is_ok()
+    }
+
+    const TIMEOUT: Duration = Duration::from_millis(600);
+    /// Scheduling slack on a loaded 2-core machine; far below a second timeout's worth.
+    const MARGIN: Duration = Duration::from_millis(250);
+
+    fn post_and_time(port: u16) -> (io::Error, Duration) {
+        let mut c = Client::new("127.0.0.1", Some(port), TIMEOUT);
+        let t = Instant::now();
+        let e = c.post("/x", &[], b"{}").unwrap_err();
+        (e, t.elapsed())
+    }
+
+    #[test]
+    fn a_backend_that_accepts_and_never_answers_ends_within_the_timeout() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            // Hold the connection open, silent, for longer than the client waits.
+            std::thread::sleep(TIMEOUT * 4);
+            drop(s);
+        });
+        let (e, took) = post_and_time(port);
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(took >= TIMEOUT && took < TIMEOUT + MARGIN, "{took:?}");
+    }
+
+    /// A listener that never accepts, with its accept queue full: the kernel drops further
+    /// SYNs, so a connect hangs until the queue has room (loopback only).
+    fn full_listener() -> (std::net::TcpListener, Vec<TcpStream>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut held = Vec::new();
+        let full = (0..2000).any(|_| {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
+                Ok(s) => {
+                    held.push(s);
+                    false
+                }
+                Err(_) => true,
+            }
+        });
+        assert!(full, "the accept queue never filled ({} connections)", held.len());
+        (l, held)
+    }
+
+    #[test]
+    fn a_connect_that_hangs_ends_within_the_timeout() {
+        let (l, _held) = full_listener();
+        let (e, took) = post_and_time(l.local_addr().unwrap().port());
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(took >= TIMEOUT - MARGIN && took < TIMEOUT + MARGIN, "{took:?}");
+    }
+
+    #[test]
+    fn a_slow_connect_leaves_the_answer_only_the_rest_of_the_timeout() {
+        // The connect hangs until the SYN is retransmitted (about 1 s) after room was made,
+        // then the request is never answered: the whole request still ends at the deadline.
+        let timeout = Duration::from_millis(1500);
+        let (l, _held) = full_listener();
+        let port = l.local_addr().unwrap().port();
+        let make_room = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let one = l.accept().unwrap();
+            std::thread::sleep(timeout * 2);
+            drop((one, l));
+        });
+        let mut c = Client::new("127.0.0.1", Some(port), timeout);
+        let t = Instant::now();
+        let e = c.post("/x", &[], b"{}").unwrap_err();
+        let took = t.elapsed();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        // Before: a fresh timeout started after connecting, about 2.5 s in all.
+        assert!(took >= timeout - MARGIN && took < timeout + MARGIN, "{took:?}");
+        make_room.join().unwrap();
+    }
+
+    #[test]
+    fn the_stale_connection_retry_shares_the_deadline() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            // Connection 1: answer one request (keep-alive), then read the second and close
+            // without a byte after most of the timeout: the client sees a stale connection.
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            assert!(read_request(&mut r));
+            w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").unwrap();
+            if read_request(&mut r) {
+                std::thread::sleep(TIMEOUT * 3 / 4);
+            }
+            drop((r, w));
+            // Connection 2 (the retry): accepted and never answered.
+            let (s2, _) = l.accept().unwrap();
+            std::thread::sleep(TIMEOUT * 4);
+            drop(s2);
+        });
+        let mut c = Client::new("127.0.0.1", Some(port), TIMEOUT);
+        assert_eq!(c.post("/x", &[], b"{}").unwrap().status, 200);
+        let t = Instant::now();
+        let e = c.post("/x", &[], b"{}").unwrap_err();
+        let took = t.elapsed();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        // Before: the retry got a fresh timeout, about 1.75 x TIMEOUT in all.
+        assert!(took >= TIMEOUT && took < TIMEOUT + MARGIN, "{took:?}");
     }
 
     #[test]
