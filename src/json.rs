@@ -6,6 +6,7 @@
 //! the bytes that are signed.
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use std::cell::Cell;
 use std::fmt;
 
 /// Deepest nesting accepted (the envelope object itself is level 1).
@@ -69,57 +70,57 @@ impl fmt::Display for JsonError {
     }
 }
 
-const DUP_PREFIX: &str = "\u{0}dup:";
-const DEEP_MARK: &str = "\u{0}deep";
+// serde_json's own nesting limit is 128; ours must trip first so that depth errors are always
+// ours (typed), never serde_json's.
+const _: () = assert!(MAX_DEPTH < 128);
 
 /// Parses `bytes` as one strict JSON value: UTF-8, no duplicate members, at most
 /// [`MAX_DEPTH`] levels of arrays/objects.
 pub fn parse_strict(bytes: &[u8]) -> Result<Json, JsonError> {
+    // The visitor reports our own refusals here, typed; serde_json only carries them out as an
+    // opaque error, so nothing depends on its message text.
+    let refused = Cell::new(None);
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = Seed { depth: 0 }.deserialize(&mut de).map_err(classify)?;
-    de.end().map_err(classify)?;
-    Ok(value)
+    let value = Seed { depth: 0, refused: &refused }.deserialize(&mut de);
+    let value = value.and_then(|v| de.end().map(|()| v));
+    value.map_err(|e| refused.take().unwrap_or_else(|| JsonError::Syntax(e.to_string())))
 }
 
-fn classify(e: serde_json::Error) -> JsonError {
-    let msg = e.to_string();
-    if let Some(rest) = msg.strip_prefix(DUP_PREFIX) {
-        // serde_json appends " at line L column C"; the member name is everything before it.
-        let name = rest.rsplit_once(" at line ").map_or(rest, |(n, _)| n);
-        JsonError::DuplicateMember(name.to_string())
-    } else if msg.starts_with(DEEP_MARK) || msg.starts_with("recursion limit exceeded") {
-        JsonError::TooDeep
-    } else {
-        JsonError::Syntax(msg)
-    }
-}
-
-struct Seed {
+struct Seed<'r> {
     depth: usize,
+    refused: &'r Cell<Option<JsonError>>,
 }
 
-impl<'de> DeserializeSeed<'de> for Seed {
+impl<'de> DeserializeSeed<'de> for Seed<'_> {
     type Value = Json;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Json, D::Error> {
-        d.deserialize_any(JsonVisitor { depth: self.depth })
+        d.deserialize_any(JsonVisitor { depth: self.depth, refused: self.refused })
     }
 }
 
-struct JsonVisitor {
+struct JsonVisitor<'r> {
     depth: usize,
+    refused: &'r Cell<Option<JsonError>>,
 }
 
-impl JsonVisitor {
+impl JsonVisitor<'_> {
+    /// Records why we refuse and returns the error that makes serde_json stop.
+    fn refuse<E: de::Error>(&self, why: JsonError) -> E {
+        let e = E::custom(&why);
+        self.refused.set(Some(why));
+        e
+    }
+
     fn enter<E: de::Error>(&self) -> Result<usize, E> {
         let depth = self.depth + 1;
         if depth > MAX_DEPTH {
-            return Err(E::custom(DEEP_MARK));
+            return Err(self.refuse(JsonError::TooDeep));
         }
         Ok(depth)
     }
 }
 
-impl<'de> Visitor<'de> for JsonVisitor {
+impl<'de> Visitor<'de> for JsonVisitor<'_> {
     type Value = Json;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -151,7 +152,7 @@ impl<'de> Visitor<'de> for JsonVisitor {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
         let depth = self.enter()?;
         let mut items = Vec::new();
-        while let Some(v) = seq.next_element_seed(Seed { depth })? {
+        while let Some(v) = seq.next_element_seed(Seed { depth, refused: self.refused })? {
             items.push(v);
         }
         Ok(Json::Array(items))
@@ -162,9 +163,9 @@ impl<'de> Visitor<'de> for JsonVisitor {
         while let Some(key) = map.next_key::<String>()? {
             // Objects in envelopes are small; a linear scan beats hashing here.
             if members.iter().any(|(k, _)| *k == key) {
-                return Err(de::Error::custom(format_args!("{DUP_PREFIX}{key}")));
+                return Err(self.refuse(JsonError::DuplicateMember(key)));
             }
-            let value = map.next_value_seed(Seed { depth })?;
+            let value = map.next_value_seed(Seed { depth, refused: self.refused })?;
             members.push((key, value));
         }
         Ok(Json::Object(members))
@@ -318,6 +319,19 @@ mod tests {
     fn duplicate_member_nested_is_rejected() {
         let e = parse_strict(br#"{"p":[{"x":{"k":1,"k":1}}]}"#).unwrap_err();
         assert_eq!(e, JsonError::DuplicateMember("k".into()));
+    }
+
+    #[test]
+    fn refusals_are_typed_whatever_the_member_name_says() {
+        // Names that look like serde_json's message suffix or our old text sentinels.
+        for name in ["k at line 1 column 2", "\\u0000deep", "recursion limit exceeded", ""] {
+            let text = format!(r#"{{"{name}":1,"{name}":2}}"#);
+            let want = parse_strict(format!(r#""{name}""#).as_bytes()).unwrap();
+            let Json::String(want) = want else { panic!() };
+            assert_eq!(parse_strict(text.as_bytes()), Err(JsonError::DuplicateMember(want)));
+        }
+        // Positive control: the same names once each are fine.
+        assert!(parse_strict(br#"{"k at line 1 column 2":1,"recursion limit exceeded":2}"#).is_ok());
     }
 
     #[test]
