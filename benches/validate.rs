@@ -8,9 +8,11 @@
 //! Run: `cargo bench --bench validate`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use secure_iot_gateway::acl::Identity;
 use secure_iot_gateway::config::Config;
 use secure_iot_gateway::envelope::{self, Envelope};
-use secure_iot_gateway::gateway::{unix_now, Gateway, Host, Identity, Level, Verdict};
+use secure_iot_gateway::gateway::{Gateway, Outcome};
+use secure_iot_gateway::host::{unix_now, Host, Level};
 use secure_iot_gateway::json::Json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,7 +63,7 @@ fn gateway(dir: &std::path::Path, backend: &str) -> Gateway {
         ("spool_max_bytes", (64u64 << 30).to_string()),
     ];
     let cfg = Config::from_opts(opts.iter().map(|(k, v)| (*k, v.as_str()))).unwrap();
-    Gateway::start(cfg, Arc::new(|| {})).unwrap()
+    Gateway::start(cfg, Arc::new(|| {}), &mut Quiet).unwrap()
 }
 
 fn bench(c: &mut Criterion) {
@@ -99,7 +101,7 @@ fn bench(c: &mut Criterion) {
                 for (dev, m) in &msgs {
                     let topic = format!("device/{dev}/data");
                     let v = gw.on_write(&mut host, Identity::Device(dev), topic.as_bytes(), m, now);
-                    debug_assert_eq!(v, Verdict::Allow);
+                    debug_assert_eq!(v, Outcome::Accepted);
                 }
                 start.elapsed()
             })

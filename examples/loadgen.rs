@@ -49,7 +49,7 @@ fn main() {
     }
 
     // Sign everything up front: the generator must not be the bottleneck.
-    let now = secure_iot_gateway::gateway::unix_now();
+    let now = secure_iot_gateway::host::unix_now();
     let mut batches = Vec::new();
     for d in 0..devices {
         let id = format!("bench_{d:03}");

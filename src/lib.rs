@@ -1,24 +1,37 @@
 //! secure-iot-gateway: a Mosquitto plugin that authenticates every device message and forwards
 //! it durably to an HTTP backend.
 //!
-//! # Layout
-//! - [`json`]: strict JSON (no duplicate members, bounded depth) and RFC 8785 canonical form.
-//! - [`envelope`]: the signed envelope of `spec/envelope.md`; the seven rejection reasons.
-//! - [`replay`]: time-windowed, per-device-capped memory of accepted message ids.
+//! # Layout (one owner per concern; dependencies point down this list, never up)
+//! - `plugin` (private): the only unsafe code, the FFI shim Mosquitto calls. It turns broker
+//!   events into calls on the [`gateway`] and implements [`host::Host`] with the broker API.
+//! - [`gateway`]: the broker-thread router: data-topic publishes to the validator, accepted
+//!   ones to delivery, the backend's answers back to devices as signed responses; the counters.
+//! - [`validate`]: the spec's checks (envelope, identity, registry, timestamp, replay, HMAC) →
+//!   `Accepted` or a rejection with its reason.
+//! - [`delivery`]: everything after acceptance: the durable outbox ([`delivery::outbox`]), the
+//!   lane of a device, spilling and refilling, the HTTP workers ([`delivery::workers`]),
+//!   settlement of their answers and the delivery counts.
+//! - [`acl`]: who a client is (certificate CN = username) and what it may read/subscribe.
 //! - [`registry`]: the SQLite device registry (read-only in the plugin, hot-reloaded).
-//! - [`store`]: the durable outbox, dead letters and persisted replay ids.
-//! - [`forward`]: worker threads that POST to the backend with retries.
-//! - [`gateway`]: the broker-thread logic tying these together, behind the [`gateway::Host`] trait.
+//! - [`replay`]: time-windowed, per-device-capped memory of accepted message ids.
+//! - [`envelope`]: the signed envelope of `docs/envelope.md`; the rejection reasons; signing.
+//! - [`json`]: strict JSON (no duplicate members, bounded depth) and RFC 8785 canonical form.
+//! - [`http`]: the minimal keep-alive HTTP/1.1 client for `http://` backends.
 //! - [`config`]: `plugin_opt_*` parsing and validation.
-//! - [`cli`]: the `iotgw` command (PKI, registry, signing, simulator, demo backend).
-//! - `plugin` (private): the only unsafe code, the FFI shim Mosquitto calls.
+//! - [`host`]: the [`host::Host`] trait, log levels and small helpers every part may use.
+//! - [`pki`]: certificates for the CLI and the tests (not used by the plugin itself).
+//!
+//! The `iotgw` command lives in its own crate (`iotgw/`), so the plugin carries none of its
+//! dependencies.
 #![deny(unsafe_code)]
 
+pub mod acl;
 pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod envelope;
-pub mod forward;
 pub mod gateway;
+pub mod host;
 pub mod http;
 pub mod json;
 pub mod pki;
@@ -26,4 +39,4 @@ pub mod pki;
 mod plugin;
 pub mod registry;
 pub mod replay;
-pub mod store;
+pub mod validate;

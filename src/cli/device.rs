@@ -3,7 +3,7 @@
 
 use super::gwdir::{self, GwDir, Result};
 use crate::envelope::{hex, valid_device_id};
-use crate::gateway::unix_now;
+use crate::host::unix_now;
 use crate::pki::{self, Role};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::fs;

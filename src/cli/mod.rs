@@ -322,7 +322,7 @@ pub fn run(cli: Cli) -> Result<i32, String> {
                     );
                     for d in device::list(&gw)? {
                         let rot = match d.previous_until {
-                            Some(u) if u >= crate::gateway::unix_now() => {
+                            Some(u) if u >= crate::host::unix_now() => {
                                 format!("old secret valid until {u}")
                             }
                             _ => "-".into(),
@@ -394,7 +394,7 @@ pub fn run(cli: Cli) -> Result<i32, String> {
                 ("device_id".to_string(), Json::String(device)),
                 (
                     "timestamp".to_string(),
-                    Json::Number(timestamp.unwrap_or_else(crate::gateway::unix_now).into()),
+                    Json::Number(timestamp.unwrap_or_else(crate::host::unix_now).into()),
                 ),
                 (
                     "message_id".to_string(),
@@ -437,7 +437,7 @@ pub fn run(cli: Cli) -> Result<i32, String> {
             };
             let secret = secret_for(&dir, env.device_id(), secret)?;
             if envelope::verify(secret.as_bytes(), &env.canonical(), &env.signature) {
-                let skew = crate::gateway::unix_now() - env.timestamp;
+                let skew = crate::host::unix_now() - env.timestamp;
                 println!(
                     "valid: device {} message {} (timestamp {skew} s ago)",
                     env.device_id(),

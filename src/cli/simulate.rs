@@ -4,7 +4,7 @@
 
 use super::gwdir::GwDir;
 use crate::envelope::{self, Envelope};
-use crate::gateway::unix_now;
+use crate::host::unix_now;
 use crate::json::Json;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;

@@ -59,6 +59,19 @@ fn spool_cost(device: &str, message_id: &str, payload_len: usize) -> u64 {
     (device.len() + message_id.len() + payload_len) as u64 + ROW_OVERHEAD
 }
 
+/// The backend's final answer to one message (produced by a worker, settled here).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Done {
+    pub message: QueuedMessage,
+    pub status: u16,
+    pub body: Vec<u8>,
+    /// true: 2xx. false: a final 4xx, to be dead-lettered.
+    pub delivered: bool,
+    pub attempts: u32,
+    /// When the backend's answer arrived (to measure the response path).
+    pub answered_at: std::time::Instant,
+}
+
 /// Why an accepted message could not be stored.
 #[derive(Debug)]
 pub enum AppendError {
@@ -87,8 +100,6 @@ struct Loc {
     segment: u64,
     offset: u64,
     cost: u64,
-    /// `forward::device_hash` of the device: which lane it goes to, without reading the record.
-    device_hash: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -124,6 +135,7 @@ pub struct Store {
     /// Read handles on segments, for spilled messages (broker thread only).
     readers: BTreeMap<u64, File>,
     recovered_seen: Vec<(String, IdDigest, i64)>,
+    recovered_pending: Vec<(i64, String)>,
     dead_letters: u64,
     sync: Arc<SyncShared>,
     /// What recovery found worth telling the operator.
@@ -136,6 +148,8 @@ pub struct Store {
 #[derive(Default)]
 struct SyncShared {
     files: Mutex<Vec<PathBuf>>,
+    /// Completed passes over the files (each one fdatasyncs them).
+    passes: std::sync::atomic::AtomicU64,
 }
 
 fn seg_path(dir: &Path, first: u64) -> PathBuf {
@@ -295,20 +309,14 @@ impl Store {
         let mut pending = BTreeMap::new();
         let mut queued_bytes = 0;
         let mut recovered_seen = Vec::with_capacity(accepts.len());
+        let mut recovered_pending = Vec::new();
         for (id, (seg, offset, a)) in accepts {
             recovered_seen.push((a.device.clone(), replay::digest(&a.message_id), a.expires_at));
             if a.forwarded && !settled.contains(&id) {
                 let cost = spool_cost(&a.device, &a.message_id, a.payload.len());
                 queued_bytes += cost;
-                pending.insert(
-                    id,
-                    Loc {
-                        segment: seg,
-                        offset,
-                        cost,
-                        device_hash: crate::forward::device_hash(&a.device),
-                    },
-                );
+                pending.insert(id, Loc { segment: seg, offset, cost });
+                recovered_pending.push((id as i64, a.device.clone()));
                 if let Some(m) = segments.get_mut(&seg) {
                     m.pending += 1;
                 }
@@ -344,6 +352,7 @@ impl Store {
             buf: Vec::with_capacity(1024),
             readers: BTreeMap::new(),
             recovered_seen,
+            recovered_pending,
             dead_letters,
             sync,
             warnings,
@@ -440,15 +449,7 @@ impl Store {
         if let Some(p) = payload {
             let cost = spool_cost(device, message_id, p.len());
             self.queued_bytes += cost;
-            self.pending.insert(
-                id,
-                Loc {
-                    segment: seg,
-                    offset,
-                    cost,
-                    device_hash: crate::forward::device_hash(device),
-                },
-            );
+            self.pending.insert(id, Loc { segment: seg, offset, cost });
         }
         Ok(id as i64)
     }
@@ -494,9 +495,10 @@ impl Store {
         Ok(out)
     }
 
-    /// Every pending message as (id, device hash), oldest first: enough to queue them per lane.
-    pub fn pending_index(&self) -> Vec<(i64, u64)> {
-        self.pending.iter().map(|(id, l)| (*id as i64, l.device_hash)).collect()
+    /// Hands over (once) the messages left pending by the last run as (id, device), oldest
+    /// first: enough to queue them per lane without reading them back.
+    pub fn take_recovered_pending(&mut self) -> Vec<(i64, String)> {
+        std::mem::take(&mut self.recovered_pending)
     }
 
     /// Number of messages waiting for delivery.
@@ -504,26 +506,21 @@ impl Store {
         Ok(self.pending.len() as i64)
     }
 
-    /// Records delivered messages and final failures (one record for the whole batch); final
-    /// failures are also appended to `dead_letters.jsonl` with the backend's status and body.
-    pub fn settle(
-        &mut self,
-        delivered: &[&QueuedMessage],
-        dead: &[(&QueuedMessage, u16, &[u8])],
-        now: i64,
-    ) -> io::Result<()> {
-        let ids: Vec<(u64, u8)> = delivered
+    /// Records the backend's final answers: delivered messages and final failures (one record
+    /// for the whole batch); final failures are also appended to `dead_letters.jsonl` with the
+    /// backend's status and body. Answers for messages no longer pending are ignored.
+    pub fn settle(&mut self, answers: &[Done], now: i64) -> io::Result<()> {
+        let ids: Vec<(u64, u8)> = answers
             .iter()
-            .map(|m| (m.id as u64, DELIVERED))
-            .chain(dead.iter().map(|(m, _, _)| (m.id as u64, DEAD)))
+            .map(|d| (d.message.id as u64, if d.delivered { DELIVERED } else { DEAD }))
             .filter(|(id, _)| self.pending.contains_key(id))
             .collect();
         if ids.is_empty() {
             return Ok(());
         }
-        if !dead.is_empty() {
+        if answers.iter().any(|d| !d.delivered) {
             let mut lines = String::new();
-            for (m, status, body) in dead {
+            for Done { message: m, status, body, .. } in answers.iter().filter(|d| !d.delivered) {
                 let v = serde_json::json!({
                     "id": m.id,
                     "device_id": m.device_id,
@@ -541,7 +538,7 @@ impl Store {
                 .append(true)
                 .open(self.dir.join("dead_letters.jsonl"))?
                 .write_all(lines.as_bytes())?;
-            self.dead_letters += dead.len() as u64;
+            self.dead_letters += answers.iter().filter(|d| !d.delivered).count() as u64;
         }
         self.rotate_if_full()?;
         self.buf.clear();
@@ -637,6 +634,7 @@ impl Syncer {
                         let _ = f.sync_data();
                     }
                 }
+                shared.passes.fetch_add(1, Ordering::Relaxed);
                 if stop2.load(Ordering::Relaxed) {
                     break;
                 }
@@ -671,6 +669,17 @@ pub fn inspect(dir: &Path) -> io::Result<(i64, i64)> {
 mod tests {
     use super::*;
     use crate::replay::digest;
+
+    fn answer(m: &QueuedMessage, status: u16, body: &[u8]) -> Done {
+        Done {
+            message: m.clone(),
+            status,
+            body: body.to_vec(),
+            delivered: (200..300).contains(&status),
+            attempts: 1,
+            answered_at: std::time::Instant::now(),
+        }
+    }
 
     #[test]
     fn append_then_reopen_keeps_messages_and_seen_ids() {
@@ -715,10 +724,11 @@ mod tests {
                 s.append("d", m, 10, Some(b"1")).unwrap();
             }
             let rows = s.pending_after(0, 10).unwrap();
-            s.settle(&[&rows[0]], &[(&rows[1], 400, b"bad".as_slice())], 5).unwrap();
+            let a = answer(&rows[0], 200, b"");
+            s.settle(&[a.clone(), answer(&rows[1], 400, b"bad")], 5).unwrap();
             assert_eq!(s.queued_bytes(), spool_cost("d", "c", 1));
             // Settling twice changes nothing.
-            s.settle(&[&rows[0]], &[], 6).unwrap();
+            s.settle(&[a], 6).unwrap();
         }
         let mut s = Store::open(dir.path(), 1 << 20).unwrap();
         let left = s.pending_after(0, 10).unwrap();
@@ -770,8 +780,8 @@ mod tests {
         assert!(s.segments.len() >= 2);
         assert_eq!(s.prune(1000).unwrap(), 0, "pending messages keep their segment");
         let all = s.pending_after(0, usize::MAX).unwrap();
-        let refs: Vec<&QueuedMessage> = all.iter().collect();
-        s.settle(&refs, &[], 0).unwrap();
+        let answers: Vec<Done> = all.iter().map(|m| answer(m, 200, b"")).collect();
+        s.settle(&answers, 0).unwrap();
         assert_eq!(s.prune(50).unwrap(), 0, "ids still inside their window keep their segment");
         let before = s.disk_bytes();
         assert!(s.prune(1000).unwrap() >= 1);
@@ -792,11 +802,18 @@ mod tests {
     }
 
     #[test]
-    fn syncer_starts_and_stops() {
+    fn syncer_runs_a_last_pass_when_stopped_and_is_joined() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path(), 1 << 20).unwrap();
         let mut y = s.start_syncer().unwrap();
         s.append("d", "m", 10, Some(b"1")).unwrap();
+        // Stopped long before its first periodic pass (1 s): only the final pass can count.
+        let before = s.sync.passes.load(Ordering::Relaxed);
         y.stop();
+        assert_eq!(before, 0);
+        assert_eq!(s.sync.passes.load(Ordering::Relaxed), 1, "stop() runs one last sync");
+        assert!(y.handle.is_none(), "the thread was joined");
+        // The syncer only ever syncs the files the store told it about.
+        assert_eq!(s.sync.files.lock().unwrap().len(), 1);
     }
 }

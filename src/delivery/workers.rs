@@ -1,7 +1,7 @@
-//! Delivery of accepted messages to the HTTP backend, on worker threads.
+//! The worker pool that POSTs accepted messages to the HTTP backend, one thread per lane.
 //!
-//! The broker thread hands each outbox row to the lane of its device (`hash(device) % workers`),
-//! so one worker sees all of a device's messages, in order. A worker POSTs its message until the
+//! The delivery owner (`super`) decides which lane a message goes to; a lane is served by one
+//! worker, so a device's messages are sent in order. A worker POSTs its message until the
 //! backend gives a final answer: 2xx delivered, other 4xx (but 429) dead-lettered. 5xx, 429,
 //! timeouts and refused connections are retried with capped exponential backoff and full jitter,
 //! for as long as it takes; the lane waits meanwhile, which keeps per-device order.
@@ -9,11 +9,12 @@
 //! Workers never call the broker: they push a [`Done`] onto the results queue and call the
 //! `wake` hook so the broker thread drains it promptly.
 
+use super::outbox::{Done, QueuedMessage};
 use crate::config::BackendConfig;
-use crate::store::QueuedMessage;
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
+use crate::host::{Level, LogLine};
+use std::fmt;
 use std::io::Read;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
@@ -29,34 +30,36 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Longest Retry-After honoured (a larger value is clamped, never ignored).
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
 
-/// The backend's final answer to one message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Done {
-    pub message: QueuedMessage,
-    pub status: u16,
-    pub body: Vec<u8>,
-    /// true: 2xx. false: a final 4xx, to be dead-lettered.
-    pub delivered: bool,
-    pub attempts: u32,
-    /// When the backend's answer arrived (to measure the response path).
-    pub answered_at: Instant,
-}
-
-/// A line for the broker log, produced off the broker thread.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogLine {
-    pub warning: bool,
-    pub text: String,
-}
-
-/// Counters the workers update.
+/// Counters only the workers can keep (the broker thread sees final answers, not attempts).
 #[derive(Default, Debug)]
-pub struct ForwardStats {
+pub struct WorkerStats {
     pub attempts: AtomicU64,
     pub retries: AtomicU64,
-    pub delivered: AtomicU64,
-    pub dead_lettered: AtomicU64,
 }
+
+/// Why a backend could not be set up (at start-up, so the broker refuses to start).
+#[derive(Debug)]
+pub enum BackendError {
+    CaFile(PathBuf, std::io::Error),
+    NoCertificate(PathBuf),
+    BadUrl(String),
+    Thread(std::io::Error),
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendError::CaFile(p, e) => write!(f, "{}: {e}", p.display()),
+            BackendError::NoCertificate(p) => {
+                write!(f, "{}: no PEM certificate found", p.display())
+            }
+            BackendError::BadUrl(why) => write!(f, "{why}"),
+            BackendError::Thread(e) => write!(f, "cannot start worker thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BackendError {}
 
 /// What workers share with the broker thread.
 struct Shared {
@@ -66,28 +69,16 @@ struct Shared {
     /// Wakes workers sleeping in a backoff so shutdown is prompt.
     sleep_lock: Mutex<()>,
     sleep_cv: Condvar,
-    stats: ForwardStats,
+    stats: WorkerStats,
 }
 
-/// The worker pool.
-pub struct Forwarder {
+/// The worker pool: one bounded queue (lane) and one thread per worker.
+pub struct Pool {
     lanes: Vec<SyncSender<QueuedMessage>>,
     /// Messages sitting in each lane (so the broker thread never reads the outbox for nothing).
     depth: Vec<Arc<AtomicUsize>>,
     handles: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
-}
-
-/// A stable hash of a device id (SipHash with fixed keys: the same in every run).
-pub fn device_hash(device: &str) -> u64 {
-    let mut h = DefaultHasher::new();
-    device.hash(&mut h);
-    h.finish()
-}
-
-/// Where a device's messages go: a stable lane index.
-pub fn lane_of(device: &str, lanes: usize) -> usize {
-    (device_hash(device) % lanes as u64) as usize
 }
 
 /// The backend URL for `device`: the template with `{device_id}` percent-encoded.
@@ -105,11 +96,11 @@ pub fn url_for(template: &str, device: &str) -> String {
 
 /// Builds the HTTP agent: keep-alive pool, bounded timeouts, statuses as data (not errors),
 /// system trust store or the configured CA.
-pub fn agent(cfg: &BackendConfig) -> Result<ureq::Agent, String> {
+pub fn agent(cfg: &BackendConfig) -> Result<ureq::Agent, BackendError> {
     use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
     let roots = match &cfg.ca_file {
         Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let pem = std::fs::read(path).map_err(|e| BackendError::CaFile(path.clone(), e))?;
             let certs: Vec<Certificate<'static>> = ureq::tls::parse_pem(&pem)
                 .filter_map(|item| match item {
                     Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
@@ -117,7 +108,7 @@ pub fn agent(cfg: &BackendConfig) -> Result<ureq::Agent, String> {
                 })
                 .collect();
             if certs.is_empty() {
-                return Err(format!("{}: no PEM certificate found", path.display()));
+                return Err(BackendError::NoCertificate(path.clone()));
             }
             RootCerts::new_with_certs(&certs)
         }
@@ -177,14 +168,15 @@ pub enum Backend {
 }
 
 impl Backend {
-    pub fn new(cfg: &BackendConfig) -> Result<Backend, String> {
+    pub fn new(cfg: &BackendConfig) -> Result<Backend, BackendError> {
         let t = &cfg.url_template;
         if let Some(rest) = t.strip_prefix("http://") {
             let split = rest.find(['/', '?']).unwrap_or(rest.len());
             let (authority, path) = rest.split_at(split);
-            let uri: ureq::http::Uri =
-                format!("http://{authority}/").parse().map_err(|e| format!("{t}: {e}"))?;
-            let host = uri.host().ok_or_else(|| format!("{t}: no host"))?;
+            let uri: ureq::http::Uri = format!("http://{authority}/")
+                .parse()
+                .map_err(|e| BackendError::BadUrl(format!("{t}: {e}")))?;
+            let host = uri.host().ok_or_else(|| BackendError::BadUrl(format!("{t}: no host")))?;
             let path = if path.is_empty() {
                 "/".to_string()
             } else if path.starts_with('?') {
@@ -248,10 +240,15 @@ impl Backend {
     }
 }
 
+/// The ceiling of the backoff before retry number `n` (1-based): doubling from
+/// [`BACKOFF_START`], capped at [`BACKOFF_MAX`].
+fn backoff_ceiling(n: u32) -> Duration {
+    BACKOFF_START.saturating_mul(1u32 << n.min(16).saturating_sub(1)).min(BACKOFF_MAX)
+}
+
 /// Backoff before retry number `n` (1-based): full jitter over an exponential ceiling.
 pub fn backoff(n: u32) -> Duration {
-    let ceiling =
-        BACKOFF_START.saturating_mul(1u32 << n.min(16).saturating_sub(1)).min(BACKOFF_MAX);
+    let ceiling = backoff_ceiling(n);
     let mut r = [0u8; 8];
     let _ = openssl::rand::rand_bytes(&mut r);
     let frac = u64::from_le_bytes(r) as f64 / u64::MAX as f64;
@@ -259,12 +256,12 @@ pub fn backoff(n: u32) -> Duration {
     ceiling.mul_f64(0.1 + 0.9 * frac)
 }
 
-impl Forwarder {
+impl Pool {
     /// Starts `cfg.workers` threads. `wake` is called after each result is queued.
     pub fn start(
         cfg: &BackendConfig,
         wake: Arc<dyn Fn() + Send + Sync>,
-    ) -> Result<Forwarder, String> {
+    ) -> Result<Pool, BackendError> {
         // Fails here (at init) on an unreadable CA file or a bad URL; worker 0 then uses it.
         let mut first = Some(Backend::new(cfg)?);
         let shared = Arc::new(Shared {
@@ -273,19 +270,20 @@ impl Forwarder {
             stopping: AtomicBool::new(false),
             sleep_lock: Mutex::new(()),
             sleep_cv: Condvar::new(),
-            stats: ForwardStats::default(),
+            stats: WorkerStats::default(),
         });
-        let mut lanes = Vec::new();
-        let mut depth = Vec::new();
-        let mut handles = Vec::new();
+        let mut pool = Pool {
+            lanes: Vec::new(),
+            depth: Vec::new(),
+            handles: Vec::new(),
+            shared: shared.clone(),
+        };
         for i in 0..cfg.workers {
             let (tx, rx) = std::sync::mpsc::sync_channel(LANE_CAPACITY);
-            lanes.push(tx);
             let d = Arc::new(AtomicUsize::new(0));
-            depth.push(d.clone());
             let worker = Worker {
                 rx,
-                depth: d,
+                depth: d.clone(),
                 backend: match first.take() {
                     Some(b) => b,
                     None => Backend::new(cfg)?,
@@ -293,22 +291,24 @@ impl Forwarder {
                 shared: shared.clone(),
                 wake: wake.clone(),
             };
+            // On an error here `pool` is dropped, which stops the workers already started.
             let h = std::thread::Builder::new()
                 .name(format!("iotgw-fwd-{i}"))
                 .spawn(move || worker.run())
-                .map_err(|e| format!("cannot start worker thread: {e}"))?;
-            handles.push(h);
+                .map_err(BackendError::Thread)?;
+            pool.lanes.push(tx);
+            pool.depth.push(d);
+            pool.handles.push(h);
         }
-        Ok(Forwarder { lanes, depth, handles, shared })
+        Ok(pool)
     }
 
     pub fn lanes(&self) -> usize {
         self.lanes.len()
     }
 
-    /// Hands a message to its device's lane without blocking; gives it back if the lane is full.
-    pub fn try_dispatch(&self, m: QueuedMessage) -> Result<(), QueuedMessage> {
-        let lane = lane_of(&m.device_id, self.lanes.len());
+    /// Hands a message to `lane` without blocking; gives it back if the lane is full.
+    pub fn try_dispatch(&self, lane: usize, m: QueuedMessage) -> Result<(), QueuedMessage> {
         match self.lanes[lane].try_send(m) {
             Ok(()) => {
                 self.depth[lane].fetch_add(1, Ordering::Relaxed);
@@ -333,12 +333,12 @@ impl Forwarder {
         std::mem::take(&mut *self.shared.logs.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    pub fn stats(&self) -> &ForwardStats {
+    pub fn stats(&self) -> &WorkerStats {
         &self.shared.stats
     }
 
     /// Stops every worker and joins it. An in-flight request ends within the HTTP timeout;
-    /// undelivered messages simply stay in the outbox.
+    /// undelivered messages simply stay in the outbox. Idempotent.
     pub fn shutdown(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         {
@@ -352,7 +352,7 @@ impl Forwarder {
     }
 }
 
-impl Drop for Forwarder {
+impl Drop for Pool {
     fn drop(&mut self) {
         self.shutdown();
     }
@@ -371,8 +371,8 @@ impl Worker {
         self.shared.stopping.load(Ordering::SeqCst)
     }
 
-    fn log(&self, warning: bool, text: String) {
-        self.shared.logs.lock().unwrap_or_else(|p| p.into_inner()).push(LogLine { warning, text });
+    fn log(&self, level: Level, text: String) {
+        self.shared.logs.lock().unwrap_or_else(|p| p.into_inner()).push(LogLine { level, text });
     }
 
     /// Sleeps up to `d`; returns false if shutdown began.
@@ -409,7 +409,7 @@ impl Worker {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.deliver(m)));
             if outcome.is_err() {
                 self.log(
-                    true,
+                    Level::Warning,
                     "forwarder worker caught a panic; the message stays in the outbox".into(),
                 );
             }
@@ -427,12 +427,6 @@ impl Worker {
             match self.backend.attempt(&m) {
                 Attempt::Final { status, body } => {
                     let delivered = (200..300).contains(&status);
-                    let counter = if delivered {
-                        &self.shared.stats.delivered
-                    } else {
-                        &self.shared.stats.dead_lettered
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
                     let done = Done {
                         message: m,
                         status,
@@ -451,7 +445,7 @@ impl Worker {
                     // Log the first failure and then every tenth, to keep an outage readable.
                     if n == 1 || n.is_multiple_of(10) {
                         self.log(
-                            true,
+                            Level::Warning,
                             format!(
                                 "backend delivery failed for device {} message {} (attempt {n}: {why}); retrying in {} ms",
                                 m.device_id,
@@ -494,21 +488,20 @@ mod tests {
     }
 
     #[test]
-    fn lanes_are_stable_and_in_range() {
-        for d in ["a", "b", "sensor_001"] {
-            assert_eq!(lane_of(d, 4), lane_of(d, 4));
-            assert!(lane_of(d, 4) < 4);
-        }
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
+    fn backoff_doubles_up_to_the_cap_and_jitters_below_its_ceiling() {
+        let ceilings: Vec<u64> = (1..=12).map(|n| backoff_ceiling(n).as_millis() as u64).collect();
+        assert_eq!(
+            ceilings,
+            [100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000, 30000]
+        );
+        assert_eq!(backoff_ceiling(u32::MAX), BACKOFF_MAX);
         for n in 1..40 {
-            let b = backoff(n);
-            assert!(b <= BACKOFF_MAX, "{n}: {b:?}");
-            assert!(b >= BACKOFF_START / 10, "{n}: {b:?}");
+            let (b, c) = (backoff(n), backoff_ceiling(n));
+            assert!(b <= c && b >= c / 10, "{n}: {b:?} outside [{:?}, {c:?}]", c / 10);
         }
-        assert!(backoff(30) >= BACKOFF_MAX / 10);
+        // Jittered: 50 draws at the cap are not all the same.
+        let draws: std::collections::HashSet<Duration> = (0..50).map(|_| backoff(30)).collect();
+        assert!(draws.len() > 1);
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! persistence of replay ids, and forwarding against a loopback HTTP sink.
 
 use super::*;
-use crate::envelope::Reason;
+use crate::acl::{acl_verdict, identity, Access};
+use crate::delivery::outbox::Store;
+use crate::envelope::{Envelope, Reason};
+use crate::replay;
 use rusqlite::Connection;
 use std::path::Path;
 
@@ -53,7 +56,7 @@ fn gateway_with(dir: &Path, devices: &[(&str, &str)], extra: &[(&str, &str)]) ->
     }
     opts.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let cfg = Config::from_opts(opts.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
-    Gateway::start(cfg, Arc::new(|| {})).unwrap()
+    Gateway::start(cfg, Arc::new(|| {}), &mut FakeHost::default()).unwrap()
 }
 
 fn sign(secret: &str, device: &str, ts: i64, mid: &str, payload: Json) -> Vec<u8> {
@@ -76,12 +79,12 @@ fn send(
     topic: &str,
     payload: &[u8],
     now: i64,
-) -> Verdict {
+) -> Outcome {
     gw.on_write(host, Identity::Device(who), topic.as_bytes(), payload, now)
 }
 
 /// sensor_001 sends a message signed with its own secret on its own topic.
-fn send1(gw: &mut Gateway, host: &mut FakeHost, ts: i64, mid: &str, now: i64) -> Verdict {
+fn send1(gw: &mut Gateway, host: &mut FakeHost, ts: i64, mid: &str, now: i64) -> Outcome {
     send(
         gw,
         host,
@@ -92,9 +95,10 @@ fn send1(gw: &mut Gateway, host: &mut FakeHost, ts: i64, mid: &str, now: i64) ->
     )
 }
 
-fn last_reason(host: &FakeHost) -> String {
-    let line = &host.logs.last().unwrap().1;
-    line.split("reason=").nth(1).unwrap().split(' ').next().unwrap().to_string()
+/// The refusal for a spec reason named as in the vectors and the logs.
+fn refused(reason: &str) -> Outcome {
+    let r = Reason::ALL.into_iter().find(|r| r.as_str() == reason).unwrap();
+    Outcome::Refused(Refusal::Check(r))
 }
 
 fn vectors() -> serde_json::Value {
@@ -146,7 +150,7 @@ fn every_valid_vector_is_accepted_by_the_gateway() {
             v["envelope"].as_str().unwrap().as_bytes(),
             env.timestamp,
         );
-        assert_eq!(verdict, Verdict::Allow, "{}: {:?}", v["name"], host.logs.last());
+        assert_eq!(verdict, Outcome::Accepted, "{}: {:?}", v["name"], host.logs.last());
     }
     assert_eq!(gw.stats().accepted, 5);
 }
@@ -163,19 +167,21 @@ fn every_invalid_vector_is_rejected_with_its_reason() {
         let envelope = v["envelope"].as_str().unwrap().as_bytes();
         let verdict =
             send(&mut gw, &mut host, "sensor_001", "device/sensor_001/data", envelope, NOW);
-        assert_eq!(verdict, Verdict::Deny, "{}", v["name"]);
-        assert_eq!(last_reason(&host), want, "{}: {:?}", v["name"], host.logs.last());
+        assert_eq!(verdict, refused(want), "{}: {:?}", v["name"], host.logs.last());
     }
 }
 
-fn gateway_reopen(dir: &Path) -> Gateway {
+fn gateway_reopen_cfg(dir: &Path) -> Config {
     let opts = [
         ("db_path".to_string(), dir.join("devices.db").display().to_string()),
         ("spool_path".to_string(), dir.join("outbox").display().to_string()),
         ("backend_url".to_string(), "none".to_string()),
     ];
-    let cfg = Config::from_opts(opts.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
-    Gateway::start(cfg, Arc::new(|| {})).unwrap()
+    Config::from_opts(opts.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap()
+}
+
+fn gateway_reopen(dir: &Path) -> Gateway {
+    Gateway::start(gateway_reopen_cfg(dir), Arc::new(|| {}), &mut FakeHost::default()).unwrap()
 }
 
 #[test]
@@ -184,20 +190,26 @@ fn timestamp_tolerance_is_inclusive_in_both_directions() {
     let mut gw = gateway(dir.path(), &[]);
     let mut h = FakeHost::default();
     let t = "device/sensor_001/data";
-    assert_eq!(send1(&mut gw, &mut h, NOW - 300, "a", NOW), Verdict::Allow);
-    assert_eq!(send1(&mut gw, &mut h, NOW + 300, "b", NOW), Verdict::Allow);
-    assert_eq!(send1(&mut gw, &mut h, NOW - 301, "c", NOW), Verdict::Deny);
-    assert_eq!(last_reason(&h), "timestamp");
-    assert_eq!(send1(&mut gw, &mut h, NOW + 301, "d", NOW), Verdict::Deny);
-    assert_eq!(last_reason(&h), "timestamp");
+    assert_eq!(send1(&mut gw, &mut h, NOW - 300, "a", NOW), Outcome::Accepted);
+    assert_eq!(send1(&mut gw, &mut h, NOW + 300, "b", NOW), Outcome::Accepted);
+    assert_eq!(
+        send1(&mut gw, &mut h, NOW - 301, "c", NOW),
+        Outcome::Refused(Refusal::Check(Reason::Timestamp))
+    );
+    assert_eq!(
+        send1(&mut gw, &mut h, NOW + 301, "d", NOW),
+        Outcome::Refused(Refusal::Check(Reason::Timestamp))
+    );
     // Extreme values must not overflow the arithmetic (checked before the signature).
     let extreme = format!(
         r#"{{"device_id":"sensor_001","timestamp":{},"message_id":"e","payload":1,"signature":"{}"}}"#,
         i64::MIN,
         "0".repeat(64)
     );
-    assert_eq!(send(&mut gw, &mut h, "sensor_001", t, extreme.as_bytes(), NOW), Verdict::Deny);
-    assert_eq!(last_reason(&h), "timestamp");
+    assert_eq!(
+        send(&mut gw, &mut h, "sensor_001", t, extreme.as_bytes(), NOW),
+        Outcome::Refused(Refusal::Check(Reason::Timestamp))
+    );
 }
 
 #[test]
@@ -207,12 +219,14 @@ fn replay_same_id_within_window_is_rejected_and_accepted_after_it() {
     let mut h = FakeHost::default();
     let t = "device/sensor_001/data";
     let m = sign(S1, "sensor_001", NOW, "id-1", Json::Null);
-    assert_eq!(send(&mut gw, &mut h, "sensor_001", t, &m, NOW), Verdict::Allow);
-    assert_eq!(send(&mut gw, &mut h, "sensor_001", t, &m, NOW + 10), Verdict::Deny);
-    assert_eq!(last_reason(&h), "replay");
+    assert_eq!(send(&mut gw, &mut h, "sensor_001", t, &m, NOW), Outcome::Accepted);
+    assert_eq!(
+        send(&mut gw, &mut h, "sensor_001", t, &m, NOW + 10),
+        Outcome::Refused(Refusal::Check(Reason::Replay))
+    );
     // A fresh message reusing the id after the old one's window closed is fine.
     let later = sign(S1, "sensor_001", NOW + 301, "id-1", Json::Null);
-    assert_eq!(send(&mut gw, &mut h, "sensor_001", t, &later, NOW + 301), Verdict::Allow);
+    assert_eq!(send(&mut gw, &mut h, "sensor_001", t, &later, NOW + 301), Outcome::Accepted);
 }
 
 #[test]
@@ -222,10 +236,12 @@ fn forged_message_does_not_burn_the_message_id() {
     let mut h = FakeHost::default();
     let t = "device/sensor_001/data";
     let forged = sign("wrong", "sensor_001", NOW, "id-9", Json::Null);
-    assert_eq!(send(&mut gw, &mut h, "sensor_001", t, &forged, NOW), Verdict::Deny);
-    assert_eq!(last_reason(&h), "signature");
+    assert_eq!(
+        send(&mut gw, &mut h, "sensor_001", t, &forged, NOW),
+        Outcome::Refused(Refusal::Check(Reason::Signature))
+    );
     let real = sign(S1, "sensor_001", NOW, "id-9", Json::Null);
-    assert_eq!(send(&mut gw, &mut h, "sensor_001", t, &real, NOW), Verdict::Allow);
+    assert_eq!(send(&mut gw, &mut h, "sensor_001", t, &real, NOW), Outcome::Accepted);
 }
 
 #[test]
@@ -234,13 +250,15 @@ fn replay_cap_reached_refuses_instead_of_forgetting() {
     let mut gw = gateway(dir.path(), &[("replay_cache_size", "3")]);
     let mut h = FakeHost::default();
     for i in 0..3 {
-        assert_eq!(send1(&mut gw, &mut h, NOW, &format!("m{i}"), NOW), Verdict::Allow);
+        assert_eq!(send1(&mut gw, &mut h, NOW, &format!("m{i}"), NOW), Outcome::Accepted);
     }
-    assert_eq!(send1(&mut gw, &mut h, NOW, "m3", NOW), Verdict::Deny);
-    assert_eq!(last_reason(&h), "replay");
+    assert_eq!(
+        send1(&mut gw, &mut h, NOW, "m3", NOW),
+        Outcome::Refused(Refusal::Check(Reason::Replay))
+    );
     assert!(h.logs.last().unwrap().1.contains("cache full"));
     // The first id is still refused as a replay: it was never forgotten.
-    assert_eq!(send1(&mut gw, &mut h, NOW, "m0", NOW), Verdict::Deny);
+    assert_eq!(send1(&mut gw, &mut h, NOW, "m0", NOW), refused("replay"));
     // Other devices are unaffected.
     assert_eq!(
         send(
@@ -251,7 +269,7 @@ fn replay_cap_reached_refuses_instead_of_forgetting() {
             &sign("anothersecretkey456", "sensor_002", NOW, "m3", Json::Null),
             NOW
         ),
-        Verdict::Allow
+        Outcome::Accepted
     );
 }
 
@@ -266,7 +284,7 @@ fn replay_ids_survive_a_restart() {
         let mut h = FakeHost::default();
         assert_eq!(
             send(&mut gw, &mut h, "sensor_001", "device/sensor_001/data", &m, now),
-            Verdict::Allow
+            Outcome::Accepted
         );
         gw.shutdown(&mut h);
     }
@@ -281,9 +299,8 @@ fn replay_ids_survive_a_restart() {
     let mut h = FakeHost::default();
     assert_eq!(
         send(&mut gw, &mut h, "sensor_001", "device/sensor_001/data", &m, now),
-        Verdict::Deny
+        Outcome::Refused(Refusal::Check(Reason::Replay))
     );
-    assert_eq!(last_reason(&h), "replay");
 }
 
 #[test]
@@ -295,27 +312,23 @@ fn identity_mismatches_are_identity() {
     // envelope says sensor_001, TLS identity sensor_002, own topic of sensor_002
     assert_eq!(
         send(&mut gw, &mut h, "sensor_002", "device/sensor_002/data", &m, NOW),
-        Verdict::Deny
+        Outcome::Refused(Refusal::Check(Reason::Identity))
     );
-    assert_eq!(last_reason(&h), "identity");
     // device A publishing on device B's topic
     assert_eq!(
         send(&mut gw, &mut h, "sensor_001", "device/sensor_002/data", &m, NOW),
-        Verdict::Deny
+        Outcome::Refused(Refusal::Check(Reason::Identity))
     );
-    assert_eq!(last_reason(&h), "identity");
     // no TLS identity
     assert_eq!(
         gw.on_write(&mut h, Identity::None, b"device/sensor_001/data", &m, NOW),
-        Verdict::Deny
+        Outcome::Refused(Refusal::Check(Reason::Identity))
     );
-    assert_eq!(last_reason(&h), "identity");
     // a service identity cannot publish device data
     assert_eq!(
         gw.on_write(&mut h, Identity::Service("dashboard"), b"device/sensor_001/data", &m, NOW),
-        Verdict::Deny
+        Outcome::Refused(Refusal::Check(Reason::Identity))
     );
-    assert_eq!(last_reason(&h), "identity");
 }
 
 #[test]
@@ -326,16 +339,15 @@ fn unknown_and_newly_added_devices() {
     let m = sign("s9", "sensor_009", NOW, "x", Json::Null);
     assert_eq!(
         send(&mut gw, &mut h, "sensor_009", "device/sensor_009/data", &m, NOW),
-        Verdict::Deny
+        Outcome::Refused(Refusal::Check(Reason::UnknownDevice))
     );
-    assert_eq!(last_reason(&h), "unknown_device");
     Connection::open(dir.path().join("devices.db"))
         .unwrap()
         .execute("INSERT INTO devices VALUES ('sensor_009','s9',0)", [])
         .unwrap();
     assert_eq!(
         send(&mut gw, &mut h, "sensor_009", "device/sensor_009/data", &m, NOW),
-        Verdict::Allow
+        Outcome::Accepted
     );
 }
 
@@ -351,9 +363,8 @@ fn garbage_payloads_are_malformed_and_counted() {
     for c in &cases {
         assert_eq!(
             send(&mut gw, &mut h, "sensor_001", "device/sensor_001/data", c, NOW),
-            Verdict::Deny
+            Outcome::Refused(Refusal::Check(Reason::Malformed))
         );
-        assert_eq!(last_reason(&h), "malformed");
     }
     assert_eq!(gw.stats().rejected[Reason::Malformed.index()], cases.len() as u64);
     // Rejection logs never carry the payload.
@@ -392,16 +403,19 @@ fn acl_policy_for_devices_services_and_anonymous() {
         Verdict::Defer
     );
     // Writes: a device only to its own data topic; nobody to response topics.
-    assert_eq!(gw.on_write(&mut h, dev, b"other/topic", b"x", NOW), Verdict::Deny);
+    assert_eq!(
+        gw.on_write(&mut h, dev, b"other/topic", b"x", NOW),
+        Outcome::Denied(Denial::NotOwnDataTopic)
+    );
     assert_eq!(
         gw.on_write(&mut h, Identity::None, b"device/sensor_001/response", b"x", NOW),
-        Verdict::Deny
+        Outcome::Denied(Denial::ResponseTopic)
     );
     assert_eq!(
         gw.on_write(&mut h, Identity::Service("dashboard"), b"alerts/x", b"x", NOW),
-        Verdict::Defer
+        Outcome::Deferred
     );
-    assert_eq!(gw.on_write(&mut h, Identity::None, b"alerts/x", b"x", NOW), Verdict::Defer);
+    assert_eq!(gw.on_write(&mut h, Identity::None, b"alerts/x", b"x", NOW), Outcome::Deferred);
 }
 
 #[test]
@@ -433,7 +447,7 @@ fn disabled_device_is_refused_after_a_registry_snapshot() {
     let mut gw = gateway(dir.path(), &[]);
     let mut h = FakeHost::default();
     let t = "device/sensor_001/data";
-    assert_eq!(send1(&mut gw, &mut h, NOW, "a", NOW), Verdict::Allow);
+    assert_eq!(send1(&mut gw, &mut h, NOW, "a", NOW), Outcome::Accepted);
     let c = Connection::open(dir.path().join("devices.db")).unwrap();
     crate::registry::migrate(&c).unwrap();
     c.execute("UPDATE devices SET enabled = 0 WHERE device_id = 'sensor_001'", []).unwrap();
@@ -441,13 +455,14 @@ fn disabled_device_is_refused_after_a_registry_snapshot() {
     for i in 0.. {
         gw.on_tick(&mut h, NOW);
         let m = sign(S1, "sensor_001", NOW, &format!("b{i}"), Json::Null);
-        if send(&mut gw, &mut h, "sensor_001", t, &m, NOW) == Verdict::Deny {
+        let outcome = send(&mut gw, &mut h, "sensor_001", t, &m, NOW);
+        if outcome != Outcome::Accepted {
+            assert_eq!(outcome, refused("unknown_device"));
             break;
         }
         assert!(Instant::now() < deadline, "still accepted 5 s after disable");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(last_reason(&h), "unknown_device");
 }
 
 #[test]
@@ -508,7 +523,7 @@ fn accepted_message_is_forwarded_and_answered_with_a_signed_response() {
     );
     assert_eq!(
         send(&mut gw, &mut host, "sensor_001", "device/sensor_001/data", &m, now),
-        Verdict::Allow
+        Outcome::Accepted
     );
     let first = rx.recv_timeout(Duration::from_secs(10));
     if first.is_err() {
@@ -534,7 +549,7 @@ fn accepted_message_is_forwarded_and_answered_with_a_signed_response() {
     assert_eq!(topic, "device/sensor_001/response");
     let env = Envelope::parse(payload, 65536).unwrap();
     assert!(envelope::verify(S1.as_bytes(), &env.canonical(), &env.signature));
-    assert_eq!(gw.store.pending_count().unwrap(), 0);
+    assert_eq!(gw.delivery.pending(), 0);
     gw.shutdown(&mut host);
     h.join().unwrap();
 }
@@ -551,7 +566,7 @@ fn message_id_with_control_characters_is_delivered_with_an_encoded_header() {
     let m = sign(S1, "sensor_001", now, mid, Json::Null);
     assert_eq!(
         send(&mut gw, &mut host, "sensor_001", "device/sensor_001/data", &m, now),
-        Verdict::Allow
+        Outcome::Accepted
     );
     let (_, headers, _) =
         rx.recv_timeout(Duration::from_secs(10)).expect("delivered, not retried forever");
@@ -560,4 +575,48 @@ fn message_id_with_control_characters_is_delivered_with_an_encoded_header() {
     assert_eq!(hv("x-injected"), None);
     gw.shutdown(&mut host);
     h.join().unwrap();
+}
+
+#[test]
+fn a_torn_outbox_tail_is_logged_once_at_start_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = unix_now();
+    {
+        let mut gw = gateway(dir.path(), &[]);
+        let mut h = FakeHost::default();
+        let m = sign(S1, "sensor_001", now, "kept", Json::Null);
+        assert_eq!(
+            send(&mut gw, &mut h, "sensor_001", "device/sensor_001/data", &m, now),
+            Outcome::Accepted
+        );
+        gw.shutdown(&mut h);
+    }
+    let seg = std::fs::read_dir(dir.path().join("outbox"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "log"))
+        .unwrap();
+    // Positive control: a clean outbox starts without a warning.
+    let mut clean = FakeHost::default();
+    Gateway::start(gateway_reopen_cfg(dir.path()), Arc::new(|| {}), &mut clean)
+        .unwrap()
+        .shutdown(&mut clean);
+    assert!(clean.logs.iter().all(|(l, _)| *l != Level::Warning), "{:?}", clean.logs);
+    // A crash mid-record: a frame header promising 100 bytes, and only 3 of them.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    std::io::Write::write_all(&mut f, &[100, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9]).unwrap();
+    drop(f);
+    let mut h = FakeHost::default();
+    let mut gw = Gateway::start(gateway_reopen_cfg(dir.path()), Arc::new(|| {}), &mut h).unwrap();
+    let warnings: Vec<&String> =
+        h.logs.iter().filter(|(l, _)| *l == Level::Warning).map(|(_, t)| t).collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains(&seg.display().to_string()), "{}", warnings[0]);
+    assert!(warnings[0].contains("11 bytes"), "{}", warnings[0]);
+    // The record before the torn one survived: its id is still a replay.
+    let m = sign(S1, "sensor_001", now, "kept", Json::Null);
+    assert_eq!(
+        send(&mut gw, &mut h, "sensor_001", "device/sensor_001/data", &m, now),
+        refused("replay")
+    );
 }

@@ -2,7 +2,7 @@
 //! on the broker thread, inside a callback; [`BrokerHost`] is `!Send` so it cannot leave it.
 
 use super::sys;
-use crate::gateway::{Host, Level};
+use crate::host::{Host, Level};
 use foreign_types::ForeignType;
 use openssl::nid::Nid;
 use openssl::x509::X509;

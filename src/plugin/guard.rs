@@ -3,6 +3,7 @@
 //!
 //! | entry point | fallback | why |
 //! |---|---|---|
+//! | plugin version | `-1` (no version) | the broker refuses to load a plugin it cannot talk to |
 //! | ACL check | `MOSQ_ERR_ACL_DENIED` | drop the message / refuse the access; the client stays connected |
 //! | init | `MOSQ_ERR_UNKNOWN` | the broker refuses to start rather than run unprotected |
 //! | tick | `MOSQ_ERR_SUCCESS` | nothing to refuse; the next tick retries the work |

@@ -6,16 +6,19 @@
 //! and wake the loop with [`wake::Waker`].
 //!
 //! Lifetime: init boxes an [`Instance`] into `*userdata` and registers the callbacks with it;
-//! cleanup unregisters them, joins every thread and frees the box. With
-//! `per_listener_settings true` init runs once per listener, so nothing lives in globals.
+//! cleanup unregisters them, joins every thread and frees the box. Nothing lives in globals.
+//! (`per_listener_settings true` is not supported: 2.0.11 never ticks such an instance, and
+//! a second instance on the same spool_path is refused by the outbox lock; see the README.)
 
 mod broker;
 mod guard;
 mod sys;
 mod wake;
 
+use crate::acl::{self, Access, Identity, Verdict};
 use crate::config::Config;
-use crate::gateway::{self, Access, Gateway, Host, Identity, Level, Verdict};
+use crate::gateway::Gateway;
+use crate::host::{unix_now, Host, Level};
 use broker::BrokerHost;
 use guard::guard;
 use std::cell::RefCell;
@@ -62,19 +65,22 @@ const _: [unsafe extern "C" fn(*mut c_void, *mut sys::mosquitto_opt, c_int) -> c
 /// Called by the broker with its list of supported versions.
 #[no_mangle]
 pub unsafe extern "C" fn mosquitto_plugin_version(count: c_int, versions: *const c_int) -> c_int {
-    let offered = if versions.is_null() || count <= 0 {
-        &[][..]
-    } else {
-        // SAFETY: the broker passes `count` ints at `versions`.
-        unsafe { std::slice::from_raw_parts(versions, count as usize) }
-    };
-    if !offered.contains(&5) {
-        broker::log_raw(
-            sys::MOSQ_LOG_ERR as c_int,
-            "secure-iot-gateway: needs plugin API v5 (Mosquitto 2.0 or later)",
-        );
-    }
-    5
+    // On a panic, answer -1: no version we speak, so the broker refuses to load us.
+    guard("plugin_version", -1, || {
+        let offered = if versions.is_null() || count <= 0 {
+            &[][..]
+        } else {
+            // SAFETY: the broker passes `count` ints at `versions`.
+            unsafe { std::slice::from_raw_parts(versions, count as usize) }
+        };
+        if !offered.contains(&5) {
+            broker::log_raw(
+                sys::MOSQ_LOG_ERR as c_int,
+                "secure-iot-gateway: needs plugin API v5 (Mosquitto 2.0 or later)",
+            );
+        }
+        5
+    })
 }
 
 /// Reads the broker's option array into owned (key, value) pairs; non-UTF-8 is kept lossily so
@@ -134,7 +140,7 @@ pub unsafe extern "C" fn mosquitto_plugin_init(
             }
         };
         let w = waker.clone();
-        let gw = match Gateway::start(cfg.clone(), Arc::new(move || w.wake())) {
+        let gw = match Gateway::start(cfg.clone(), Arc::new(move || w.wake()), &mut host) {
             Ok(g) => g,
             Err(e) => {
                 host.log(Level::Error, &format!("secure-iot-gateway: configuration error: {e}"));
@@ -254,7 +260,7 @@ unsafe extern "C" fn on_acl_check(
         // The certificate is only consulted when there is a username it could vouch for.
         // SAFETY: as above.
         let cn = username.and_then(|_| unsafe { broker::client_cert_cn(ed.client) });
-        let who = gateway::identity(&inst.cfg, username, cn.as_deref());
+        let who = acl::identity(&inst.cfg, username, cn.as_deref());
         // SAFETY: the topic is a NUL-terminated string valid during the callback.
         let topic = unsafe { std::ffi::CStr::from_ptr(ed.topic) }.to_bytes();
         let access = ed.access as u32;
@@ -277,7 +283,7 @@ unsafe extern "C" fn on_acl_check(
                 return if matches!(who, Identity::Device(_)) { ERR_ACL_DENIED } else { ERR_DEFER }
             }
         };
-        rc(gateway::acl_verdict(&inst.cfg, who, access, topic))
+        rc(acl::acl_verdict(&inst.cfg, who, access, topic))
     })
 }
 
@@ -288,7 +294,7 @@ fn write_check(inst: &Instance, who: Identity<'_>, topic: &[u8], payload: &[u8])
         // Re-entered while the gateway is busy (cannot happen for WRITE in 2.0): fail closed.
         return ERR_ACL_DENIED;
     };
-    rc(gw.on_write(&mut host, who, topic, payload, gateway::unix_now()))
+    rc(gw.on_write(&mut host, who, topic, payload, unix_now()).verdict())
 }
 
 /// Drains worker results (responses, outbox updates), applies registry snapshots, housekeeping.
@@ -307,7 +313,7 @@ unsafe extern "C" fn on_tick(
         if let Ok(mut gw) = inst.gateway.try_borrow_mut() {
             // SAFETY: inside the tick callback, on the broker thread.
             let mut host = unsafe { BrokerHost::new() };
-            gw.on_tick(&mut host, gateway::unix_now());
+            gw.on_tick(&mut host, unix_now());
         }
         ERR_SUCCESS
     })

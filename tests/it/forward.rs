@@ -390,7 +390,8 @@ fn sigterm_with_a_full_outbox_exits_cleanly_and_delivers_after_restart() {
     assert_eq!(broker.stop(), Some(0), "{}", broker.log());
     eprintln!("SIGTERM to exit with a backlog: {:?}", stopped.elapsed());
     assert!(broker.log().contains("every worker joined"), "{}", broker.log());
-    let (pending, _) = secure_iot_gateway::store::inspect(&env.path().join("outbox")).unwrap();
+    let (pending, _) =
+        secure_iot_gateway::delivery::outbox::inspect(&env.path().join("outbox")).unwrap();
     assert_eq!(pending, 20);
     let sink = Sink::start(sink_port);
     let broker = start_on(&env, bport, &backend_opts(sink_port));

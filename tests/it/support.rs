@@ -292,7 +292,7 @@ pub fn signed_with(secret: &str, device: &str, ts: i64, mid: &str, payload: &str
 }
 
 pub fn now() -> i64 {
-    secure_iot_gateway::gateway::unix_now()
+    secure_iot_gateway::host::unix_now()
 }
 
 pub fn uid() -> String {

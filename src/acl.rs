@@ -1,0 +1,78 @@
+//! Who a client is and what it may read or subscribe to. Pure policy over the configuration:
+//! safe to call re-entrantly (a broker log line sent to a topic triggers READ checks while the
+//! gateway is logging), and shared by the validator (WRITE) and the shim (READ/SUBSCRIBE).
+
+use crate::config::Config;
+
+/// Who a client is, as far as this plugin is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Identity<'a> {
+    /// A client whose verified certificate CN is its username: a device, registered or not.
+    Device(&'a str),
+    /// A certificate holder named in `service_identities`.
+    Service(&'a str),
+    /// No certificate-backed identity (plain listener, or a TLS listener without
+    /// `use_identity_as_username`). The broker's own acl_file decides for it.
+    None,
+}
+
+impl Identity<'_> {
+    /// The name for a log line ("-" when there is none).
+    pub fn name(&self) -> &str {
+        match self {
+            Identity::Device(d) | Identity::Service(d) => d,
+            Identity::None => "-",
+        }
+    }
+}
+
+/// Classifies a client from its username and its certificate's first CN (None: no certificate).
+pub fn identity<'a>(
+    cfg: &Config,
+    username: Option<&'a [u8]>,
+    cert_cn: Option<&[u8]>,
+) -> Identity<'a> {
+    match (username, cert_cn) {
+        (Some(u), Some(cn)) if u == cn => match std::str::from_utf8(u) {
+            Ok(s) if cfg.is_service(s) => Identity::Service(s),
+            Ok(s) => Identity::Device(s),
+            // A certificate holder whose CN is not text is still a device: one that can match
+            // no topic, so it can do nothing.
+            Err(_) => Identity::Device(""),
+        },
+        _ => Identity::None,
+    }
+}
+
+/// The plugin's answer to an ACL question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// Not ours to decide: the broker's acl_file (or the next plugin) decides.
+    Defer,
+}
+
+/// The kinds of ACL question besides WRITE (which the gateway answers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Subscribe,
+    Unsubscribe,
+}
+
+/// ACL READ / SUBSCRIBE / UNSUBSCRIBE: devices get exactly their own response topic; everyone
+/// else is left to the broker's acl_file.
+pub fn acl_verdict(cfg: &Config, who: Identity<'_>, access: Access, topic: &[u8]) -> Verdict {
+    let Identity::Device(dev) = who else { return Verdict::Defer };
+    if access == Access::Unsubscribe {
+        return Verdict::Allow;
+    }
+    let own = !dev.is_empty()
+        && std::str::from_utf8(topic).is_ok_and(|t| cfg.response_topic.is_topic_of(t, dev));
+    if own {
+        Verdict::Allow
+    } else {
+        Verdict::Deny
+    }
+}

@@ -1,0 +1,182 @@
+//! The validator: the spec's checks in order (well-formed, fields, identity, registered,
+//! timestamp, replay, signature) against the registry and the replay memory. It does no I/O
+//! but a registry miss, and it never records anything by itself: the gateway calls
+//! [`Validator::commit`] once the message is durably stored, so a message the outbox refused
+//! does not burn its id.
+
+use crate::acl::Identity;
+use crate::config::Config;
+use crate::envelope::{self, Envelope, Reason, Rejection};
+use crate::host::printable;
+use crate::registry::Registry;
+use crate::replay::{self, IdDigest, ReplayCache, ReplayCheck};
+
+/// A message that passed every check, not yet recorded.
+#[derive(Debug)]
+pub struct Accepted {
+    pub envelope: Envelope,
+    digest: IdDigest,
+    /// When its id leaves the replay window (timestamp + tolerance).
+    pub expires_at: i64,
+}
+
+impl Accepted {
+    pub fn device(&self) -> &str {
+        self.envelope.device_id()
+    }
+    pub fn message_id(&self) -> &str {
+        self.envelope.message_id()
+    }
+}
+
+/// A message that failed a check: the reason with its detail, and the message id when the
+/// envelope got far enough to have one (for the log line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub rejection: Rejection,
+    pub message_id: Option<String>,
+}
+
+/// Registry + replay memory + the limits of the configuration.
+pub struct Validator {
+    registry: Registry,
+    replay: ReplayCache,
+    tolerance: i64,
+    max_payload: usize,
+    replay_cap: usize,
+    /// Reused for the canonical form of every message (no allocation per message).
+    canon: Vec<u8>,
+}
+
+impl Validator {
+    /// `seen`: ids accepted before a restart that are still inside their window.
+    pub fn new(
+        cfg: &Config,
+        registry: Registry,
+        seen: impl IntoIterator<Item = (String, IdDigest, i64)>,
+    ) -> Validator {
+        let mut replay = ReplayCache::new(cfg.replay_cache_size);
+        for (device, digest, expires) in seen {
+            replay.record(&device, digest, expires);
+        }
+        Validator {
+            registry,
+            replay,
+            tolerance: cfg.timestamp_tolerance,
+            max_payload: cfg.max_payload_bytes,
+            replay_cap: cfg.replay_cache_size,
+            canon: Vec::with_capacity(1024),
+        }
+    }
+
+    /// Runs the checks for a message from `who` on the data topic of `topic_device`.
+    pub fn check(
+        &mut self,
+        who: Identity<'_>,
+        topic_device: &str,
+        payload: &[u8],
+        now: i64,
+    ) -> Result<Accepted, Rejected> {
+        let env = Envelope::parse(payload, self.max_payload)
+            .map_err(|rejection| Rejected { rejection, message_id: None })?;
+        let reject = |reason: Reason, detail: String| Rejected {
+            rejection: Rejection::new(reason, detail),
+            message_id: Some(env.message_id().to_string()),
+        };
+        let device = env.device_id();
+        let tls = match who {
+            Identity::Device(d) => d,
+            Identity::Service(s) => {
+                return Err(reject(
+                    Reason::Identity,
+                    format!("service identity {} cannot publish device data", printable(s)),
+                ))
+            }
+            Identity::None => {
+                return Err(reject(Reason::Identity, "client has no TLS identity".into()))
+            }
+        };
+        if device != tls || device != topic_device {
+            return Err(reject(
+                Reason::Identity,
+                format!(
+                    "device_id {} vs TLS identity {} vs topic device {}",
+                    printable(device),
+                    printable(tls),
+                    printable(topic_device)
+                ),
+            ));
+        }
+        let keys = match self.registry.get(device) {
+            Ok(Some(k)) => k,
+            Ok(None) => {
+                return Err(reject(Reason::UnknownDevice, "no enabled device with that id".into()))
+            }
+            Err(e) => {
+                return Err(reject(Reason::UnknownDevice, format!("registry lookup failed: {e}")))
+            }
+        };
+        let tol = self.tolerance;
+        if now.abs_diff(env.timestamp) > tol as u64 {
+            return Err(reject(
+                Reason::Timestamp,
+                format!(
+                    "timestamp {} is {} s from now (tolerance {tol} s)",
+                    env.timestamp,
+                    now.saturating_sub(env.timestamp)
+                ),
+            ));
+        }
+        let digest = replay::digest(env.message_id());
+        match self.replay.check(device, &digest, now) {
+            ReplayCheck::Fresh => {}
+            ReplayCheck::Seen => {
+                return Err(reject(
+                    Reason::Replay,
+                    "message_id already accepted within the window".into(),
+                ))
+            }
+            ReplayCheck::CacheFull => {
+                return Err(reject(
+                    Reason::Replay,
+                    format!(
+                        "replay cache full: {} ids inside the window for this device",
+                        self.replay_cap
+                    ),
+                ))
+            }
+        }
+        self.canon.clear();
+        env.write_canonical(&mut self.canon);
+        if !keys.secrets_at(now).any(|s| envelope::verify(s, &self.canon, &env.signature)) {
+            return Err(reject(Reason::Signature, "HMAC mismatch".into()));
+        }
+        let expires_at = env.timestamp.saturating_add(tol);
+        Ok(Accepted { envelope: env, digest, expires_at })
+    }
+
+    /// Remembers an accepted message's id; call once it is durably stored.
+    pub fn commit(&mut self, a: &Accepted) {
+        self.replay.record(a.device(), a.digest, a.expires_at);
+    }
+
+    /// The registry (snapshots to apply, keys for signing responses).
+    pub fn registry(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// Forgets ids that left their window.
+    pub fn prune(&mut self, now: i64) {
+        self.replay.prune_all(now);
+    }
+
+    /// Ids remembered.
+    pub fn replay_ids(&self) -> usize {
+        self.replay.len()
+    }
+
+    /// Devices in the registry snapshot.
+    pub fn devices(&self) -> usize {
+        self.registry.len()
+    }
+}
