@@ -20,7 +20,7 @@ pub const DEFAULT_HTTP_TIMEOUT_MS: u64 = 5000;
 pub const MAX_PAYLOAD_LIMIT: usize = 16 << 20;
 
 /// Every option key the plugin understands, for the error message on a typo.
-pub const KEYS: [&str; 13] = [
+pub const KEYS: [&str; 15] = [
     "db_path",
     "data_topic",
     "response_topic",
@@ -34,6 +34,8 @@ pub const KEYS: [&str; 13] = [
     "spool_path",
     "spool_max_bytes",
     "http_timeout_ms",
+    "rate_limit",
+    "rate_burst",
 ];
 
 /// A topic pattern with exactly one `+` level standing for the device id.
@@ -109,7 +111,7 @@ pub struct BackendConfig {
 }
 
 /// The validated plugin configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub db_path: PathBuf,
     pub data_topic: TopicPattern,
@@ -121,6 +123,15 @@ pub struct Config {
     pub backend: Option<BackendConfig>,
     pub spool_path: PathBuf,
     pub spool_max_bytes: u64,
+    /// Per-device token bucket (off by default).
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// `rate_limit` messages per second per device, with bursts of up to `burst` messages.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
 }
 
 /// A configuration problem, naming the option and the value.
@@ -159,25 +170,47 @@ fn number<T: std::str::FromStr + PartialOrd + fmt::Display>(
     Ok(n)
 }
 
+/// What is wrong with a backend URL template (Display: the problem, for an error line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BadUrl {
+    Scheme,
+    NoHost,
+    Whitespace,
+    Placeholder,
+    Invalid(String),
+}
+
+impl fmt::Display for BadUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BadUrl::Scheme => f.write_str("must start with http:// or https://"),
+            BadUrl::NoHost => f.write_str("has no host"),
+            BadUrl::Whitespace => f.write_str("contains whitespace or control characters"),
+            BadUrl::Placeholder => f.write_str("the only placeholder allowed is {device_id}"),
+            BadUrl::Invalid(why) => write!(f, "is not a valid URL ({why})"),
+        }
+    }
+}
+
+impl std::error::Error for BadUrl {}
+
 /// Checks a backend URL template: http or https, a host, and `{device_id}` as the only placeholder.
-pub fn check_backend_url(v: &str) -> Result<(), String> {
-    let rest = v
-        .strip_prefix("http://")
-        .or_else(|| v.strip_prefix("https://"))
-        .ok_or("must start with http:// or https://")?;
+pub fn check_backend_url(v: &str) -> Result<(), BadUrl> {
+    let rest =
+        v.strip_prefix("http://").or_else(|| v.strip_prefix("https://")).ok_or(BadUrl::Scheme)?;
     let host = rest.split(['/', '?', '#']).next().unwrap_or("");
     if host.is_empty() || host.contains('{') {
-        return Err("has no host".into());
+        return Err(BadUrl::NoHost);
     }
     if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("contains whitespace or control characters".into());
+        return Err(BadUrl::Whitespace);
     }
     let stripped = v.replace("{device_id}", "");
     if stripped.contains(['{', '}']) {
-        return Err("the only placeholder allowed is {device_id}".into());
+        return Err(BadUrl::Placeholder);
     }
     let probe = v.replace("{device_id}", "x");
-    probe.parse::<ureq::http::Uri>().map_err(|e| format!("is not a valid URL ({e})"))?;
+    probe.parse::<ureq::http::Uri>().map_err(|e| BadUrl::Invalid(e.to_string()))?;
     Ok(())
 }
 
@@ -201,6 +234,8 @@ impl Config {
         let mut spool_path = PathBuf::from(DEFAULT_SPOOL_PATH);
         let mut spool_max_bytes = DEFAULT_SPOOL_MAX_BYTES;
         let mut http_timeout_ms = DEFAULT_HTTP_TIMEOUT_MS;
+        let mut rate_limit: Option<f64> = None;
+        let mut rate_burst: Option<u32> = None;
 
         for (key, raw) in opts {
             // Mosquitto keeps trailing blanks in option values; they are never meaningful here.
@@ -261,7 +296,7 @@ impl Config {
                     if v == "none" {
                         backend_url = None;
                     } else {
-                        check_backend_url(v).map_err(|p| err(key, Some(v), p))?;
+                        check_backend_url(v).map_err(|p| err(key, Some(v), p.to_string()))?;
                         backend_url = Some(v.to_string());
                     }
                 }
@@ -275,6 +310,18 @@ impl Config {
                 "spool_path" => spool_path = PathBuf::from(v),
                 "spool_max_bytes" => spool_max_bytes = number(key, v, 1 << 20, u64::MAX)?,
                 "http_timeout_ms" => http_timeout_ms = number(key, v, 100, 600_000)?,
+                "rate_limit" => {
+                    let n: f64 = v.parse().map_err(|_| err(key, Some(v), "not a number"))?;
+                    if !(n.is_finite() && (0.001..=1_000_000.0).contains(&n)) {
+                        return Err(err(
+                            key,
+                            Some(v),
+                            "must be between 0.001 and 1000000 messages per second",
+                        ));
+                    }
+                    rate_limit = Some(n);
+                }
+                "rate_burst" => rate_burst = Some(number(key, v, 1, 1_000_000)?),
                 _ => unreachable!("every key in KEYS is handled"),
             }
         }
@@ -291,6 +338,17 @@ impl Config {
         if let Some(bad) = service_identities.iter().find(|s| s.contains('\0')) {
             return Err(err("service_identities", Some(bad), "contains a NUL byte"));
         }
+        let rate_limit = match (rate_limit, rate_burst) {
+            (Some(per_second), burst) => Some(RateLimit {
+                per_second,
+                // By default a device may send one second's worth at once.
+                burst: burst.unwrap_or_else(|| per_second.ceil().max(1.0) as u32),
+            }),
+            (None, Some(b)) => {
+                return Err(err("rate_burst", Some(&b.to_string()), "needs plugin_opt_rate_limit"))
+            }
+            (None, None) => None,
+        };
         let backend = backend_url.map(|url_template| BackendConfig {
             url_template,
             ca_file,
@@ -308,6 +366,7 @@ impl Config {
             backend,
             spool_path,
             spool_max_bytes,
+            rate_limit,
         })
     }
 
@@ -345,6 +404,26 @@ mod tests {
         assert_eq!(b.workers, 4);
         assert_eq!(b.http_timeout, Duration::from_millis(5000));
         assert_eq!(c.spool_max_bytes, 1 << 30);
+        assert_eq!(c.rate_limit, None);
+    }
+
+    #[test]
+    fn rate_limit_and_burst() {
+        let c = with_db(&[("rate_limit", "2.5")]).unwrap();
+        assert_eq!(c.rate_limit, Some(RateLimit { per_second: 2.5, burst: 3 }));
+        let c = with_db(&[("rate_limit", "0.5"), ("rate_burst", "10")]).unwrap();
+        assert_eq!(c.rate_limit, Some(RateLimit { per_second: 0.5, burst: 10 }));
+        for bad in ["0", "-1", "NaN", "inf", "fast", "2000000"] {
+            let e = with_db(&[("rate_limit", bad)]).unwrap_err();
+            assert_eq!((e.key.as_str(), e.value.as_deref()), ("rate_limit", Some(bad)));
+        }
+        let e = with_db(&[("rate_burst", "5")]).unwrap_err();
+        assert_eq!(e.key, "rate_burst");
+        assert!(e.to_string().contains("needs plugin_opt_rate_limit"), "{e}");
+        assert_eq!(
+            with_db(&[("rate_limit", "1"), ("rate_burst", "0")]).unwrap_err().key,
+            "rate_burst"
+        );
     }
 
     #[test]

@@ -10,14 +10,16 @@ use std::fmt;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Why a message was rejected, in the spec's check order. `as_str` is the name used in logs
-/// and counters.
+/// Why a message was rejected, in the order the gateway checks. `as_str` is the name used in
+/// logs and counters. The spec's seven checks, plus `rate_limited` (the device's token bucket
+/// is empty: `plugin_opt_rate_limit`), checked before the timestamp so a flood costs no HMAC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
     Malformed,
     RequiredFields,
     Identity,
     UnknownDevice,
+    RateLimited,
     Timestamp,
     Replay,
     Signature,
@@ -25,11 +27,12 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in check order.
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 8] = [
         Reason::Malformed,
         Reason::RequiredFields,
         Reason::Identity,
         Reason::UnknownDevice,
+        Reason::RateLimited,
         Reason::Timestamp,
         Reason::Replay,
         Reason::Signature,
@@ -41,6 +44,7 @@ impl Reason {
             Reason::RequiredFields => "required_fields",
             Reason::Identity => "identity",
             Reason::UnknownDevice => "unknown_device",
+            Reason::RateLimited => "rate_limited",
             Reason::Timestamp => "timestamp",
             Reason::Replay => "replay",
             Reason::Signature => "signature",

@@ -16,6 +16,7 @@ use crate::delivery::{self, Delivery};
 use crate::envelope::{self, Reason};
 use crate::host::{printable, unix_now, Host, Level, LogLine};
 use crate::json::{self, Json};
+use crate::loglimit::LogLimiter;
 use crate::registry::{Registry, Watcher};
 use crate::validate::{Rejected, Validator};
 use std::fmt;
@@ -110,7 +111,7 @@ impl std::error::Error for StartError {}
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Verdicts {
     accepted: u64,
-    rejected: [u64; 7],
+    rejected: [u64; Reason::ALL.len()],
     outbox_full: u64,
     internal_errors: u64,
     acl_denied: u64,
@@ -121,7 +122,7 @@ struct Verdicts {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Stats {
     pub accepted: u64,
-    pub rejected: [u64; 7],
+    pub rejected: [u64; Reason::ALL.len()],
     pub outbox_full: u64,
     pub internal_errors: u64,
     pub acl_denied: u64,
@@ -153,6 +154,7 @@ impl Stats {
 
 const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 const STATS_INTERVAL: Duration = Duration::from_secs(60);
+const LOG_FLUSH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// All per-instance state, owned by the broker thread.
 pub struct Gateway {
@@ -161,6 +163,8 @@ pub struct Gateway {
     delivery: Delivery,
     watcher: Watcher,
     verdicts: Verdicts,
+    rejection_log: LogLimiter,
+    last_log_flush: Instant,
     logged: Stats,
     last_prune: Instant,
     last_stats: Instant,
@@ -195,6 +199,8 @@ impl Gateway {
             delivery,
             watcher,
             verdicts: Verdicts::default(),
+            rejection_log: LogLimiter::default(),
+            last_log_flush: now,
             logged: Stats::default(),
             last_prune: now,
             last_stats: now,
@@ -266,6 +272,9 @@ impl Gateway {
                         Refusal::OutboxFull => self.verdicts.outbox_full += 1,
                         Refusal::Internal => self.verdicts.internal_errors += 1,
                     }
+                    if !self.rejection_log.admit(who.name(), refusal.as_str(), Instant::now()) {
+                        return Outcome::Refused(refusal);
+                    }
                     host.log(
                         if matches!(refusal, Refusal::Check(_)) { Level::Notice } else { Level::Error },
                         &format!(
@@ -286,6 +295,9 @@ impl Gateway {
         }
         let denial = if on_response { Denial::ResponseTopic } else { Denial::NotOwnDataTopic };
         self.verdicts.acl_denied += 1;
+        if !self.rejection_log.admit(who.name(), "acl", Instant::now()) {
+            return Outcome::Denied(denial);
+        }
         host.log(
             Level::Notice,
             &format!(
@@ -336,6 +348,12 @@ impl Gateway {
         log_all(host, polled.logs);
         for d in &polled.answers {
             self.respond(host, d, now);
+        }
+        if self.last_log_flush.elapsed() >= LOG_FLUSH_INTERVAL {
+            self.last_log_flush = Instant::now();
+            for line in self.rejection_log.flush(self.last_log_flush) {
+                host.log(Level::Notice, &format!("secure-iot-gateway: {line}"));
+            }
         }
         if self.last_prune.elapsed() >= PRUNE_INTERVAL {
             self.last_prune = Instant::now();

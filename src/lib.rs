@@ -34,6 +34,7 @@ pub mod gateway;
 pub mod host;
 pub mod http;
 pub mod json;
+pub mod loglimit;
 pub mod pki;
 #[allow(unsafe_code)]
 mod plugin;

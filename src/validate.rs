@@ -5,11 +5,47 @@
 //! does not burn its id.
 
 use crate::acl::Identity;
-use crate::config::Config;
+use crate::config::{Config, RateLimit};
 use crate::envelope::{self, Envelope, Reason, Rejection};
 use crate::host::printable;
 use crate::registry::Registry;
 use crate::replay::{self, IdDigest, ReplayCache, ReplayCheck};
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// One device's token bucket.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Per-device token buckets. Only registered devices get one (the check runs after the
+/// registry lookup), so memory is bounded by the registry, not by what clients claim.
+struct RateLimiter {
+    limit: RateLimit,
+    buckets: HashMap<Box<str>, Bucket>,
+}
+
+impl RateLimiter {
+    /// Takes one token from `device`'s bucket; false when it is empty.
+    fn take(&mut self, device: &str, now: Instant) -> bool {
+        let burst = f64::from(self.limit.burst);
+        let b = match self.buckets.get_mut(device) {
+            Some(b) => b,
+            None => self.buckets.entry(device.into()).or_insert(Bucket { tokens: burst, at: now }),
+        };
+        let refill = now.saturating_duration_since(b.at).as_secs_f64() * self.limit.per_second;
+        b.tokens = (b.tokens + refill).min(burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 /// A message that passed every check, not yet recorded.
 #[derive(Debug)]
@@ -44,6 +80,7 @@ pub struct Validator {
     tolerance: i64,
     max_payload: usize,
     replay_cap: usize,
+    rate: Option<RateLimiter>,
     /// Reused for the canonical form of every message (no allocation per message).
     canon: Vec<u8>,
 }
@@ -65,6 +102,7 @@ impl Validator {
             tolerance: cfg.timestamp_tolerance,
             max_payload: cfg.max_payload_bytes,
             replay_cap: cfg.replay_cache_size,
+            rate: cfg.rate_limit.map(|limit| RateLimiter { limit, buckets: HashMap::new() }),
             canon: Vec::with_capacity(1024),
         }
     }
@@ -116,6 +154,17 @@ impl Validator {
                 return Err(reject(Reason::UnknownDevice, format!("registry lookup failed: {e}")))
             }
         };
+        if let Some(rate) = &mut self.rate {
+            if !rate.take(device, Instant::now()) {
+                return Err(reject(
+                    Reason::RateLimited,
+                    format!(
+                        "over {} messages per second (bursts of {})",
+                        rate.limit.per_second, rate.limit.burst
+                    ),
+                ));
+            }
+        }
         let tol = self.tolerance;
         if now.abs_diff(env.timestamp) > tol as u64 {
             return Err(reject(
@@ -178,5 +227,30 @@ impl Validator {
     /// Devices in the registry snapshot.
     pub fn devices(&self) -> usize {
         self.registry.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn token_bucket_allows_a_burst_then_the_rate() {
+        let mut r = RateLimiter {
+            limit: RateLimit { per_second: 10.0, burst: 3 },
+            buckets: HashMap::new(),
+        };
+        let t0 = Instant::now();
+        assert!((0..3).all(|_| r.take("a", t0)), "a full bucket serves the burst");
+        assert!(!r.take("a", t0), "then it is empty");
+        assert!(r.take("b", t0), "other devices have their own bucket");
+        assert!(!r.take("a", t0 + Duration::from_millis(50)), "half a token is not enough");
+        assert!(r.take("a", t0 + Duration::from_millis(100)), "one token after 1/rate");
+        assert!(!r.take("a", t0 + Duration::from_millis(100)));
+        // A long pause refills to the burst, never beyond it.
+        let later = t0 + Duration::from_secs(60);
+        assert!((0..3).all(|_| r.take("a", later)));
+        assert!(!r.take("a", later));
     }
 }

@@ -1,6 +1,7 @@
 //! The plugin core against a real broker with real mutual TLS.
 
 use crate::support::*;
+use secure_iot_gateway::loglimit;
 use std::time::{Duration, Instant};
 
 const QUIET: Duration = Duration::from_millis(400);
@@ -440,4 +441,63 @@ fn registry_changes_apply_without_a_restart() {
     }
     eprintln!("removed device refused after {:?}", removed_at.elapsed());
     assert!(broker.wait_log("rejected reason=unknown_device", Duration::from_secs(2)));
+}
+
+#[test]
+fn rate_limited_device_gets_0x87_stays_connected_and_others_are_unaffected() {
+    let (env, broker, mut monitor) = setup(&[("rate_limit", "1"), ("rate_burst", "3")]);
+    let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
+    let mut other = Mqtt::connect(&env, broker.port, "sensor_002");
+    let acks: Vec<Ack> = (0..5)
+        .map(|_| {
+            let m = signed("sensor_001", now(), &uid(), "{}");
+            dev.publish("device/sensor_001/data", 1, false, &m)
+        })
+        .collect();
+    // The burst of 3 passes (positive control), the rest are refused while the bucket refills
+    // at 1/s (the 5 publishes take far less than a second here).
+    assert!(acks[..3].iter().all(Ack::is_ok), "{acks:?}; {}", broker.log());
+    assert!(acks[3..].iter().all(Ack::is_not_authorized), "{acks:?}");
+    assert!(broker.wait_log("rejected reason=rate_limited", Duration::from_secs(5)));
+    assert_eq!(broker.count("rejected reason=rate_limited identity=sensor_001"), 2);
+    // Another device has its own bucket.
+    let m = signed("sensor_002", now(), &uid(), "{}");
+    assert!(other.publish("device/sensor_002/data", 1, false, &m).is_ok());
+    // The limited device is still connected and, a second later, accepted again.
+    std::thread::sleep(Duration::from_millis(1100));
+    let m = signed("sensor_001", now(), &uid(), "{}");
+    assert!(dev.publish("device/sensor_001/data", 1, false, &m).is_ok(), "{}", broker.log());
+    let got = monitor.drain(QUIET, Duration::from_secs(3));
+    assert_eq!(got.len(), 5, "3 + 1 from sensor_001 and 1 from sensor_002: {got:?}");
+}
+
+#[test]
+fn a_flood_of_forgeries_is_counted_but_logged_in_a_few_lines() {
+    let (env, mut broker, _monitor) = setup(&[]);
+    let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
+    const N: usize = 2000;
+    for _ in 0..N {
+        let bad = signed_with("wrong-secret", "sensor_001", now(), &uid(), "{}");
+        // QoS 0: as fast as the broker takes them.
+        dev.publish("device/sensor_001/data", 0, false, &bad);
+    }
+    // A QoS 1 forgery after the flood: its 0x87 means every earlier one was processed.
+    let bad = signed_with("wrong-secret", "sensor_001", now(), &uid(), "{}");
+    assert!(dev.publish("device/sensor_001/data", 1, false, &bad).is_not_authorized());
+    // Positive control for the log: a good message from another device is still logged in
+    // full when rejected (its own window).
+    let mut other = Mqtt::connect(&env, broker.port, "sensor_002");
+    let bad2 = signed_with("wrong-secret", "sensor_002", now(), "other-mid", "{}");
+    assert!(other.publish("device/sensor_002/data", 1, false, &bad2).is_not_authorized());
+    assert!(rejected_with(&broker, "signature", "other-mid"), "{}", broker.log());
+    broker.signal("HUP"); // logs the counters
+    assert!(broker.wait_log("stats accepted", Duration::from_secs(5)));
+    let full = broker.count("rejected reason=signature identity=sensor_001");
+    assert_eq!(full, loglimit::FULL_LINES as usize, "{}", tail(&broker.log()));
+    let stats = broker.log().lines().rfind(|l| l.contains("stats accepted")).unwrap().to_string();
+    assert!(stats.contains(&format!(" signature={} ", N + 2)), "{stats}");
+    assert_eq!(broker.stop(), Some(0));
+    // Our own lines stay few (the broker's debug log of each PUBLISH is its own business).
+    let ours = broker.count("secure-iot-gateway: rejected");
+    assert!(ours <= loglimit::FULL_LINES as usize + 3, "{ours} rejection lines for {N} forgeries");
 }
