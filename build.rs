@@ -6,7 +6,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=MOSQUITTO_INCLUDE_DIR");
     let mut builder = bindgen::Builder::default()
         .header("include/wrapper.h")
-        .allowlist_function("mosquitto_(plugin_version|plugin_init|plugin_cleanup|callback_register|callback_unregister|log_printf|client_username|client_certificate|broker_publish_copy)")
+        .allowlist_function("mosquitto_(plugin_version|plugin_init|plugin_cleanup|callback_register|callback_unregister|log_printf|client_username|client_certificate|broker_publish_copy|kick_client_by_username)")
         .allowlist_type("mosquitto_(evt_.*|opt|plugin_id_t)")
         .allowlist_var("MOSQ_(ERR|EVT|ACL|LOG)_.*|MOSQ_PLUGIN_VERSION")
         .allowlist_type("mosq_err_t|mosquitto_plugin_event")

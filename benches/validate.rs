@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 struct Quiet;
 impl Host for Quiet {
     fn log(&mut self, _: Level, _: &str) {}
+    fn kick(&mut self, _: &str) {}
     fn publish(&mut self, _: &str, _: &[u8]) -> bool {
         true
     }

@@ -9,7 +9,7 @@
 //! retained or delivered, and `MOSQ_ERR_ACL_DENIED` there drops the message exactly as it does
 //! from `MOSQ_EVT_MESSAGE` (v5 publishers get 0x87).
 
-use crate::acl::{Identity, Verdict};
+use crate::acl::{self, Access, Identity, Verdict};
 use crate::config::Config;
 use crate::delivery::outbox::{AppendError, Done};
 use crate::delivery::{self, Delivery};
@@ -164,6 +164,10 @@ pub struct Gateway {
     watcher: Watcher,
     verdicts: Verdicts,
     rejection_log: LogLimiter,
+    /// Usernames to disconnect at the next tick (revoked devices that are or may be connected).
+    /// Kicking waits for the tick: inside a packet's own callback it would pull the connection
+    /// out from under the broker while it is still handling that packet.
+    to_kick: Vec<Box<str>>,
     last_log_flush: Instant,
     logged: Stats,
     last_prune: Instant,
@@ -200,6 +204,7 @@ impl Gateway {
             watcher,
             verdicts: Verdicts::default(),
             rejection_log: LogLimiter::default(),
+            to_kick: Vec::new(),
             last_log_flush: now,
             logged: Stats::default(),
             last_prune: now,
@@ -267,6 +272,10 @@ impl Gateway {
                     Outcome::Accepted
                 }
                 Err(Refused { refusal, detail, message_id }) => {
+                    if refusal == Refusal::Check(Reason::UnknownDevice) {
+                        // A revoked (or never registered) device is closed, not just refused.
+                        self.kick(who);
+                    }
                     match refusal {
                         Refusal::Check(r) => self.verdicts.rejected[r.index()] += 1,
                         Refusal::OutboxFull => self.verdicts.outbox_full += 1,
@@ -313,6 +322,28 @@ impl Gateway {
         Outcome::Denied(denial)
     }
 
+    /// ACL READ / SUBSCRIBE / UNSUBSCRIBE: the configuration's policy, and a device must also be
+    /// enabled in the registry: a revoked device that subscribes is refused and closed.
+    pub fn on_access(&mut self, who: Identity<'_>, access: Access, topic: &[u8]) -> Verdict {
+        let v = acl::acl_verdict(&self.cfg, who, access, topic);
+        if let (Verdict::Allow, Identity::Device(d)) = (v, who) {
+            if access != Access::Unsubscribe && !self.validator.is_enabled(d) {
+                self.kick(who);
+                return Verdict::Deny;
+            }
+        }
+        v
+    }
+
+    /// Queues a device's connections to be closed at the next tick.
+    fn kick(&mut self, who: Identity<'_>) {
+        if let Identity::Device(d) = who {
+            if !d.is_empty() && !self.to_kick.iter().any(|k| &**k == d) {
+                self.to_kick.push(d.into());
+            }
+        }
+    }
+
     /// The checks, then the durable hand-off; the id is remembered only once it is stored.
     fn accept(
         &mut self,
@@ -343,7 +374,21 @@ impl Gateway {
     /// Periodic work on the broker thread: registry snapshots, the backend's answers and the
     /// responses to devices, pruning, stats.
     pub fn on_tick(&mut self, host: &mut dyn Host, now: i64) {
-        self.validator.registry().apply_updates();
+        for d in self.validator.apply_registry_updates() {
+            self.kick(Identity::Device(&d));
+        }
+        for d in std::mem::take(&mut self.to_kick) {
+            if self.rejection_log.admit(&d, "revoked", Instant::now()) {
+                host.log(
+                    Level::Notice,
+                    &format!(
+                        "secure-iot-gateway: closing the connection of device={}: not enabled in the registry",
+                        printable(&d)
+                    ),
+                );
+            }
+            host.kick(&d);
+        }
         let polled = self.delivery.poll(now);
         log_all(host, polled.logs);
         for d in &polled.answers {

@@ -17,6 +17,9 @@ pub trait Host {
     fn log(&mut self, level: Level, msg: &str);
     /// Publishes `payload` on `topic` (QoS 1, not retained). false if the broker refused.
     fn publish(&mut self, topic: &str, payload: &[u8]) -> bool;
+    /// Closes every connection of the client with this username (no will). Called only from the
+    /// tick, never while the broker is handling one of that client's packets.
+    fn kick(&mut self, username: &str);
 }
 
 /// A line for the broker log produced off the broker thread (workers, watchers), logged when

@@ -181,23 +181,29 @@ impl Registry {
         Watcher::start(self.path.clone(), tx)
     }
 
-    /// Installs the newest snapshot, if one arrived. Cheap when none did.
-    pub fn apply_updates(&mut self) -> bool {
-        let Some(rx) = &self.updates else { return false };
+    /// Is `id` an enabled device of the in-memory snapshot? (No SQL.)
+    pub fn contains(&self, id: &str) -> bool {
+        self.devices.contains_key(id)
+    }
+
+    /// Installs the newest snapshot, if one arrived, and returns the one it replaced (to see
+    /// what changed). Cheap when none did.
+    pub fn apply_updates(&mut self) -> Option<Devices> {
+        let Some(rx) = &self.updates else { return None };
         let mut newest = None;
         while let Ok(snapshot) = rx.try_recv() {
             newest = Some(snapshot);
         }
         match newest {
             Some(s) => {
-                self.devices = s;
+                let old = std::mem::replace(&mut self.devices, s);
                 // Column set may have changed (CLI migration): rebuild the miss query.
                 if let Ok(sql) = select_sql(&self.conn) {
                     self.miss_sql = format!("{sql} AND device_id = ?1");
                 }
-                true
+                Some(old)
             }
-            None => false,
+            None => None,
         }
     }
 }
@@ -372,10 +378,10 @@ mod tests {
         let mut w = r.watch().unwrap();
         // Let the watcher record the initial version, then change the database.
         std::thread::sleep(POLL_INTERVAL * 2);
-        while r.apply_updates() {}
+        while r.apply_updates().is_some() {}
         Connection::open(&p).unwrap().execute("DELETE FROM devices", []).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !r.apply_updates() || !r.is_empty() {
+        while r.apply_updates().is_none() || !r.is_empty() {
             assert!(std::time::Instant::now() < deadline, "no snapshot within 5 s");
             std::thread::sleep(Duration::from_millis(20));
         }

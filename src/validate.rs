@@ -209,6 +209,22 @@ impl Validator {
         self.replay.record(a.device(), a.digest, a.expires_at);
     }
 
+    /// Installs the newest registry snapshot, if one arrived; returns the devices it revoked
+    /// (removed or disabled since the previous snapshot).
+    pub fn apply_registry_updates(&mut self) -> Vec<Box<str>> {
+        let Some(before) = self.registry.apply_updates() else { return Vec::new() };
+        let registry = &self.registry;
+        if let Some(rate) = &mut self.rate {
+            rate.buckets.retain(|d, _| registry.contains(d));
+        }
+        before.into_keys().filter(|id| !registry.contains(id)).collect()
+    }
+
+    /// May `device` act (registered, enabled)? May look a device up that is not in memory.
+    pub fn is_enabled(&mut self, device: &str) -> bool {
+        matches!(self.registry.get(device), Ok(Some(_)))
+    }
+
     /// The registry (snapshots to apply, keys for signing responses).
     pub fn registry(&mut self) -> &mut Registry {
         &mut self.registry

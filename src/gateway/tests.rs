@@ -13,6 +13,7 @@ use std::path::Path;
 struct FakeHost {
     logs: Vec<(Level, String)>,
     published: Vec<(String, Vec<u8>)>,
+    kicked: Vec<String>,
 }
 
 impl Host for FakeHost {
@@ -22,6 +23,9 @@ impl Host for FakeHost {
     fn publish(&mut self, topic: &str, payload: &[u8]) -> bool {
         self.published.push((topic.to_string(), payload.to_vec()));
         true
+    }
+    fn kick(&mut self, username: &str) {
+        self.kicked.push(username.to_string());
     }
 }
 

@@ -60,6 +60,13 @@ impl Host for BrokerHost {
         };
         rc == sys::MOSQ_ERR_SUCCESS as c_int
     }
+
+    fn kick(&mut self, username: &str) {
+        let Ok(u) = CString::new(username) else { return };
+        // SAFETY: a valid NUL-terminated username; called from the tick on the broker thread,
+        // never from inside that client's own packet handling (see Gateway::kick).
+        unsafe { sys::mosquitto_kick_client_by_username(u.as_ptr(), false) };
+    }
 }
 
 /// The client's username bytes, if it has one.

@@ -504,6 +504,30 @@ impl Mqtt {
         out
     }
 
+    /// Waits (bounded) until the broker closes the connection; true if it did.
+    pub fn wait_closed(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match self.conn.recv_timeout(left) {
+                Ok(Ok(Event::Incoming(Packet::Disconnect(_)))) => return true,
+                // Refusals of single packets are answers, not a closed connection.
+                Ok(Err(ConnectionError::MqttState(
+                    StateError::PubAckFail { .. }
+                    | StateError::PubRecFail { .. }
+                    | StateError::SubFail { .. }
+                    | StateError::UnsubFail { .. },
+                ))) => {}
+                Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
     pub fn disconnect(mut self) {
         let _ = self.client.disconnect();
         let _ = self.pump(Duration::from_millis(500), |_| None::<()>);
