@@ -94,7 +94,8 @@ printf -v met_list '%s, ' "${met[@]}"; echo "Depends met by: ${met_list%, }"
 etc_installed=$(etc_state)
 if [ -n "$etc_before" ] && [ "$etc_before" != "$etc_installed" ]; then fail "installing the package changed /etc/mosquitto"; fi
 for f in "$ROOT"/etc/mosquitto/conf.d/*; do
-	case ${f,,} in *iotgw* | *secure*) fail "the package activated something: $f" ;; esac
+	b=$(basename "$f")
+	case ${b,,} in *iotgw* | *secure*) fail "the package activated something: $f" ;; esac
 done
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
