@@ -68,10 +68,13 @@ chmod 755 "$WORK"
 cp "$DEB" "$WORK/"
 etc_before=$(etc_state)
 # apt, not dpkg -i: the Depends must resolve from this system's own archive (on a fresh Debian
-# 13 root this pulls in its mosquitto); mosquitto-clients is for the test's mosquitto_pub. The
-# lock timeout rides out a concurrent apt.
+# 13 root this pulls in its mosquitto). mosquitto-clients, for the test's mosquitto_pub, is named
+# only where missing, so an installed one is never upgraded. The lock timeout rides out a
+# concurrent apt.
+clients=()
+in_root dpkg-query -W -f='${db:Status-Status}' mosquitto-clients 2>/dev/null | grep -qx installed || clients=(mosquitto-clients)
 in_root apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=300 \
-	"$WORK_IN/$(basename "$DEB")" mosquitto-clients > "$WORK/apt.log" 2>&1 || { cat "$WORK/apt.log" >&2; fail "apt could not install $DEB"; }
+	"$WORK_IN/$(basename "$DEB")" "${clients[@]}" > "$WORK/apt.log" 2>&1 || { cat "$WORK/apt.log" >&2; fail "apt could not install $DEB"; }
 if [ ! -f "$ROOT$SO" ] || [ ! -x "$ROOT/usr/bin/iotgw" ]; then fail "plugin or iotgw not installed"; fi
 
 # Each dependency (a group of alternatives) must be met by an installed package of one of the
