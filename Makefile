@@ -7,7 +7,7 @@ DOC_DIR    ?= $(PREFIX)/share/doc/secure-iot-gateway
 CARGO      ?= cargo
 # Debian packages the build, the tests and the demo need.
 APT_PKGS   := mosquitto mosquitto-clients mosquitto-dev libmosquitto-dev libclang-dev clang \
-              libssl-dev libsqlite3-dev pkg-config ca-certificates dpkg-dev python3
+              libssl-dev libsqlite3-dev pkg-config ca-certificates dpkg-dev python3 debootstrap
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all deps build test lint demo install uninstall deb deb-test bench clean
@@ -32,11 +32,13 @@ lint: deps
 	$(CARGO) clippy --all-targets -- -D warnings
 
 # Unit tests (pure core), integration tests (real mosquitto + mutual TLS), then the .deb
-# installed into the system mosquitto (root only; it removes itself afterwards).
+# installed into the system mosquitto and into a Debian 13 root's (root only; it removes itself
+# afterwards).
 test: deps lint
 	$(CARGO) build --all-targets
 	$(CARGO) test --all-targets
 	./scripts/test-deb.sh
+	./scripts/test-deb-trixie.sh
 
 demo: deps
 	$(CARGO) build --release
@@ -58,6 +60,7 @@ deb: deps
 
 deb-test: deps
 	./scripts/test-deb.sh
+	./scripts/test-deb-trixie.sh
 
 bench: deps
 	$(CARGO) bench --bench validate
