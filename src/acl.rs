@@ -14,6 +14,10 @@ pub enum Identity<'a> {
     /// No certificate-backed identity (plain listener, or a TLS listener without
     /// `use_identity_as_username`). The broker's own acl_file decides for it.
     None,
+    /// A certificate identity outside the device-id grammar (MQTT wildcards, `/`, not UTF-8,
+    /// too long...): denied everything, whatever the broker would let through, since a
+    /// device's topics are built from its identity.
+    Invalid,
 }
 
 impl Identity<'_> {
@@ -22,6 +26,7 @@ impl Identity<'_> {
         match self {
             Identity::Device(d) | Identity::Service(d) => d,
             Identity::None => "-",
+            Identity::Invalid => "(invalid identity)",
         }
     }
 }
@@ -34,11 +39,10 @@ pub fn identity<'a>(
 ) -> Identity<'a> {
     match (username, cert_cn) {
         (Some(u), Some(cn)) if u == cn => match std::str::from_utf8(u) {
+            // Service names obey the same grammar (checked in the configuration).
             Ok(s) if cfg.is_service(s) => Identity::Service(s),
-            Ok(s) => Identity::Device(s),
-            // A certificate holder whose CN is not text is still a device: one that can match
-            // no topic, so it can do nothing.
-            Err(_) => Identity::Device(""),
+            Ok(s) if crate::envelope::valid_device_id(s) => Identity::Device(s),
+            _ => Identity::Invalid,
         },
         _ => Identity::None,
     }
@@ -64,7 +68,11 @@ pub enum Access {
 /// ACL READ / SUBSCRIBE / UNSUBSCRIBE: devices get exactly their own response topic; everyone
 /// else is left to the broker's acl_file.
 pub fn acl_verdict(cfg: &Config, who: Identity<'_>, access: Access, topic: &[u8]) -> Verdict {
-    let Identity::Device(dev) = who else { return Verdict::Defer };
+    let dev = match who {
+        Identity::Device(d) => d,
+        Identity::Invalid => return Verdict::Deny,
+        Identity::Service(_) | Identity::None => return Verdict::Defer,
+    };
     if access == Access::Unsubscribe {
         return Verdict::Allow;
     }

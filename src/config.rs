@@ -335,8 +335,13 @@ impl Config {
                 "must differ from data_topic",
             ));
         }
-        if let Some(bad) = service_identities.iter().find(|s| s.contains('\0')) {
-            return Err(err("service_identities", Some(bad), "contains a NUL byte"));
+        if let Some(bad) = service_identities.iter().find(|s| !crate::envelope::valid_device_id(s))
+        {
+            return Err(err(
+                "service_identities",
+                Some(bad),
+                "is not a valid identity (the device-id grammar: 1-64 of A-Z a-z 0-9 _ . -)",
+            ));
         }
         let rate_limit = match (rate_limit, rate_burst) {
             (Some(per_second), burst) => Some(RateLimit {

@@ -89,6 +89,7 @@ pub enum StartError {
     Registry(PathBuf, rusqlite::Error),
     Watcher(std::io::Error),
     Delivery(delivery::StartError),
+    ServiceIsDevice(String),
 }
 
 impl fmt::Display for StartError {
@@ -101,6 +102,10 @@ impl fmt::Display for StartError {
             ),
             StartError::Watcher(e) => write!(f, "cannot start the registry watcher: {e}"),
             StartError::Delivery(e) => e.fmt(f),
+            StartError::ServiceIsDevice(s) => write!(
+                f,
+                "plugin_opt_service_identities {s:?}: also a registered device; a name must be one or the other"
+            ),
         }
     }
 }
@@ -168,6 +173,9 @@ pub struct Gateway {
     /// Kicking waits for the tick: inside a packet's own callback it would pull the connection
     /// out from under the broker while it is still handling that packet.
     to_kick: Vec<Box<str>>,
+    /// Service identities that a registry change made into devices too. Such a name is denied
+    /// everything until the conflict is resolved (fail closed: it could be either).
+    service_conflicts: Vec<String>,
     last_log_flush: Instant,
     logged: Stats,
     last_prune: Instant,
@@ -195,6 +203,11 @@ impl Gateway {
             host.log(Level::Warning, &format!("secure-iot-gateway: outbox recovery: {w}"));
         }
         let mut validator = Validator::new(&cfg, registry, recovered.seen);
+        // A name both a device and a service would get the service's acl_file rights with a
+        // device's certificate: refuse to start, naming it.
+        if let Some(s) = cfg.service_identities.iter().find(|s| validator.is_enabled(s)) {
+            return Err(StartError::ServiceIsDevice(s.clone()));
+        }
         let watcher = validator.registry().watch().map_err(StartError::Watcher)?;
         let now = Instant::now();
         Ok(Gateway {
@@ -205,6 +218,7 @@ impl Gateway {
             verdicts: Verdicts::default(),
             rejection_log: LogLimiter::default(),
             to_kick: Vec::new(),
+            service_conflicts: Vec::new(),
             last_log_flush: now,
             logged: Stats::default(),
             last_prune: now,
@@ -299,7 +313,12 @@ impl Gateway {
             };
         }
         let on_response = topic_str.is_some_and(|t| self.cfg.response_topic.device_of(t).is_some());
-        if !on_response && !matches!(who, Identity::Device(_)) {
+        let confined = match who {
+            Identity::Device(_) | Identity::Invalid => true,
+            Identity::Service(s) => self.service_conflicts.iter().any(|c| c == s),
+            Identity::None => false,
+        };
+        if !on_response && !confined {
             return Outcome::Deferred;
         }
         let denial = if on_response { Denial::ResponseTopic } else { Denial::NotOwnDataTopic };
@@ -325,6 +344,11 @@ impl Gateway {
     /// ACL READ / SUBSCRIBE / UNSUBSCRIBE: the configuration's policy, and a device must also be
     /// enabled in the registry: a revoked device that subscribes is refused and closed.
     pub fn on_access(&mut self, who: Identity<'_>, access: Access, topic: &[u8]) -> Verdict {
+        if let Identity::Service(s) = who {
+            if self.service_conflicts.iter().any(|c| c == s) {
+                return Verdict::Deny;
+            }
+        }
         let v = acl::acl_verdict(&self.cfg, who, access, topic);
         if let (Verdict::Allow, Identity::Device(d)) = (v, who) {
             if access != Access::Unsubscribe && !self.validator.is_enabled(d) {
@@ -333,6 +357,26 @@ impl Gateway {
             }
         }
         v
+    }
+
+    /// After a registry change: a service identity that is now also a registered device is
+    /// denied everything (and its connections closed) until the conflict is resolved.
+    fn check_service_conflicts(&mut self, host: &mut dyn Host) {
+        let now: Vec<String> = self
+            .cfg
+            .service_identities
+            .iter()
+            .filter(|s| self.validator.registry().contains(s))
+            .cloned()
+            .collect();
+        for s in now.iter().filter(|s| !self.service_conflicts.contains(s)) {
+            host.log(
+                Level::Error,
+                &format!("secure-iot-gateway: service identity {s:?} is now also a registered device: denied everything until one of them is removed"),
+            );
+            self.to_kick.push(s.as_str().into());
+        }
+        self.service_conflicts = now;
     }
 
     /// Queues a device's connections to be closed at the next tick.
@@ -374,7 +418,11 @@ impl Gateway {
     /// Periodic work on the broker thread: registry snapshots, the backend's answers and the
     /// responses to devices, pruning, stats.
     pub fn on_tick(&mut self, host: &mut dyn Host, now: i64) {
-        for d in self.validator.apply_registry_updates() {
+        let revoked = self.validator.apply_registry_updates();
+        if !revoked.is_empty() || self.validator.registry_changed() {
+            self.check_service_conflicts(host);
+        }
+        for d in revoked {
             self.kick(Identity::Device(&d));
         }
         for d in std::mem::take(&mut self.to_kick) {

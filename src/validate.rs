@@ -81,6 +81,7 @@ pub struct Validator {
     max_payload: usize,
     replay_cap: usize,
     rate: Option<RateLimiter>,
+    changed: bool,
     /// Reused for the canonical form of every message (no allocation per message).
     canon: Vec<u8>,
 }
@@ -103,6 +104,7 @@ impl Validator {
             max_payload: cfg.max_payload_bytes,
             replay_cap: cfg.replay_cache_size,
             rate: cfg.rate_limit.map(|limit| RateLimiter { limit, buckets: HashMap::new() }),
+            changed: false,
             canon: Vec::with_capacity(1024),
         }
     }
@@ -132,6 +134,12 @@ impl Validator {
             }
             Identity::None => {
                 return Err(reject(Reason::Identity, "client has no TLS identity".into()))
+            }
+            Identity::Invalid => {
+                return Err(reject(
+                    Reason::Identity,
+                    "certificate identity is outside the device-id grammar".into(),
+                ))
             }
         };
         if device != tls || device != topic_device {
@@ -212,12 +220,21 @@ impl Validator {
     /// Installs the newest registry snapshot, if one arrived; returns the devices it revoked
     /// (removed or disabled since the previous snapshot).
     pub fn apply_registry_updates(&mut self) -> Vec<Box<str>> {
-        let Some(before) = self.registry.apply_updates() else { return Vec::new() };
+        let Some(before) = self.registry.apply_updates() else {
+            self.changed = false;
+            return Vec::new();
+        };
+        self.changed = true;
         let registry = &self.registry;
         if let Some(rate) = &mut self.rate {
             rate.buckets.retain(|d, _| registry.contains(d));
         }
         before.into_keys().filter(|id| !registry.contains(id)).collect()
+    }
+
+    /// Did the last [`Self::apply_registry_updates`] install a new snapshot?
+    pub fn registry_changed(&self) -> bool {
+        self.changed
     }
 
     /// May `device` act (registered, enabled)? May look a device up that is not in memory.

@@ -441,7 +441,15 @@ fn identity_requires_certificate_cn_equal_to_username() {
         identity(cfg, Some(b"dashboard"), Some(b"dashboard")),
         Identity::Service("dashboard")
     );
-    assert_eq!(identity(cfg, Some(b"\xff"), Some(b"\xff")), Identity::Device(""));
+    assert_eq!(identity(cfg, Some(b"\xff"), Some(b"\xff")), Identity::Invalid);
+    // Names a device's topics could not be built from are denied everything.
+    for bad in ["a/b", "+", "#", "dev#1", "..", "", &"x".repeat(129)] {
+        let who = identity(cfg, Some(bad.as_bytes()), Some(bad.as_bytes()));
+        assert_eq!(who, Identity::Invalid, "{bad:?}");
+        for access in [Access::Read, Access::Subscribe, Access::Unsubscribe] {
+            assert_eq!(acl_verdict(cfg, who, access, b"#"), Verdict::Deny, "{bad:?}");
+        }
+    }
     assert_eq!(identity(cfg, None, Some(b"x")), Identity::None);
 }
 
@@ -623,4 +631,61 @@ fn a_torn_outbox_tail_is_logged_once_at_start_naming_the_file() {
         send(&mut gw, &mut h, "sensor_001", "device/sensor_001/data", &m, now),
         refused("replay")
     );
+}
+
+#[test]
+fn an_invalid_identity_is_denied_every_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = gateway(dir.path(), &[]);
+    let mut h = FakeHost::default();
+    let m = sign(S1, "sensor_001", NOW, "x", Json::Null);
+    assert_eq!(
+        gw.on_write(&mut h, Identity::Invalid, b"device/sensor_001/data", &m, NOW),
+        refused("identity")
+    );
+    assert_eq!(
+        gw.on_write(&mut h, Identity::Invalid, b"alerts/x", b"x", NOW),
+        Outcome::Denied(Denial::NotOwnDataTopic)
+    );
+    // Positive control: the same write from no identity is left to the acl_file.
+    assert_eq!(gw.on_write(&mut h, Identity::None, b"alerts/x", b"x", NOW), Outcome::Deferred);
+    assert_eq!(gw.on_access(Identity::Invalid, Access::Subscribe, b"alerts/x"), Verdict::Deny);
+}
+
+#[test]
+fn a_service_identity_registered_as_a_device_is_refused_at_start_and_denied_at_run_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let devices = [("sensor_001", S1), ("dashboard", "a-long-enough-secret")];
+    let db = registry(dir.path(), &devices);
+    let spool = dir.path().join("outbox");
+    let opts = [
+        ("db_path".to_string(), db.display().to_string()),
+        ("spool_path".to_string(), spool.display().to_string()),
+        ("backend_url".to_string(), "none".to_string()),
+        ("service_identities".to_string(), "dashboard".to_string()),
+    ];
+    let cfg = Config::from_opts(opts.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
+    let e = Gateway::start(cfg.clone(), Arc::new(|| {}), &mut FakeHost::default()).err().unwrap();
+    assert!(matches!(&e, StartError::ServiceIsDevice(s) if s == "dashboard"), "{e}");
+    // Resolved: it starts, and the service is left to the acl_file (positive control).
+    let c = Connection::open(&db).unwrap();
+    c.execute("DELETE FROM devices WHERE device_id = 'dashboard'", []).unwrap();
+    let mut gw = Gateway::start(cfg, Arc::new(|| {}), &mut FakeHost::default()).unwrap();
+    let svc = Identity::Service("dashboard");
+    let mut h = FakeHost::default();
+    assert_eq!(gw.on_access(svc, Access::Subscribe, b"device/#"), Verdict::Defer);
+    // Registered again while running: denied everything and disconnected.
+    c.execute("INSERT INTO devices VALUES ('dashboard','a-long-enough-secret',0)", []).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.on_access(svc, Access::Subscribe, b"device/#") != Verdict::Deny {
+        assert!(Instant::now() < deadline, "no conflict seen 5 s after the change");
+        std::thread::sleep(Duration::from_millis(50));
+        gw.on_tick(&mut h, NOW);
+    }
+    assert_eq!(
+        gw.on_write(&mut h, svc, b"alerts/x", b"x", NOW),
+        Outcome::Denied(Denial::NotOwnDataTopic)
+    );
+    gw.on_tick(&mut h, NOW);
+    assert!(h.kicked.iter().any(|k| k == "dashboard"), "{:?}", h.kicked);
 }

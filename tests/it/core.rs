@@ -548,3 +548,20 @@ fn a_disabled_device_is_disconnected_and_can_do_nothing_after() {
     let m = signed("sensor_001", now(), &uid(), "{}");
     assert!(back.publish("device/sensor_001/data", 1, false, &m).is_ok(), "{}", broker.log());
 }
+
+#[test]
+fn a_registered_device_named_like_a_service_identity_stops_the_broker() {
+    // The harness's configuration names `monitor` a service identity.
+    let env = Env::new();
+    // Positive control: as long as no device has that name, it starts.
+    drop(Broker::start(&env, &[]));
+    env.db()
+        .execute("INSERT INTO devices VALUES ('monitor','some-long-secret-1234',0)", [])
+        .unwrap();
+    let (code, log) = start_expect_failure(&env, "");
+    assert_ne!(code, 0, "broker started; log:\n{log}");
+    let line =
+        log.lines().find(|l| l.contains("configuration error")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("plugin_opt_service_identities \"monitor\""), "{line}");
+    assert!(line.contains("also a registered device"), "{line}");
+}
