@@ -20,7 +20,7 @@ pub const DEFAULT_HTTP_TIMEOUT_MS: u64 = 5000;
 pub const MAX_PAYLOAD_LIMIT: usize = 16 << 20;
 
 /// Every option key the plugin understands, for the error message on a typo.
-pub const KEYS: [&str; 15] = [
+pub const KEYS: [&str; 16] = [
     "db_path",
     "data_topic",
     "response_topic",
@@ -36,6 +36,7 @@ pub const KEYS: [&str; 15] = [
     "http_timeout_ms",
     "rate_limit",
     "rate_burst",
+    "crl_file",
 ];
 
 /// A topic pattern with exactly one `+` level standing for the device id.
@@ -125,6 +126,8 @@ pub struct Config {
     pub spool_max_bytes: u64,
     /// Per-device token bucket (off by default).
     pub rate_limit: Option<RateLimit>,
+    /// A PEM CRL reloaded on change; clients whose certificate it revokes are disconnected.
+    pub crl_file: Option<PathBuf>,
 }
 
 /// `rate_limit` messages per second per device, with bursts of up to `burst` messages.
@@ -236,6 +239,7 @@ impl Config {
         let mut http_timeout_ms = DEFAULT_HTTP_TIMEOUT_MS;
         let mut rate_limit: Option<f64> = None;
         let mut rate_burst: Option<u32> = None;
+        let mut crl_file = None;
 
         for (key, raw) in opts {
             // Mosquitto keeps trailing blanks in option values; they are never meaningful here.
@@ -322,6 +326,11 @@ impl Config {
                     rate_limit = Some(n);
                 }
                 "rate_burst" => rate_burst = Some(number(key, v, 1, 1_000_000)?),
+                "crl_file" => {
+                    let p = PathBuf::from(v);
+                    crate::crl::load(&p).map_err(|e| err(key, Some(v), e.to_string()))?;
+                    crl_file = Some(p);
+                }
                 _ => unreachable!("every key in KEYS is handled"),
             }
         }
@@ -372,6 +381,7 @@ impl Config {
             spool_path,
             spool_max_bytes,
             rate_limit,
+            crl_file,
         })
     }
 

@@ -11,6 +11,7 @@
 
 use crate::acl::{self, Access, Identity, Verdict};
 use crate::config::Config;
+use crate::crl;
 use crate::delivery::outbox::{AppendError, Done};
 use crate::delivery::{self, Delivery};
 use crate::envelope::{self, Reason};
@@ -43,6 +44,20 @@ impl Refusal {
         }
     }
 }
+
+/// The live CRL and what the gateway learned about connected certificates.
+struct CrlState {
+    revoked: crl::Revoked,
+    updates: std::sync::mpsc::Receiver<crl::Update>,
+    _watcher: crl::Watcher,
+    /// Certificate serial -> username, learned from ACL checks, so a newly revoked certificate
+    /// can be disconnected at once. Bounded (see [`MAX_SERIALS`]).
+    serials: std::collections::HashMap<Vec<u8>, Box<str>>,
+}
+
+/// Certificates remembered for disconnecting on a CRL change (beyond this, the oldest knowledge
+/// is dropped: such a client is still refused at its next action).
+const MAX_SERIALS: usize = 100_000;
 
 /// A refusal with its detail and the message id (when parsed), for the log line.
 struct Refused {
@@ -90,6 +105,7 @@ pub enum StartError {
     Watcher(std::io::Error),
     Delivery(delivery::StartError),
     ServiceIsDevice(String),
+    Crl(crl::CrlError),
 }
 
 impl fmt::Display for StartError {
@@ -102,6 +118,7 @@ impl fmt::Display for StartError {
             ),
             StartError::Watcher(e) => write!(f, "cannot start the registry watcher: {e}"),
             StartError::Delivery(e) => e.fmt(f),
+            StartError::Crl(e) => write!(f, "plugin_opt_crl_file: {e}"),
             StartError::ServiceIsDevice(s) => write!(
                 f,
                 "plugin_opt_service_identities {s:?}: also a registered device; a name must be one or the other"
@@ -172,10 +189,11 @@ pub struct Gateway {
     /// Usernames to disconnect at the next tick (revoked devices that are or may be connected).
     /// Kicking waits for the tick: inside a packet's own callback it would pull the connection
     /// out from under the broker while it is still handling that packet.
-    to_kick: Vec<Box<str>>,
+    to_kick: Vec<(Box<str>, &'static str)>,
     /// Service identities that a registry change made into devices too. Such a name is denied
     /// everything until the conflict is resolved (fail closed: it could be either).
     service_conflicts: Vec<String>,
+    crl: Option<CrlState>,
     last_log_flush: Instant,
     logged: Stats,
     last_prune: Instant,
@@ -209,6 +227,15 @@ impl Gateway {
             return Err(StartError::ServiceIsDevice(s.clone()));
         }
         let watcher = validator.registry().watch().map_err(StartError::Watcher)?;
+        let crl = match &cfg.crl_file {
+            Some(path) => {
+                let revoked = crl::load(path).map_err(StartError::Crl)?;
+                let (watcher, updates) =
+                    crl::Watcher::start(path.clone()).map_err(StartError::Watcher)?;
+                Some(CrlState { revoked, updates, _watcher: watcher, serials: Default::default() })
+            }
+            None => None,
+        };
         let now = Instant::now();
         Ok(Gateway {
             cfg,
@@ -219,6 +246,7 @@ impl Gateway {
             rejection_log: LogLimiter::default(),
             to_kick: Vec::new(),
             service_conflicts: Vec::new(),
+            crl,
             last_log_flush: now,
             logged: Stats::default(),
             last_prune: now,
@@ -374,16 +402,70 @@ impl Gateway {
                 Level::Error,
                 &format!("secure-iot-gateway: service identity {s:?} is now also a registered device: denied everything until one of them is removed"),
             );
-            self.to_kick.push(s.as_str().into());
+            self.to_kick.push((s.as_str().into(), "a service identity that is also a device"));
         }
         self.service_conflicts = now;
+    }
+
+    /// Is a CRL configured (so the shim should hand over certificate serials)?
+    pub fn checks_crl(&self) -> bool {
+        self.crl.is_some()
+    }
+
+    /// Checks a client's certificate serial against the CRL (remembering who holds it). A
+    /// revoked certificate is refused whatever it asks, and its connection closed.
+    pub fn cert_revoked(&mut self, username: &str, serial: &[u8]) -> bool {
+        let Some(c) = &mut self.crl else { return false };
+        if !c.serials.contains_key(serial) {
+            if c.serials.len() >= MAX_SERIALS {
+                c.serials.clear();
+            }
+            c.serials.insert(serial.to_vec(), username.into());
+        }
+        if !c.revoked.contains(serial) {
+            return false;
+        }
+        if !self.to_kick.iter().any(|(k, _)| &**k == username) {
+            self.to_kick
+                .push((username.into(), "its certificate is revoked by plugin_opt_crl_file"));
+        }
+        true
+    }
+
+    /// Installs a changed CRL (or says why it was not) and disconnects the clients it revokes.
+    fn apply_crl_updates(&mut self, host: &mut dyn Host) {
+        let Some(c) = &mut self.crl else { return };
+        while let Ok(update) = c.updates.try_recv() {
+            match update {
+                Ok(revoked) => {
+                    host.log(
+                        Level::Notice,
+                        &format!("secure-iot-gateway: CRL reloaded: {} revoked certificate(s)", revoked.len()),
+                    );
+                    c.revoked = revoked;
+                    for (serial, user) in &c.serials {
+                        if c.revoked.contains(serial) && !self.to_kick.iter().any(|(k, _)| k == user)
+                        {
+                            self.to_kick.push((
+                                user.clone(),
+                                "its certificate is revoked by plugin_opt_crl_file",
+                            ));
+                        }
+                    }
+                }
+                Err(e) => host.log(
+                    Level::Warning,
+                    &format!("secure-iot-gateway: plugin_opt_crl_file changed but cannot be used, keeping the previous CRL: {e}"),
+                ),
+            }
+        }
     }
 
     /// Queues a device's connections to be closed at the next tick.
     fn kick(&mut self, who: Identity<'_>) {
         if let Identity::Device(d) = who {
-            if !d.is_empty() && !self.to_kick.iter().any(|k| &**k == d) {
-                self.to_kick.push(d.into());
+            if !d.is_empty() && !self.to_kick.iter().any(|(k, _)| &**k == d) {
+                self.to_kick.push((d.into(), "not enabled in the registry"));
             }
         }
     }
@@ -418,6 +500,7 @@ impl Gateway {
     /// Periodic work on the broker thread: registry snapshots, the backend's answers and the
     /// responses to devices, pruning, stats.
     pub fn on_tick(&mut self, host: &mut dyn Host, now: i64) {
+        self.apply_crl_updates(host);
         let revoked = self.validator.apply_registry_updates();
         if !revoked.is_empty() || self.validator.registry_changed() {
             self.check_service_conflicts(host);
@@ -425,12 +508,12 @@ impl Gateway {
         for d in revoked {
             self.kick(Identity::Device(&d));
         }
-        for d in std::mem::take(&mut self.to_kick) {
+        for (d, why) in std::mem::take(&mut self.to_kick) {
             if self.rejection_log.admit(&d, "revoked", Instant::now()) {
                 host.log(
                     Level::Notice,
                     &format!(
-                        "secure-iot-gateway: closing the connection of device={}: not enabled in the registry",
+                        "secure-iot-gateway: closing the connection of identity={}: {why}",
                         printable(&d)
                     ),
                 );

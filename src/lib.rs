@@ -28,6 +28,7 @@
 pub mod acl;
 pub mod cli;
 pub mod config;
+pub mod crl;
 pub mod delivery;
 pub mod envelope;
 pub mod gateway;

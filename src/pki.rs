@@ -166,3 +166,72 @@ mod tests {
         assert_eq!(names.get(1).unwrap().ipaddress(), Some(&[127, 0, 0, 1][..]));
     }
 }
+
+/// A CRL signed by `ca` that revokes `serials` (as [`serial_of`] gives them), valid for `days`.
+pub fn crl(ca: &Issued, serials: &[Vec<u8>], days: u32) -> Result<Vec<u8>, ErrorStack> {
+    use openssl::asn1::{Asn1Object, Asn1OctetString};
+    use openssl::x509::{X509CrlBuilder, X509Extension, X509RevokedBuilder};
+    let ext = |oid: &str, der: Vec<u8>| -> Result<X509Extension, ErrorStack> {
+        let oid = Asn1Object::from_str(oid)?;
+        let contents = Asn1OctetString::new_from_bytes(&der)?;
+        X509Extension::new_from_der(&oid, false, &contents)
+    };
+    let mut b = X509CrlBuilder::new()?;
+    // RFC 5280 requires both: the issuer's key id and a CRL number (here the issue time, so a
+    // newer CRL always has a larger one).
+    let keyid = ca.cert.subject_key_id().map(|k| k.as_slice().to_vec()).unwrap_or_default();
+    let mut aki = vec![0x30, (keyid.len() + 2) as u8, 0x80, keyid.len() as u8];
+    aki.extend_from_slice(&keyid);
+    b.append_extension(ext("2.5.29.35", aki)?)?;
+    let number = BigNum::from_u32(crate::host::unix_now().clamp(0, i64::from(u32::MAX)) as u32)?;
+    let mut n = number.to_vec();
+    if n.first().is_some_and(|b| b & 0x80 != 0) {
+        n.insert(0, 0); // a positive INTEGER
+    }
+    let mut crl_number = vec![0x02, n.len() as u8];
+    crl_number.extend_from_slice(&n);
+    b.append_extension(ext("2.5.29.20", crl_number)?)?;
+    b.set_issuer_name(ca.cert.subject_name())?;
+    let now = Asn1Time::days_from_now(0)?;
+    b.set_last_update(&now)?;
+    let next = Asn1Time::days_from_now(days)?;
+    b.set_next_update(&next)?;
+    for s in serials {
+        let mut r = X509RevokedBuilder::new()?;
+        let serial = BigNum::from_slice(s)?.to_asn1_integer()?;
+        r.set_serial_number(&serial)?;
+        r.set_revocation_date(&now)?;
+        b.add_revoked(r.build())?;
+    }
+    b.sign(&ca.key, MessageDigest::sha256())?;
+    b.build()?.to_pem()
+}
+
+/// A certificate's serial number as big-endian bytes (the form CRLs are matched on).
+pub fn serial_of(cert: &X509) -> Result<Vec<u8>, ErrorStack> {
+    Ok(cert.serial_number().to_bn()?.to_vec())
+}
+
+#[cfg(test)]
+mod crl_tests {
+    use super::*;
+
+    #[test]
+    fn a_crl_verifies_against_its_ca_and_lists_the_serials() {
+        let ca = new_ca("test ca", 2).unwrap();
+        let dev = issue(&ca, "sensor_001", Role::Client, &[], 2).unwrap();
+        let s = serial_of(&dev.cert).unwrap();
+        let pem = crl(&ca, std::slice::from_ref(&s), 30).unwrap();
+        let parsed = openssl::x509::X509Crl::from_pem(&pem).unwrap();
+        assert!(parsed.verify(&ca.cert.public_key().unwrap()).unwrap(), "signed by the CA");
+        let other = new_ca("other ca", 2).unwrap();
+        assert!(!parsed.verify(&other.cert.public_key().unwrap()).unwrap(), "not by another");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("crl.pem");
+        std::fs::write(&p, &pem).unwrap();
+        let revoked = crate::crl::load(&p).unwrap();
+        assert!(revoked.contains(&s));
+        assert!(!revoked.contains(&serial_of(&ca.cert).unwrap()));
+        assert_eq!(revoked.len(), 1);
+    }
+}

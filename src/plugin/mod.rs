@@ -257,10 +257,24 @@ unsafe extern "C" fn on_acl_check(
         }
         // SAFETY: valid client pointer for the duration of the callback.
         let username = unsafe { broker::client_username(ed.client) };
+        let with_serial = inst.cfg.crl_file.is_some();
         // The certificate is only consulted when there is a username it could vouch for.
         // SAFETY: as above.
-        let cn = username.and_then(|_| unsafe { broker::client_cert_cn(ed.client) });
-        let who = acl::identity(&inst.cfg, username, cn.as_deref());
+        let cert = username.and_then(|_| unsafe { broker::client_cert(ed.client, with_serial) });
+        let who = acl::identity(&inst.cfg, username, cert.as_ref().map(|c| c.cn.as_slice()));
+        if let (Some(serial), Some(user)) =
+            (cert.as_ref().and_then(|c| c.serial.as_ref()), username)
+        {
+            // A revoked certificate is refused whatever it asks (and disconnected at the next
+            // tick); with the gateway busy (a re-entered READ check) it is refused too.
+            let revoked = match inst.gateway.try_borrow_mut() {
+                Ok(mut gw) => gw.cert_revoked(&String::from_utf8_lossy(user), serial),
+                Err(_) => true,
+            };
+            if revoked {
+                return ERR_ACL_DENIED;
+            }
+        }
         // SAFETY: the topic is a NUL-terminated string valid during the callback.
         let topic = unsafe { std::ffi::CStr::from_ptr(ed.topic) }.to_bytes();
         let access = ed.access as u32;

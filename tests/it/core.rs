@@ -565,3 +565,80 @@ fn a_registered_device_named_like_a_service_identity_stops_the_broker() {
     assert!(line.contains("plugin_opt_service_identities \"monitor\""), "{line}");
     assert!(line.contains("also a registered device"), "{line}");
 }
+
+#[test]
+fn a_certificate_revoked_by_the_crl_is_disconnected_without_a_restart() {
+    use secure_iot_gateway::pki;
+    let env = Env::new();
+    let crl_path = env.path().join("crl.pem");
+    let write_crl = |pem: &[u8]| {
+        // Replaced atomically, as `iotgw device revoke` does.
+        let tmp = env.path().join("crl.pem.tmp");
+        std::fs::write(&tmp, pem).unwrap();
+        std::fs::rename(&tmp, &crl_path).unwrap();
+    };
+    write_crl(&pki::crl(&env.ca, &[], 30).unwrap());
+    let crl_opt = crl_path.display().to_string();
+    let broker = Broker::start(&env, &[("crl_file", &crl_opt)]);
+    let mut monitor = Mqtt::connect(&env, broker.port, "monitor");
+    assert!(matches!(
+        monitor.subscribe("device/#", 1),
+        rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
+    ));
+    let cert = pki::issue(&env.ca, "sensor_001", pki::Role::Client, &[], 2).unwrap();
+    let serial = pki::serial_of(&cert.cert).unwrap();
+    let with_cert = |c: &pki::Issued| ConnectOpts {
+        cn: Some("sensor_001"),
+        ca: None,
+        cert: Some((c.cert_pem(), c.key_pem())),
+        will: None,
+    };
+    let mut dev = Mqtt::try_connect(&env, broker.port, with_cert(&cert)).unwrap();
+    let mut other = Mqtt::connect(&env, broker.port, "sensor_002");
+    // Positive control: not revoked yet, it works.
+    let m = signed("sensor_001", now(), &uid(), "{}");
+    assert!(dev.publish("device/sensor_001/data", 1, false, &m).is_ok(), "{}", broker.log());
+    assert_eq!(monitor.next_message(Duration::from_secs(5)).map(|m| m.1), Some(m));
+    write_crl(&pki::crl(&env.ca, std::slice::from_ref(&serial), 30).unwrap());
+    let revoked_at = Instant::now();
+    assert!(dev.wait_closed(Duration::from_secs(5)), "still connected; {}", broker.log());
+    let took = revoked_at.elapsed();
+    eprintln!("revoked certificate disconnected after {took:?}");
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    // The same certificate again: whatever it sends is refused and it is closed.
+    let mut again = Mqtt::try_connect(&env, broker.port, with_cert(&cert)).unwrap();
+    let m = signed("sensor_001", now(), &uid(), "{}");
+    assert_eq!(again.publish("device/sensor_001/data", 0, false, &m), Ack::None);
+    assert!(again.wait_closed(Duration::from_secs(3)), "{}", broker.log());
+    // Others are untouched, and the device with a new certificate works.
+    let m = signed("sensor_002", now(), &uid(), "{}");
+    assert!(other.publish("device/sensor_002/data", 1, false, &m).is_ok());
+    assert_eq!(monitor.next_message(Duration::from_secs(5)).map(|m| m.1), Some(m));
+    let fresh = pki::issue(&env.ca, "sensor_001", pki::Role::Client, &[], 2).unwrap();
+    let mut renewed = Mqtt::try_connect(&env, broker.port, with_cert(&fresh)).unwrap();
+    let m = signed("sensor_001", now(), &uid(), "{}");
+    assert!(renewed.publish("device/sensor_001/data", 1, false, &m).is_ok(), "{}", broker.log());
+    assert_eq!(monitor.next_message(Duration::from_secs(5)).map(|m| m.1), Some(m));
+    // A broken CRL later keeps the previous one (and says why).
+    write_crl(b"-----BEGIN X509 CRL-----\ngarbage\n-----END X509 CRL-----\n");
+    assert!(
+        broker.wait_log("keeping the previous CRL", Duration::from_secs(5)),
+        "{}",
+        broker.log()
+    );
+    let mut again = Mqtt::try_connect(&env, broker.port, with_cert(&cert)).unwrap();
+    assert!(again.publish("device/sensor_001/data", 1, false, b"{}").is_not_authorized());
+}
+
+#[test]
+fn a_missing_or_broken_crl_stops_the_broker_naming_the_option() {
+    let env = Env::new();
+    std::fs::write(env.path().join("bad.pem"), b"not a crl").unwrap();
+    for path in
+        ["/nonexistent/crl.pem".to_string(), env.path().join("bad.pem").display().to_string()]
+    {
+        let (code, log) = start_expect_failure(&env, &format!("plugin_opt_crl_file {path}\n"));
+        assert_ne!(code, 0, "{path}: broker started; log:\n{log}");
+        assert!(log.contains(&format!("plugin_opt_crl_file \"{path}\"")), "{log}");
+    }
+}
