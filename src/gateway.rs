@@ -151,6 +151,7 @@ pub struct Stats {
     pub delivered: u64,
     pub dead_lettered: u64,
     pub retries: u64,
+    pub bodies_truncated: u64,
     pub responses: u64,
 }
 
@@ -161,13 +162,14 @@ impl Stats {
             s.push_str(&format!(" {}={}", r.as_str(), self.rejected[r.index()]));
         }
         s.push_str(&format!(
-            " outbox_full={} internal={} acl_denied={} delivered={} dead_lettered={} retries={} responses={}",
+            " outbox_full={} internal={} acl_denied={} delivered={} dead_lettered={} retries={} bodies_truncated={} responses={}",
             self.outbox_full,
             self.internal_errors,
             self.acl_denied,
             self.delivered,
             self.dead_lettered,
             self.retries,
+            self.bodies_truncated,
             self.responses
         ));
         s
@@ -271,6 +273,7 @@ impl Gateway {
             delivered: d.delivered,
             dead_lettered: d.dead_lettered,
             retries: d.retries,
+            bodies_truncated: d.bodies_truncated,
             responses: v.responses,
         }
     }

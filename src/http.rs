@@ -20,7 +20,10 @@ const DRAIN_MAX: usize = 1 << 20;
 pub struct Response {
     pub status: u16,
     pub retry_after: Option<String>,
+    /// At most the first 64 KiB of the body.
     pub body: Vec<u8>,
+    /// The body was longer than what is kept (the status still counts).
+    pub truncated: bool,
 }
 
 /// A keep-alive connection to one `host:port`.
@@ -255,13 +258,21 @@ pub fn read_response(s: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<(Respon
     }
     let mut rest = buf.split_off(head_end + 4);
     let no_body = status / 100 == 1 || status == 204 || status == 304;
+    let mut longer = false;
     let body = if no_body {
         Vec::new()
     } else if chunked {
-        read_chunked(s, &mut rest)?
+        let (body, complete) = read_chunked(s, &mut rest)?;
+        if !complete {
+            // The rest is not read: the connection cannot be reused.
+            close = true;
+            longer = true;
+        }
+        body
     } else if let Some(n) = length {
         if n > DRAIN_MAX {
             close = true;
+            longer = true;
         }
         let want = n.min(DRAIN_MAX);
         while rest.len() < want {
@@ -278,14 +289,18 @@ pub fn read_response(s: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<(Respon
         // Delimited by close.
         close = true;
         while rest.len() < DRAIN_MAX && fill(s, &mut rest)? > 0 {}
+        longer = rest.len() >= DRAIN_MAX;
         rest
     };
     let mut body = body;
+    let truncated = longer || body.len() > KEEP;
     body.truncate(KEEP);
-    Ok((Response { status, retry_after, body }, !close))
+    Ok((Response { status, retry_after, body, truncated }, !close))
 }
 
-fn read_chunked(s: &mut impl Read, rest: &mut Vec<u8>) -> io::Result<Vec<u8>> {
+/// Reads a chunked body, up to [`DRAIN_MAX`] bytes; the bool is false when it was longer and
+/// the rest was left unread (a large body is no error: the status is the answer).
+fn read_chunked(s: &mut impl Read, rest: &mut Vec<u8>) -> io::Result<(Vec<u8>, bool)> {
     let mut body = Vec::new();
     let mut at = 0usize;
     loop {
@@ -307,16 +322,16 @@ fn read_chunked(s: &mut impl Read, rest: &mut Vec<u8>) -> io::Result<Vec<u8>> {
             loop {
                 if let Some(p) = find(&rest[at..], b"\r\n") {
                     if p == 0 {
-                        return Ok(body);
+                        return Ok((body, true));
                     }
                     at += p + 2;
                 } else if fill(s, rest)? == 0 {
-                    return Ok(body);
+                    return Ok((body, true));
                 }
             }
         }
         if body.len() + size > DRAIN_MAX {
-            return Err(bad("chunked body too large"));
+            return Ok((body, false));
         }
         while rest.len() < at + size + 2 {
             if fill(s, rest)? == 0 {
@@ -384,6 +399,39 @@ mod tests {
         assert_eq!(header_value("a\r\nX-Evil: 1"), "a%0D%0AX-Evil:%201");
         assert_eq!(header_value("50%"), "50%25");
         assert_eq!(header_value("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn a_large_2xx_body_is_cut_not_an_error_whatever_its_framing() {
+        let big = 3 << 20;
+        // Chunked: 3 MiB in 64 KiB chunks.
+        let chunk = vec![b'x'; 64 << 10];
+        let mut chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..(big / chunk.len()) {
+            chunked.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+            chunked.extend_from_slice(&chunk);
+            chunked.extend_from_slice(b"\r\n");
+        }
+        chunked.extend_from_slice(b"0\r\n\r\n");
+        let mut with_length =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {big}\r\n\r\n").into_bytes();
+        with_length.resize(with_length.len() + big, b'y');
+        let mut close_delimited = b"HTTP/1.0 200 OK\r\n\r\n".to_vec();
+        close_delimited.resize(close_delimited.len() + big, b'z');
+        for raw in [chunked, with_length, close_delimited] {
+            let (r, keep) = read_response(&mut &raw[..], &mut Vec::new()).unwrap();
+            assert_eq!(r.status, 200);
+            assert_eq!(r.body.len(), KEEP);
+            assert!(r.truncated);
+            assert!(!keep, "the unread rest makes the connection unusable");
+        }
+        // Positive control: a small body is whole and not marked.
+        let (r, keep) = read_response(
+            &mut &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"[..],
+            &mut Vec::new(),
+        )
+        .unwrap();
+        assert_eq!((r.body.as_slice(), r.truncated, keep), (&b"ok"[..], false, true));
     }
 
     /// A keep-alive server that closes the connection after every `per_conn` requests.

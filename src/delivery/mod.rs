@@ -64,6 +64,8 @@ pub struct Counts {
     pub delivered: u64,
     pub dead_lettered: u64,
     pub retries: u64,
+    /// Answers whose body was longer than the 64 KiB passed on in the response.
+    pub bodies_truncated: u64,
 }
 
 /// What a poll produced: lines for the log, and the backend's answers for the responses.
@@ -97,6 +99,7 @@ pub struct Delivery {
     forward: Option<Forward>,
     delivered: u64,
     dead_lettered: u64,
+    bodies_truncated: u64,
 }
 
 impl Delivery {
@@ -127,7 +130,14 @@ impl Delivery {
             }
             None => None,
         };
-        let mut d = Delivery { outbox, syncer, forward, delivered: 0, dead_lettered: 0 };
+        let mut d = Delivery {
+            outbox,
+            syncer,
+            forward,
+            delivered: 0,
+            dead_lettered: 0,
+            bodies_truncated: 0,
+        };
         let mut logs = Vec::new();
         d.refill(&mut logs);
         recovered.warnings.extend(logs.into_iter().map(|l| l.text));
@@ -191,6 +201,9 @@ impl Delivery {
             });
         }
         for d in &answers {
+            if d.body_truncated {
+                self.bodies_truncated += 1;
+            }
             if d.delivered {
                 self.delivered += 1;
             } else {
@@ -252,6 +265,7 @@ impl Delivery {
         Counts {
             delivered: self.delivered,
             dead_lettered: self.dead_lettered,
+            bodies_truncated: self.bodies_truncated,
             retries: self
                 .forward
                 .as_ref()

@@ -64,8 +64,11 @@ fn spool_cost(device: &str, message_id: &str, payload_len: usize) -> u64 {
 pub struct Done {
     pub message: QueuedMessage,
     pub status: u16,
+    /// At most the first 64 KiB of the backend's body.
     pub body: Vec<u8>,
-    /// true: 2xx. false: a final 4xx, to be dead-lettered.
+    /// The backend's body was longer than what is kept.
+    pub body_truncated: bool,
+    /// true: 2xx. false: a final 3xx or 4xx, to be dead-lettered.
     pub delivered: bool,
     pub attempts: u32,
     /// When the backend's answer arrived (to measure the response path).
@@ -675,6 +678,7 @@ mod tests {
             message: m.clone(),
             status,
             body: body.to_vec(),
+            body_truncated: false,
             delivered: (200..300).contains(&status),
             attempts: 1,
             answered_at: std::time::Instant::now(),

@@ -129,16 +129,18 @@ pub fn agent(cfg: &BackendConfig) -> Result<ureq::Agent, BackendError> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Attempt {
     /// 2xx or a final 4xx.
-    Final { status: u16, body: Vec<u8> },
+    Final { status: u16, body: Vec<u8>, truncated: bool },
     /// Try again, after at least this long if the backend said so.
     Retry { why: String, after: Option<Duration> },
 }
 
-/// Classifies a status the spec's way.
+/// Classifies a status the spec's way: (final?, delivered?). 3xx is final and not delivered
+/// (dead-lettered, logged with its status): the gateway never follows a redirect, which could
+/// send device data to another host, and asking again would get the same answer forever.
 pub fn classify(status: u16) -> (bool, bool) {
-    // (final?, delivered?)
     match status {
         200..=299 => (true, true),
+        300..=399 => (true, false),
         429 => (false, false),
         400..=499 => (true, false),
         _ => (false, false),
@@ -150,9 +152,9 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
     v.trim().parse::<u64>().ok().map(|s| Duration::from_secs(s).min(RETRY_AFTER_MAX))
 }
 
-fn outcome(status: u16, retry_after: Option<&str>, body: Vec<u8>) -> Attempt {
+fn outcome(status: u16, retry_after: Option<&str>, body: Vec<u8>, truncated: bool) -> Attempt {
     match classify(status) {
-        (true, _) => Attempt::Final { status, body },
+        (true, _) => Attempt::Final { status, body, truncated },
         (false, _) => Attempt::Retry {
             why: format!("HTTP {status}"),
             after: retry_after.and_then(parse_retry_after),
@@ -205,7 +207,7 @@ impl Backend {
                     ("X-Message-Id", m.message_id.as_str()),
                 ];
                 match client.post(&p, &headers, &m.payload) {
-                    Ok(r) => outcome(r.status, r.retry_after.as_deref(), r.body),
+                    Ok(r) => outcome(r.status, r.retry_after.as_deref(), r.body, r.truncated),
                     Err(e) => Attempt::Retry { why: e.to_string(), after: None },
                 }
             }
@@ -226,12 +228,15 @@ impl Backend {
                             .and_then(|v| v.to_str().ok())
                             .map(str::to_owned);
                         let mut body = Vec::new();
+                        // One byte more than kept tells whether there was more.
                         let _ = resp
                             .body_mut()
                             .as_reader()
-                            .take(MAX_RESPONSE_BODY)
+                            .take(MAX_RESPONSE_BODY + 1)
                             .read_to_end(&mut body);
-                        outcome(status, retry_after.as_deref(), body)
+                        let truncated = body.len() as u64 > MAX_RESPONSE_BODY;
+                        body.truncate(MAX_RESPONSE_BODY as usize);
+                        outcome(status, retry_after.as_deref(), body, truncated)
                     }
                     Err(e) => Attempt::Retry { why: e.to_string(), after: None },
                 }
@@ -425,12 +430,13 @@ impl Worker {
             n += 1;
             self.shared.stats.attempts.fetch_add(1, Ordering::Relaxed);
             match self.backend.attempt(&m) {
-                Attempt::Final { status, body } => {
+                Attempt::Final { status, body, truncated } => {
                     let delivered = (200..300).contains(&status);
                     let done = Done {
                         message: m,
                         status,
                         body,
+                        body_truncated: truncated,
                         delivered,
                         attempts: n,
                         answered_at: Instant::now(),
@@ -471,6 +477,8 @@ mod tests {
     fn status_classes_follow_the_spec() {
         assert_eq!(classify(200), (true, true));
         assert_eq!(classify(204), (true, true));
+        assert_eq!(classify(301), (true, false));
+        assert_eq!(classify(307), (true, false));
         assert_eq!(classify(400), (true, false));
         assert_eq!(classify(404), (true, false));
         assert_eq!(classify(429), (false, false));

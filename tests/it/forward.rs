@@ -439,3 +439,31 @@ fn https_backend_is_trusted_through_backend_ca_file_only() {
     assert_eq!(got.len(), 2, "{}", broker.log());
     assert_eq!(got[1].message_id, mid);
 }
+
+#[test]
+fn backend_3xx_is_final_dead_lettered_and_never_retried() {
+    let env = Env::new();
+    let sink = Sink::start(free_port());
+    sink.script(&[302]);
+    let broker = start(&env, &backend_opts(sink.port));
+    let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
+    dev.subscribe("device/sensor_001/response", 1);
+    let first = uid();
+    let m = signed("sensor_001", now(), &first, "{}");
+    assert!(dev.publish("device/sensor_001/data", 1, false, &m).is_ok());
+    let (_, payload) = dev
+        .next_message(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no response; {}", broker.log()));
+    assert_eq!(verify_downlink(&payload, "sensor_001")["status"], 302);
+    // Positive control: the next message is delivered (the script is spent: 200 from now on).
+    // Had the 302 been retried, the first message would be delivered too, before it.
+    let second = uid();
+    let m = signed("sensor_001", now(), &second, "{}");
+    assert!(dev.publish("device/sensor_001/data", 1, false, &m).is_ok());
+    let got = sink.wait_for(1, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    let ids: Vec<String> = sink.delivered().iter().map(|r| r.message_id.clone()).collect();
+    assert_eq!(ids, [second], "{got:?}");
+    let dl = std::fs::read_to_string(env.path().join("outbox/dead_letters.jsonl")).unwrap();
+    assert!(dl.contains(&first) && dl.contains("\"status\":302"), "{dl}");
+}
