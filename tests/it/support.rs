@@ -429,12 +429,35 @@ impl Mqtt {
 
     /// Publishes and waits for the broker's answer (PUBACK for QoS 1, PUBREC for QoS 2).
     pub fn publish(&mut self, topic: &str, qos: u8, retain: bool, payload: &[u8]) -> Ack {
+        self.publish_with(topic, qos, retain, payload, None)
+    }
+
+    /// The same with an MQTT v5 topic alias (an empty `topic` uses one set up before).
+    pub fn publish_with(
+        &mut self,
+        topic: &str,
+        qos: u8,
+        retain: bool,
+        payload: &[u8],
+        topic_alias: Option<u16>,
+    ) -> Ack {
         let q = match qos {
             0 => QoS::AtMostOnce,
             1 => QoS::AtLeastOnce,
             _ => QoS::ExactlyOnce,
         };
-        self.client.publish(topic, q, retain, payload.to_vec()).unwrap();
+        match topic_alias {
+            None => self.client.publish(topic, q, retain, payload.to_vec()).unwrap(),
+            Some(alias) => {
+                let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                    topic_alias: Some(alias),
+                    ..Default::default()
+                };
+                self.client
+                    .publish_with_properties(topic, q, retain, payload.to_vec(), props)
+                    .unwrap()
+            }
+        }
         match qos {
             0 => {
                 // Let the packet leave: wait for the outgoing event.
