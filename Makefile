@@ -28,14 +28,14 @@ build: deps
 	$(CARGO) build --release
 
 lint: deps
-	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# Unit tests (pure core), integration tests (real mosquitto + mutual TLS), then the .deb
+# Unit tests (pure core, test kit, CLI), integration tests (real mosquitto + mutual TLS), then the .deb
 # installed into the system mosquitto (root only; it removes itself afterwards).
 test: deps lint
-	$(CARGO) build --all-targets
-	$(CARGO) test --all-targets
+	$(CARGO) build --workspace --all-targets
+	$(CARGO) test --workspace --all-targets
 	./scripts/test-deb.sh
 
 demo: deps

@@ -10,11 +10,13 @@
 //! - [`forward`]: worker threads that POST to the backend with retries.
 //! - [`gateway`]: the broker-thread logic tying these together, behind the [`gateway::Host`] trait.
 //! - [`config`]: `plugin_opt_*` parsing and validation.
-//! - [`cli`]: the `iotgw` command (PKI, registry, signing, simulator, demo backend).
 //! - `plugin` (private): the only unsafe code, the FFI shim Mosquitto calls.
+//!
+//! Workspace members beside this crate: `iotgw/` (the command line: PKI, registry, signing,
+//! simulator, demo backend; kept out of the plugin `.so`) and `testkit/` (the one test kit:
+//! envelope builder, HTTP sink, plugin options, the real-broker harness).
 #![deny(unsafe_code)]
 
-pub mod cli;
 pub mod config;
 pub mod envelope;
 pub mod forward;

@@ -1,20 +1,17 @@
 //! The plugin core against a real broker with real mutual TLS.
 
-use crate::support::*;
 use std::time::{Duration, Instant};
+use testkit::*;
 
 const QUIET: Duration = Duration::from_millis(400);
 
 /// A monitor (service identity, reads device/# through acl_file) and a device, both connected.
-fn setup(opts: &[(&str, &str)]) -> (Env, Broker, Mqtt) {
+fn setup(opts: &PluginOpts) -> (Env, Broker, Mqtt) {
     let env = Env::new();
     let broker = Broker::start(&env, opts);
     let mut monitor = Mqtt::connect(&env, broker.port, "monitor");
     assert!(
-        matches!(
-            monitor.subscribe("device/#", 1),
-            rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
-        ),
+        matches!(monitor.subscribe("device/#", 1), SubscribeReasonCode::Success(_)),
         "{}",
         broker.log()
     );
@@ -23,9 +20,9 @@ fn setup(opts: &[(&str, &str)]) -> (Env, Broker, Mqtt) {
 
 #[test]
 fn valid_message_reaches_a_subscriber() {
-    let (env, broker, mut monitor) = setup(&[]);
+    let (env, broker, mut monitor) = setup(&PluginOpts::new());
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
-    let m = signed("sensor_001", now(), &uid(), r#"{"temperature":22.5}"#);
+    let m = signed_as("sensor_001", now(), &uid(), r#"{"temperature":22.5}"#);
     assert!(dev.publish("device/sensor_001/data", 1, false, &m).is_ok(), "{}", broker.log());
     let (topic, payload) = monitor
         .next_message(Duration::from_secs(5))
@@ -35,7 +32,7 @@ fn valid_message_reaches_a_subscriber() {
 }
 
 fn attack(payload: Vec<u8>, mid: &str, reason: &str, device: &str, topic: &str) {
-    let (env, broker, mut monitor) = setup(&[]);
+    let (env, broker, mut monitor) = setup(&PluginOpts::new());
     let mut dev = Mqtt::connect(&env, broker.port, device);
     let ack = dev.publish(topic, 1, false, &payload);
     assert!(ack.is_not_authorized(), "expected 0x87, got {ack:?}; log:\n{}", broker.log());
@@ -54,17 +51,17 @@ fn attack(payload: Vec<u8>, mid: &str, reason: &str, device: &str, topic: &str) 
 fn tampered_payload_is_rejected_for_signature() {
     let mid = uid();
     let good =
-        String::from_utf8(signed("sensor_001", now(), &mid, r#"{"temperature":22.5}"#)).unwrap();
+        String::from_utf8(signed_as("sensor_001", now(), &mid, r#"{"temperature":22.5}"#)).unwrap();
     let tampered = good.replace("22.5", "99.9");
     attack(tampered.into_bytes(), &mid, "signature", "sensor_001", "device/sensor_001/data");
 }
 
 #[test]
 fn same_message_id_twice_is_rejected_for_replay() {
-    let (env, broker, mut monitor) = setup(&[]);
+    let (env, broker, mut monitor) = setup(&PluginOpts::new());
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     let mid = uid();
-    let m = signed("sensor_001", now(), &mid, "{}");
+    let m = signed_as("sensor_001", now(), &mid, "{}");
     assert!(dev.publish("device/sensor_001/data", 1, false, &m).is_ok());
     assert!(
         dev.publish("device/sensor_001/data", 1, false, &m).is_not_authorized(),
@@ -79,7 +76,7 @@ fn same_message_id_twice_is_rejected_for_replay() {
 fn ten_minute_old_timestamp_is_rejected() {
     let mid = uid();
     attack(
-        signed("sensor_001", now() - 600, &mid, "{}"),
+        signed_as("sensor_001", now() - 600, &mid, "{}"),
         &mid,
         "timestamp",
         "sensor_001",
@@ -92,7 +89,7 @@ fn another_devices_id_in_the_envelope_is_rejected_for_identity() {
     let mid = uid();
     // sensor_001's connection sends an envelope claiming sensor_002 (correctly signed by it).
     attack(
-        signed("sensor_002", now(), &mid, "{}"),
+        signed_as("sensor_002", now(), &mid, "{}"),
         &mid,
         "identity",
         "sensor_001",
@@ -104,7 +101,7 @@ fn another_devices_id_in_the_envelope_is_rejected_for_identity() {
 fn device_publishing_on_another_devices_topic_is_rejected() {
     let mid = uid();
     attack(
-        signed("sensor_001", now(), &mid, "{}"),
+        signed_as("sensor_001", now(), &mid, "{}"),
         &mid,
         "identity",
         "sensor_001",
@@ -116,7 +113,7 @@ fn device_publishing_on_another_devices_topic_is_rejected() {
 fn unknown_device_is_rejected() {
     let mid = uid();
     attack(
-        signed("sensor_404", now(), &mid, "{}"),
+        signed_as("sensor_404", now(), &mid, "{}"),
         &mid,
         "unknown_device",
         "sensor_404",
@@ -127,7 +124,7 @@ fn unknown_device_is_rejected() {
 #[test]
 fn client_without_certificate_cannot_connect() {
     let env = Env::new();
-    let broker = Broker::start(&env, &[]);
+    let broker = Broker::start(&env, &PluginOpts::new());
     let r = Mqtt::try_connect(
         &env,
         broker.port,
@@ -139,7 +136,7 @@ fn client_without_certificate_cannot_connect() {
 #[test]
 fn certificate_from_another_ca_cannot_connect() {
     let env = Env::new();
-    let broker = Broker::start(&env, &[]);
+    let broker = Broker::start(&env, &PluginOpts::new());
     let rogue_ca = secure_iot_gateway::pki::new_ca("rogue", 1).unwrap();
     let rogue = secure_iot_gateway::pki::issue(
         &rogue_ca,
@@ -166,17 +163,17 @@ fn certificate_from_another_ca_cannot_connect() {
 fn more_than_a_thousand_messages_then_replay_of_the_first() {
     // The seed's LRU of 1000 ids forgot the first id after 1000 more; ours keeps every id for
     // its whole window (the cap is raised so the burst itself is not refused as cache-full).
-    let (env, broker, _monitor) = setup(&[("replay_cache_size", "5000")]);
+    let (env, broker, _monitor) = setup(&PluginOpts::new().set("replay_cache_size", 5000));
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     let t = now();
-    let first = signed("sensor_001", t, "msg-0", "{}");
+    let first = signed_as("sensor_001", t, "msg-0", "{}");
     assert!(dev.publish("device/sensor_001/data", 1, false, &first).is_ok());
     for i in 1..=1100 {
         let ack = dev.publish(
             "device/sensor_001/data",
             1,
             false,
-            &signed("sensor_001", t, &format!("msg-{i}"), "{}"),
+            &signed_as("sensor_001", t, &format!("msg-{i}"), "{}"),
         );
         assert!(ack.is_ok(), "message {i}: {ack:?}; log tail:\n{}", tail(&broker.log()));
     }
@@ -191,7 +188,7 @@ fn tail(s: &str) -> String {
 
 #[test]
 fn replay_cache_at_cap_refuses_and_says_so() {
-    let (env, broker, _monitor) = setup(&[("replay_cache_size", "3")]);
+    let (env, broker, _monitor) = setup(&PluginOpts::new().set("replay_cache_size", 3));
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     for i in 0..3 {
         assert!(dev
@@ -199,12 +196,12 @@ fn replay_cache_at_cap_refuses_and_says_so() {
                 "device/sensor_001/data",
                 1,
                 false,
-                &signed("sensor_001", now(), &format!("c{i}"), "{}")
+                &signed_as("sensor_001", now(), &format!("c{i}"), "{}")
             )
             .is_ok());
     }
     assert!(dev
-        .publish("device/sensor_001/data", 1, false, &signed("sensor_001", now(), "c3", "{}"))
+        .publish("device/sensor_001/data", 1, false, &signed_as("sensor_001", now(), "c3", "{}"))
         .is_not_authorized());
     assert!(broker.wait_log("replay cache full", Duration::from_secs(5)), "{}", broker.log());
 }
@@ -212,16 +209,16 @@ fn replay_cache_at_cap_refuses_and_says_so() {
 #[test]
 fn replay_after_a_broker_restart_is_rejected() {
     let env = Env::new();
-    let port = free_port();
+    let port = Port::reserve();
     let mid = uid();
-    let m = signed("sensor_001", now(), &mid, "{}");
+    let m = signed_as("sensor_001", now(), &mid, "{}");
     {
-        let mut broker = Broker::start_on(&env, port, &[]);
+        let mut broker = Broker::start_on(&env, &port, &PluginOpts::new());
         let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
         assert!(dev.publish("device/sensor_001/data", 1, false, &m).is_ok(), "{}", broker.log());
         broker.kill9();
     }
-    let broker = Broker::start_on(&env, port, &[]);
+    let broker = Broker::start_on(&env, &port, &PluginOpts::new());
     assert!(broker.log().contains("1 ids remembered"), "{}", broker.log());
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     assert!(
@@ -234,17 +231,17 @@ fn replay_after_a_broker_restart_is_rejected() {
 
 #[test]
 fn rejects_get_reason_code_0x87_at_qos1_and_qos2_and_valid_messages_flow_at_every_qos() {
-    let (env, broker, mut monitor) = setup(&[]);
+    let (env, broker, mut monitor) = setup(&PluginOpts::new());
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     for qos in [0u8, 1, 2] {
-        let good = signed("sensor_001", now(), &uid(), &format!(r#"{{"qos":{qos}}}"#));
+        let good = signed_as("sensor_001", now(), &uid(), &format!(r#"{{"qos":{qos}}}"#));
         let ack = dev.publish("device/sensor_001/data", qos, false, &good);
         assert!(ack.is_ok(), "qos {qos}: {ack:?}; {}", broker.log());
         let got = monitor
             .next_message(Duration::from_secs(5))
             .unwrap_or_else(|| panic!("qos {qos} not delivered; {}", broker.log()));
         assert_eq!(got.1, good);
-        let bad = signed_with("wrong-secret", "sensor_001", now(), &uid(), "{}");
+        let bad = signed("wrong-secret", "sensor_001", now(), &uid(), "{}");
         let ack = dev.publish("device/sensor_001/data", qos, false, &bad);
         if qos == 0 {
             assert_eq!(ack, Ack::None);
@@ -262,9 +259,9 @@ fn rejects_get_reason_code_0x87_at_qos1_and_qos2_and_valid_messages_flow_at_ever
 #[test]
 fn rejected_retained_message_is_never_stored() {
     let env = Env::new();
-    let broker = Broker::start(&env, &[]);
+    let broker = Broker::start(&env, &PluginOpts::new());
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
-    let bad = signed_with("wrong-secret", "sensor_001", now(), &uid(), "{}");
+    let bad = signed("wrong-secret", "sensor_001", now(), &uid(), "{}");
     assert!(dev.publish("device/sensor_001/data", 1, true, &bad).is_not_authorized());
     let mut late = Mqtt::connect(&env, broker.port, "monitor");
     late.subscribe("device/#", 1);
@@ -276,7 +273,7 @@ fn rejected_retained_message_is_never_stored() {
 
 #[test]
 fn will_message_on_a_data_topic_is_validated() {
-    let (env, broker, mut monitor) = setup(&[]);
+    let (env, broker, mut monitor) = setup(&PluginOpts::new());
     let opts = ConnectOpts {
         cn: Some("sensor_001"),
         ca: None,
@@ -300,9 +297,9 @@ fn will_message_on_a_data_topic_is_validated() {
 #[test]
 fn device_may_only_subscribe_to_its_own_response_topic() {
     let env = Env::new();
-    let broker = Broker::start(&env, &[]);
+    let broker = Broker::start(&env, &PluginOpts::new());
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
-    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as R;
+    use testkit::SubscribeReasonCode as R;
     assert!(matches!(dev.subscribe("device/sensor_001/response", 1), R::Success(_)));
     assert!(!matches!(dev.subscribe("device/sensor_002/response", 1), R::Success(_)));
     assert!(!matches!(dev.subscribe("device/#", 1), R::Success(_)));
@@ -335,8 +332,8 @@ fn missing_or_unreadable_database_stops_the_broker() {
     for db in
         ["/nonexistent/devices.db".to_string(), env.path().join("notadb").display().to_string()]
     {
-        let port = free_port();
-        let path = write_conf(&env, port, &[]);
+        let port = Port::reserve();
+        let path = write_conf(&env, port.get(), &PluginOpts::new());
         let conf = std::fs::read_to_string(&path).unwrap().replace(
             &format!("plugin_opt_db_path {}", env.path().join("devices.db").display()),
             &format!("plugin_opt_db_path {db}"),
@@ -353,11 +350,11 @@ fn missing_or_unreadable_database_stops_the_broker() {
 
 #[test]
 fn sighup_keeps_everything_working() {
-    let (env, mut broker, mut monitor) = setup(&[]);
+    let (env, mut broker, mut monitor) = setup(&PluginOpts::new());
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     broker.signal("HUP");
     assert!(broker.wait_log("reload", Duration::from_secs(5)), "{}", broker.log());
-    let good = signed("sensor_001", now(), &uid(), "{}");
+    let good = signed_as("sensor_001", now(), &uid(), "{}");
     assert!(dev.publish("device/sensor_001/data", 1, false, &good).is_ok());
     assert_eq!(monitor.next_message(Duration::from_secs(5)).map(|m| m.1), Some(good));
     assert!(dev
@@ -365,7 +362,7 @@ fn sighup_keeps_everything_working() {
             "device/sensor_001/data",
             1,
             false,
-            &signed_with("x", "sensor_001", now(), &uid(), "{}")
+            &signed("x", "sensor_001", now(), &uid(), "{}")
         )
         .is_not_authorized());
     // acl_file still applies after reload: the monitor may not publish data.
@@ -377,7 +374,7 @@ fn sighup_keeps_everything_working() {
 
 #[test]
 fn garbage_never_crashes_the_broker() {
-    let (env, mut broker, mut monitor) = setup(&[]);
+    let (env, mut broker, mut monitor) = setup(&PluginOpts::new());
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
     let deep_obj = format!("{}1{}", "{\"a\":".repeat(10_000), "}".repeat(10_000));
@@ -399,7 +396,7 @@ fn garbage_never_crashes_the_broker() {
     assert!(broker.alive(), "{}", broker.log());
     assert!(monitor.drain(QUIET, Duration::from_secs(2)).is_empty());
     // Still fully working.
-    let good = signed("sensor_001", now(), &uid(), "{}");
+    let good = signed_as("sensor_001", now(), &uid(), "{}");
     assert!(dev.publish("device/sensor_001/data", 1, false, &good).is_ok());
     assert_eq!(monitor.next_message(Duration::from_secs(5)).map(|m| m.1), Some(good));
     assert_eq!(broker.count("rejected reason=malformed"), garbage.len(), "{}", tail(&broker.log()));
@@ -408,10 +405,10 @@ fn garbage_never_crashes_the_broker() {
 
 #[test]
 fn registry_changes_apply_without_a_restart() {
-    let (env, broker, _monitor) = setup(&[]);
+    let (env, broker, _monitor) = setup(&PluginOpts::new());
     let mut newdev = Mqtt::connect(&env, broker.port, "sensor_777");
     env.db().execute("INSERT INTO devices VALUES ('sensor_777','fresh-secret',0)", []).unwrap();
-    let m = signed_with("fresh-secret", "sensor_777", now(), &uid(), "{}");
+    let m = signed("fresh-secret", "sensor_777", now(), &uid(), "{}");
     assert!(
         newdev.publish("device/sensor_777/data", 1, false, &m).is_ok(),
         "added device not accepted on its first message; {}",
@@ -425,7 +422,7 @@ fn registry_changes_apply_without_a_restart() {
             "device/sensor_001/data",
             1,
             false,
-            &signed("sensor_001", now(), &uid(), "{}"),
+            &signed_as("sensor_001", now(), &uid(), "{}"),
         );
         if ack.is_not_authorized() {
             break;
