@@ -263,11 +263,19 @@ fn rejected_retained_message_is_never_stored() {
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     let bad = signed("wrong-secret", "sensor_001", now(), &uid(), "{}");
     assert!(dev.publish("device/sensor_001/data", 1, true, &bad).is_not_authorized());
+    // Positive control on another topic (the same topic would overwrite a wrongly kept one): a
+    // valid retained message is kept and reaches the late subscriber, so an empty answer below
+    // could not come from retained delivery being broken.
+    let mut other = Mqtt::connect(&env, broker.port, "sensor_002");
+    let good = signed_as("sensor_002", now(), &uid(), r#"{"retained":true}"#);
+    assert!(other.publish("device/sensor_002/data", 1, true, &good).is_ok(), "{}", broker.log());
     let mut late = Mqtt::connect(&env, broker.port, "monitor");
     late.subscribe("device/#", 1);
-    assert!(
-        late.drain(QUIET, Duration::from_secs(2)).is_empty(),
-        "a rejected retained message was stored"
+    assert_eq!(
+        late.drain(QUIET, Duration::from_secs(2)),
+        vec![("device/sensor_002/data".to_string(), good)],
+        "expected only the valid retained message (a rejected one must never be stored); {}",
+        broker.log()
     );
 }
 
