@@ -30,6 +30,7 @@ struct Shared {
 pub struct Sink {
     port: u16,
     https: bool,
+    server: Arc<tiny_http::Server>,
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
 }
@@ -80,8 +81,15 @@ impl Sink {
                 std::thread::Builder::new()
                     .name(format!("sink-{i}"))
                     .spawn(move || {
-                        while !shared.stop.load(Ordering::SeqCst) {
-                            if let Ok(Some(req)) = server.recv_timeout(Duration::from_millis(50)) {
+                        // Blocking recv, not a polling timeout: cheaper under load; Drop
+                        // unblocks each worker.
+                        loop {
+                            let next = server.recv();
+                            if shared.stop.load(Ordering::SeqCst) {
+                                return;
+                            }
+                            // An error is a failed accept (or a stray unblock): keep serving.
+                            if let Ok(req) = next {
                                 answer(&shared, req);
                             }
                         }
@@ -89,7 +97,7 @@ impl Sink {
                     .expect("spawn a sink thread")
             })
             .collect();
-        Sink { port, https, shared, workers }
+        Sink { port, https, server, shared, workers }
     }
 
     pub fn port(&self) -> u16 {
@@ -175,6 +183,10 @@ impl Drop for Sink {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.hang.store(false, Ordering::SeqCst);
+        // Each unblock wakes one worker blocked in recv.
+        for _ in 0..self.workers.len() {
+            self.server.unblock();
+        }
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
