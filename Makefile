@@ -28,15 +28,15 @@ build: deps
 	$(CARGO) build --release
 
 lint: deps
-	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# Unit tests (pure core), integration tests (real mosquitto + mutual TLS), then the .deb
-# installed into the system mosquitto and into a Debian 13 root's (root only; it removes itself
-# afterwards).
+# Unit tests (pure core, test kit, CLI), integration tests (real mosquitto + mutual TLS), then
+# the .deb installed into the system mosquitto and into a Debian 13 root's (root only; it
+# removes itself afterwards).
 test: deps lint
-	$(CARGO) build --all-targets
-	$(CARGO) test --all-targets
+	$(CARGO) build --workspace --all-targets
+	$(CARGO) test --workspace --all-targets
 	./scripts/test-deb.sh
 	./scripts/test-deb-trixie.sh
 

@@ -13,7 +13,6 @@ use secure_iot_gateway::config::Config;
 use secure_iot_gateway::envelope::{self, Envelope};
 use secure_iot_gateway::gateway::{Gateway, Outcome};
 use secure_iot_gateway::host::{unix_now, Host, Level};
-use secure_iot_gateway::json::Json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,14 +33,11 @@ fn device(i: usize) -> String {
 
 fn envelope_for(i: u64, now: i64) -> Vec<u8> {
     let d = device(i as usize % DEVICES);
-    let payload = serde_json::json!({"temperature": 22.5, "humidity": 60, "pressure": 1013.25, "battery": 87, "seq": i});
-    let members = vec![
-        ("device_id".to_string(), Json::String(d.clone())),
-        ("timestamp".to_string(), Json::Number(now.into())),
-        ("message_id".to_string(), Json::String(format!("550e8400-e29b-41d4-a716-{i:012}"))),
-        ("payload".to_string(), Json::from_value(payload)),
-    ];
-    envelope::sign_members(format!("secret-of-{d}").as_bytes(), &members).into_bytes()
+    let payload = format!(
+        r#"{{"temperature": 22.5, "humidity": 60, "pressure": 1013.25, "battery": 87, "seq": {i}}}"#
+    );
+    let mid = format!("550e8400-e29b-41d4-a716-{i:012}");
+    testkit::signed(&format!("secret-of-{d}"), &d, now, &mid, &payload)
 }
 
 fn gateway(dir: &std::path::Path, backend: &str) -> Gateway {
@@ -56,14 +52,13 @@ fn gateway(dir: &std::path::Path, backend: &str) -> Gateway {
         )
         .unwrap();
     }
-    let opts = [
-        ("db_path", db.display().to_string()),
-        ("spool_path", dir.join("outbox").display().to_string()),
-        ("backend_url", backend.to_string()),
-        ("replay_cache_size", "10000000".to_string()),
-        ("spool_max_bytes", (64u64 << 30).to_string()),
-    ];
-    let cfg = Config::from_opts(opts.iter().map(|(k, v)| (*k, v.as_str()))).unwrap();
+    let opts = testkit::PluginOpts::new()
+        .set("db_path", db.display())
+        .set("spool_path", dir.join("outbox").display())
+        .set("backend_url", backend)
+        .set("replay_cache_size", 10_000_000)
+        .set("spool_max_bytes", 64u64 << 30);
+    let cfg = Config::from_opts(opts.iter()).unwrap();
     Gateway::start(cfg, Arc::new(|| {}), &mut Quiet).unwrap()
 }
 

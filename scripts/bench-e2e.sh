@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 DEVICES=${1:-4}
 PER=${2:-25000}
 cargo build -q --release
-cargo build -q --release --example loadgen
+cargo build -q --release -p iotgw --example loadgen
 DIR=$(mktemp -d /tmp/iotgw-bench.XXXXXX)
 chmod 755 "$DIR"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

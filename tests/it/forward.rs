@@ -1,154 +1,11 @@
 //! Durable delivery to the HTTP backend and signed responses, with a real broker and real TLS.
 
-use crate::support::*;
 use secure_iot_gateway::envelope::{self, Envelope};
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use testkit::*;
 
-/// One request the backend saw.
-#[derive(Debug, Clone)]
-pub struct Req {
-    pub path: String,
-    pub device: String,
-    pub message_id: String,
-    pub content_type: String,
-    pub body: Vec<u8>,
-    pub at: Instant,
-}
-
-/// A loopback HTTP backend: answers with scripted statuses (then 200), or hangs.
-pub struct Sink {
-    pub port: u16,
-    pub received: Arc<Mutex<Vec<Req>>>,
-    script: Arc<Mutex<VecDeque<u16>>>,
-    hang: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl Sink {
-    pub fn start(port: u16) -> Sink {
-        Self::serve(Arc::new(tiny_http::Server::http(("127.0.0.1", port)).unwrap()), port)
-    }
-
-    /// The same sink over TLS, with this certificate and key.
-    pub fn start_https(port: u16, cert: Vec<u8>, key: Vec<u8>) -> Sink {
-        let ssl = tiny_http::SslConfig { certificate: cert, private_key: key };
-        Self::serve(Arc::new(tiny_http::Server::https(("127.0.0.1", port), ssl).unwrap()), port)
-    }
-
-    fn serve(server: Arc<tiny_http::Server>, port: u16) -> Sink {
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let script = Arc::new(Mutex::new(VecDeque::new()));
-        let hang = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (r, sc, h, st) = (received.clone(), script.clone(), hang.clone(), stop.clone());
-        let handle = std::thread::spawn(move || {
-            while !st.load(Ordering::SeqCst) {
-                let Ok(Some(mut req)) = server.recv_timeout(Duration::from_millis(50)) else {
-                    continue;
-                };
-                let (r, sc, h, st) = (r.clone(), sc.clone(), h.clone(), st.clone());
-                std::thread::spawn(move || {
-                    let headers: Vec<(String, String)> = req
-                        .headers()
-                        .iter()
-                        .map(|x| {
-                            (x.field.as_str().as_str().to_ascii_lowercase(), x.value.to_string())
-                        })
-                        .collect();
-                    let hv = |name: &str| {
-                        headers
-                            .iter()
-                            .find(|(k, _)| k == name)
-                            .map(|(_, v)| v.clone())
-                            .unwrap_or_default()
-                    };
-                    let mut body = Vec::new();
-                    let _ = std::io::Read::read_to_end(req.as_reader(), &mut body);
-                    let rec = Req {
-                        path: req.url().to_string(),
-                        device: hv("x-device-id"),
-                        message_id: hv("x-message-id"),
-                        content_type: hv("content-type"),
-                        body,
-                        at: Instant::now(),
-                    };
-                    // Bounded hang: long enough to outlast the plugin's HTTP timeout.
-                    let until = Instant::now() + Duration::from_secs(20);
-                    while h.load(Ordering::SeqCst)
-                        && !st.load(Ordering::SeqCst)
-                        && Instant::now() < until
-                    {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    let status = sc.lock().unwrap().pop_front().unwrap_or(200);
-                    let answer = format!(r#"{{"status":"ok","seen":"{}"}}"#, rec.message_id);
-                    if status / 100 == 2 {
-                        r.lock().unwrap().push(rec);
-                    }
-                    let _ = req
-                        .respond(tiny_http::Response::from_string(answer).with_status_code(status));
-                });
-            }
-        });
-        Sink { port, received, script, hang, stop, handle: Some(handle) }
-    }
-
-    pub fn url(port: u16) -> String {
-        format!("http://127.0.0.1:{port}/device/{{device_id}}/data")
-    }
-
-    pub fn script(&self, statuses: &[u16]) {
-        self.script.lock().unwrap().extend(statuses);
-    }
-
-    pub fn set_hang(&self, on: bool) {
-        self.hang.store(on, Ordering::SeqCst);
-    }
-
-    pub fn delivered(&self) -> Vec<Req> {
-        self.received.lock().unwrap().clone()
-    }
-
-    /// Waits until at least `n` requests were answered 2xx (bounded).
-    pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Req> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let got = self.delivered();
-            if got.len() >= n || Instant::now() >= deadline {
-                return got;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.hang.store(false, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-fn backend_opts(port: u16) -> Vec<(&'static str, String)> {
-    vec![("backend_url", Sink::url(port)), ("http_timeout_ms", "1000".into())]
-}
-
-fn start(env: &Env, opts: &[(&'static str, String)]) -> Broker {
-    let o: Vec<(&str, &str)> = opts.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    Broker::start(env, &o)
-}
-
-fn start_on(env: &Env, port: u16, opts: &[(&'static str, String)]) -> Broker {
-    let o: Vec<(&str, &str)> = opts.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    Broker::start_on(env, port, &o)
+fn backend_opts(port: u16) -> PluginOpts {
+    PluginOpts::new().set("backend_url", sink_url(port)).set("http_timeout_ms", 1000)
 }
 
 fn verify_downlink(payload: &[u8], device: &str) -> serde_json::Value {
@@ -163,12 +20,12 @@ fn verify_downlink(payload: &[u8], device: &str) -> serde_json::Value {
 #[test]
 fn valid_message_reaches_the_backend_and_a_signed_response_reaches_the_device() {
     let env = Env::new();
-    let sink = Sink::start(free_port());
-    let broker = start(&env, &backend_opts(sink.port));
+    let sink = Sink::start();
+    let broker = Broker::start(&env, &backend_opts(sink.port()));
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     dev.subscribe("device/sensor_001/response", 1);
     let mid = uid();
-    let m = signed("sensor_001", now(), &mid, r#"{"temperature": 22.5, "humidity": 60}"#);
+    let m = signed_as("sensor_001", now(), &mid, r#"{"temperature": 22.5, "humidity": 60}"#);
     let sent = Instant::now();
     assert!(dev.publish("device/sensor_001/data", 1, false, &m).is_ok());
     // Read the response first: this is the device's view of the round trip.
@@ -198,14 +55,14 @@ fn valid_message_reaches_the_backend_and_a_signed_response_reaches_the_device() 
 #[test]
 fn backend_down_then_up_delivers_all_200_in_order_per_device() {
     let env = Env::new();
-    let port = free_port();
-    let broker = start(&env, &backend_opts(port));
+    let port = Port::reserve();
+    let broker = Broker::start(&env, &backend_opts(port.get()));
     let mut devs: Vec<Mqtt> =
         ["sensor_001", "sensor_002"].iter().map(|d| Mqtt::connect(&env, broker.port, d)).collect();
     let t = now();
     for i in 0..100 {
         for (k, d) in ["sensor_001", "sensor_002"].iter().enumerate() {
-            let m = signed(d, t, &format!("{d}-{i:03}"), &format!(r#"{{"seq":{i}}}"#));
+            let m = signed_as(d, t, &format!("{d}-{i:03}"), &format!(r#"{{"seq":{i}}}"#));
             assert!(devs[k].publish(&format!("device/{d}/data"), 1, false, &m).is_ok());
         }
     }
@@ -214,7 +71,7 @@ fn backend_down_then_up_delivers_all_200_in_order_per_device() {
         "{}",
         broker.log()
     );
-    let sink = Sink::start(port);
+    let sink = Sink::start_on(port.get());
     let got = sink.wait_for(200, Duration::from_secs(60));
     assert_eq!(got.len(), 200, "{}", broker.log());
     for d in ["sensor_001", "sensor_002"] {
@@ -228,16 +85,16 @@ fn backend_down_then_up_delivers_all_200_in_order_per_device() {
 #[test]
 fn kill_9_mid_stream_loses_no_acknowledged_message() {
     let env = Env::new();
-    let bport = free_port();
-    let sink_port = free_port();
-    let mut broker = start_on(&env, bport, &backend_opts(sink_port));
+    let bport = Port::reserve();
+    let sink_port = Port::reserve();
+    let mut broker = Broker::start_on(&env, &bport, &backend_opts(sink_port.get()));
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     let t = now();
     let mut acked = Vec::new();
     for i in 0..150 {
         let mid = format!("k-{i}");
         if dev
-            .publish("device/sensor_001/data", 1, false, &signed("sensor_001", t, &mid, "{}"))
+            .publish("device/sensor_001/data", 1, false, &signed_as("sensor_001", t, &mid, "{}"))
             .is_ok()
         {
             acked.push(mid);
@@ -246,8 +103,8 @@ fn kill_9_mid_stream_loses_no_acknowledged_message() {
     broker.kill9();
     drop(dev);
     assert_eq!(acked.len(), 150);
-    let sink = Sink::start(sink_port);
-    let broker = start_on(&env, bport, &backend_opts(sink_port));
+    let sink = Sink::start_on(sink_port.get());
+    let broker = Broker::start_on(&env, &bport, &backend_opts(sink_port.get()));
     let got = sink.wait_for(150, Duration::from_secs(60));
     let ids: std::collections::HashSet<String> = got.iter().map(|r| r.message_id.clone()).collect();
     for mid in &acked {
@@ -258,13 +115,13 @@ fn kill_9_mid_stream_loses_no_acknowledged_message() {
 #[test]
 fn backend_500_then_200_is_retried() {
     let env = Env::new();
-    let sink = Sink::start(free_port());
+    let sink = Sink::start();
     sink.script(&[500, 503]);
-    let broker = start(&env, &backend_opts(sink.port));
+    let broker = Broker::start(&env, &backend_opts(sink.port()));
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     let mid = uid();
     assert!(dev
-        .publish("device/sensor_001/data", 1, false, &signed("sensor_001", now(), &mid, "{}"))
+        .publish("device/sensor_001/data", 1, false, &signed_as("sensor_001", now(), &mid, "{}"))
         .is_ok());
     let got = sink.wait_for(1, Duration::from_secs(15));
     assert_eq!(got.len(), 1, "{}", broker.log());
@@ -275,14 +132,14 @@ fn backend_500_then_200_is_retried() {
 #[test]
 fn backend_400_is_dead_lettered_and_the_device_gets_status_400() {
     let env = Env::new();
-    let sink = Sink::start(free_port());
+    let sink = Sink::start();
     sink.script(&[400]);
-    let broker = start(&env, &backend_opts(sink.port));
+    let broker = Broker::start(&env, &backend_opts(sink.port()));
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     dev.subscribe("device/sensor_001/response", 1);
     let mid = uid();
     assert!(dev
-        .publish("device/sensor_001/data", 1, false, &signed("sensor_001", now(), &mid, "{}"))
+        .publish("device/sensor_001/data", 1, false, &signed_as("sensor_001", now(), &mid, "{}"))
         .is_ok());
     let (_, payload) = dev
         .next_message(Duration::from_secs(10))
@@ -309,10 +166,12 @@ fn backend_400_is_dead_lettered_and_the_device_gets_status_400() {
 #[test]
 fn hanging_backend_does_not_stop_mqtt_traffic() {
     let env = Env::new();
-    let sink = Sink::start(free_port());
+    let sink = Sink::start();
     sink.set_hang(true);
-    let broker =
-        start(&env, &[("backend_url", Sink::url(sink.port)), ("http_timeout_ms", "5000".into())]);
+    let broker = Broker::start(
+        &env,
+        &PluginOpts::new().set("backend_url", sink.url()).set("http_timeout_ms", 5000),
+    );
     let mut monitor = Mqtt::connect(&env, broker.port, "monitor");
     monitor.subscribe("device/#", 1);
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
@@ -323,7 +182,7 @@ fn hanging_backend_does_not_stop_mqtt_traffic() {
                 "device/sensor_001/data",
                 1,
                 false,
-                &signed("sensor_001", t, &format!("h{i}"), "{}")
+                &signed_as("sensor_001", t, &format!("h{i}"), "{}")
             )
             .is_ok());
     }
@@ -335,9 +194,11 @@ fn hanging_backend_does_not_stop_mqtt_traffic() {
 #[test]
 fn outbox_cap_refuses_new_messages_and_keeps_old_ones() {
     let env = Env::new();
-    let port = free_port(); // nothing listens: every message stays queued
-    let broker =
-        start(&env, &[("backend_url", Sink::url(port)), ("spool_max_bytes", "1048576".into())]);
+    let port = Port::reserve(); // nothing listens: every message stays queued
+    let broker = Broker::start(
+        &env,
+        &PluginOpts::new().set("backend_url", sink_url(port.get())).set("spool_max_bytes", 1048576),
+    );
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     let big = format!(r#"{{"blob":"{}"}}"#, "x".repeat(60_000));
     let t = now();
@@ -345,8 +206,12 @@ fn outbox_cap_refuses_new_messages_and_keeps_old_ones() {
     let mut refused = 0;
     for i in 0..25 {
         let mid = format!("cap-{i}");
-        let ack =
-            dev.publish("device/sensor_001/data", 1, false, &signed("sensor_001", t, &mid, &big));
+        let ack = dev.publish(
+            "device/sensor_001/data",
+            1,
+            false,
+            &signed_as("sensor_001", t, &mid, &big),
+        );
         if ack.is_ok() {
             accepted.push(mid);
         } else {
@@ -361,7 +226,7 @@ fn outbox_cap_refuses_new_messages_and_keeps_old_ones() {
         broker.log()
     );
     assert!(broker.log().contains("rejected reason=outbox"), "{}", broker.log());
-    let sink = Sink::start(port);
+    let sink = Sink::start_on(port.get());
     let got = sink.wait_for(accepted.len(), Duration::from_secs(60));
     let ids: Vec<String> = got.iter().map(|r| r.message_id.clone()).collect();
     assert_eq!(ids, accepted, "every accepted message delivered, none of the refused");
@@ -370,9 +235,9 @@ fn outbox_cap_refuses_new_messages_and_keeps_old_ones() {
 #[test]
 fn sigterm_with_a_full_outbox_exits_cleanly_and_delivers_after_restart() {
     let env = Env::new();
-    let bport = free_port();
-    let sink_port = free_port();
-    let mut broker = start_on(&env, bport, &backend_opts(sink_port));
+    let bport = Port::reserve();
+    let sink_port = Port::reserve();
+    let mut broker = Broker::start_on(&env, &bport, &backend_opts(sink_port.get()));
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     let t = now();
     for i in 0..20 {
@@ -381,7 +246,7 @@ fn sigterm_with_a_full_outbox_exits_cleanly_and_delivers_after_restart() {
                 "device/sensor_001/data",
                 1,
                 false,
-                &signed("sensor_001", t, &format!("t{i}"), "{}")
+                &signed_as("sensor_001", t, &format!("t{i}"), "{}")
             )
             .is_ok());
     }
@@ -393,8 +258,8 @@ fn sigterm_with_a_full_outbox_exits_cleanly_and_delivers_after_restart() {
     let (pending, _) =
         secure_iot_gateway::delivery::outbox::inspect(&env.path().join("outbox")).unwrap();
     assert_eq!(pending, 20);
-    let sink = Sink::start(sink_port);
-    let broker = start_on(&env, bport, &backend_opts(sink_port));
+    let sink = Sink::start_on(sink_port.get());
+    let broker = Broker::start_on(&env, &bport, &backend_opts(sink_port.get()));
     assert!(broker.log().contains("(20 pending)"), "{}", broker.log());
     let got = sink.wait_for(20, Duration::from_secs(30));
     assert_eq!(got.len(), 20, "{}", broker.log());
@@ -411,14 +276,19 @@ fn https_backend_is_trusted_through_backend_ca_file_only() {
         1,
     )
     .unwrap();
-    let sink = Sink::start_https(free_port(), server.cert_pem(), server.key_pem());
-    let url = format!("https://localhost:{}/device/{{device_id}}/data", sink.port);
+    let sink = Sink::start_https(server.cert_pem(), server.key_pem());
+    let url = sink.url();
     // Without the CA file the system trust store does not know our private CA: retried, not sent.
     {
-        let broker = start(&env, &[("backend_url", url.clone())]);
+        let broker = Broker::start(&env, &PluginOpts::new().set("backend_url", &url));
         let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
         assert!(dev
-            .publish("device/sensor_001/data", 1, false, &signed("sensor_001", now(), &uid(), "{}"))
+            .publish(
+                "device/sensor_001/data",
+                1,
+                false,
+                &signed_as("sensor_001", now(), &uid(), "{}")
+            )
             .is_ok());
         assert!(
             broker.wait_log("backend delivery failed", Duration::from_secs(10)),
@@ -428,12 +298,13 @@ fn https_backend_is_trusted_through_backend_ca_file_only() {
         assert!(sink.delivered().is_empty());
     }
     let ca = env.path().join("ca.pem").display().to_string();
-    let broker = start(&env, &[("backend_url", url), ("backend_ca_file", ca)]);
+    let broker =
+        Broker::start(&env, &PluginOpts::new().set("backend_url", url).set("backend_ca_file", ca));
     // The message queued by the first broker is delivered by this one, then a new one too.
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     let mid = uid();
     assert!(dev
-        .publish("device/sensor_001/data", 1, false, &signed("sensor_001", now(), &mid, "{}"))
+        .publish("device/sensor_001/data", 1, false, &signed_as("sensor_001", now(), &mid, "{}"))
         .is_ok());
     let got = sink.wait_for(2, Duration::from_secs(15));
     assert_eq!(got.len(), 2, "{}", broker.log());
@@ -443,13 +314,13 @@ fn https_backend_is_trusted_through_backend_ca_file_only() {
 #[test]
 fn backend_3xx_is_final_dead_lettered_and_never_retried() {
     let env = Env::new();
-    let sink = Sink::start(free_port());
+    let sink = Sink::start();
     sink.script(&[302]);
-    let broker = start(&env, &backend_opts(sink.port));
+    let broker = Broker::start(&env, &backend_opts(sink.port()));
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
     dev.subscribe("device/sensor_001/response", 1);
     let first = uid();
-    let m = signed("sensor_001", now(), &first, "{}");
+    let m = signed_as("sensor_001", now(), &first, "{}");
     assert!(dev.publish("device/sensor_001/data", 1, false, &m).is_ok());
     let (_, payload) = dev
         .next_message(Duration::from_secs(10))
@@ -458,7 +329,7 @@ fn backend_3xx_is_final_dead_lettered_and_never_retried() {
     // Positive control: the next message is delivered (the script is spent: 200 from now on).
     // Had the 302 been retried, the first message would be delivered too, before it.
     let second = uid();
-    let m = signed("sensor_001", now(), &second, "{}");
+    let m = signed_as("sensor_001", now(), &second, "{}");
     assert!(dev.publish("device/sensor_001/data", 1, false, &m).is_ok());
     let got = sink.wait_for(1, Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(500));

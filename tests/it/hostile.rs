@@ -2,10 +2,10 @@
 //! message refused, every good one delivered, the broker alive and exiting 0. Bounded: a few
 //! hundred messages, well under a minute.
 
-use crate::support::*;
-use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as R;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
+use testkit::SubscribeReasonCode as R;
+use testkit::*;
 
 #[test]
 fn a_hostile_client_is_refused_everything_while_a_legitimate_device_is_served() {
@@ -13,7 +13,10 @@ fn a_hostile_client_is_refused_everything_while_a_legitimate_device_is_served() 
     // A tight rate limit for the attacker to hit; the legitimate device stays under it.
     let mut broker = Broker::start(
         &env,
-        &[("rate_limit", "100"), ("rate_burst", "40"), ("max_payload_bytes", "4096")],
+        &PluginOpts::new()
+            .set("rate_limit", "100")
+            .set("rate_burst", "40")
+            .set("max_payload_bytes", "4096"),
     );
     let mut monitor = Mqtt::connect(&env, broker.port, "monitor");
     assert!(matches!(monitor.subscribe("device/#", 2), R::Success(_)), "{}", broker.log());
@@ -23,7 +26,7 @@ fn a_hostile_client_is_refused_everything_while_a_legitimate_device_is_served() 
     let mut good_dev = Mqtt::connect(&env, port, "sensor_002");
     let good_ids: Vec<String> = (0..60).map(|i| format!("good-{i}")).collect();
     let good_payloads: Vec<Vec<u8>> =
-        good_ids.iter().map(|id| signed("sensor_002", now(), id, r#"{"t":21.5}"#)).collect();
+        good_ids.iter().map(|id| signed_as("sensor_002", now(), id, r#"{"t":21.5}"#)).collect();
     let legit = std::thread::spawn(move || {
         let mut acks = Vec::new();
         for (i, m) in good_payloads.iter().enumerate() {
@@ -51,9 +54,9 @@ fn a_hostile_client_is_refused_everything_while_a_legitimate_device_is_served() 
         ("duplicate member", br#"{"device_id":"sensor_001","device_id":"sensor_002"}"#.to_vec()),
         ("number too big", br#"{"timestamp":1e400}"#.to_vec()),
         ("array", b"[1,2,3]".to_vec()),
-        ("forged", signed_with("not-the-secret-123", "sensor_001", now(), &uid(), "{}")),
-        ("other device's id", signed("sensor_002", now(), &uid(), "{}")),
-        ("stale", signed("sensor_001", now() - 3600, &uid(), "{}")),
+        ("forged", signed("not-the-secret-123", "sensor_001", now(), &uid(), "{}")),
+        ("other device's id", signed_as("sensor_002", now(), &uid(), "{}")),
+        ("stale", signed_as("sensor_001", now() - 3600, &uid(), "{}")),
     ];
     // Malformed and forged, many times over, at QoS 1 and 2.
     for round in 0..12 {
@@ -63,7 +66,7 @@ fn a_hostile_client_is_refused_everything_while_a_legitimate_device_is_served() 
         }
     }
     // Replays of its own accepted message (the original is allowed once: positive control).
-    let original = signed("sensor_001", now(), "replayed-id", "{}");
+    let original = signed_as("sensor_001", now(), "replayed-id", "{}");
     assert!(bad.publish("device/sensor_001/data", 1, false, &original).is_ok(), "{}", broker.log());
     for _ in 0..30 {
         expect_refused(bad.publish("device/sensor_001/data", 1, false, &original), "replay");
@@ -83,14 +86,14 @@ fn a_hostile_client_is_refused_everything_while_a_legitimate_device_is_served() 
     const ALIASED: usize = 10;
     for i in 0..ALIASED {
         let mut c = Mqtt::connect(&env, port, "sensor_001");
-        let ok = signed("sensor_001", now(), &format!("aliased-{i}"), "{}");
+        let ok = signed_as("sensor_001", now(), &format!("aliased-{i}"), "{}");
         assert!(c.publish_with("device/sensor_001/data", 1, false, &ok, Some(3)).is_ok());
         expect_refused(c.publish_with("", 1, false, b"not json", Some(3)), "alias");
     }
     // A rate-limited burst: all signed and fresh, more than the bucket holds.
     let mut limited = 0;
     for _ in 0..150 {
-        let m = signed("sensor_001", now(), &uid(), "{}");
+        let m = signed_as("sensor_001", now(), &uid(), "{}");
         if bad.publish("device/sensor_001/data", 1, false, &m).is_not_authorized() {
             limited += 1;
         }

@@ -1,6 +1,5 @@
 //! One integration-test crate (faster to link than one per file): real Mosquitto, real TLS.
-mod cli;
+//! The harness is the `testkit` crate; the `iotgw` tests live in `iotgw/tests/`.
 mod core;
 mod forward;
 mod hostile;
-mod support;

@@ -1,5 +1,5 @@
 //! The `iotgw` command-line tool, as library code so it can be tested. The binary in
-//! `src/bin/iotgw.rs` only calls [`main`].
+//! `iotgw/src/main.rs` only calls [`main`].
 
 pub mod backend;
 pub mod check;
@@ -7,10 +7,10 @@ pub mod device;
 pub mod gwdir;
 pub mod simulate;
 
-use crate::envelope::{self, Envelope};
-use crate::json::Json;
 use clap::{Parser, Subcommand};
 use gwdir::{GwDir, InitOptions};
+use secure_iot_gateway::envelope::{self, Envelope};
+use secure_iot_gateway::json::Json;
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -64,7 +64,7 @@ pub enum Cmd {
         #[arg(long)]
         plugin: Option<PathBuf>,
         /// Backend URL template written into mosquitto.conf.
-        #[arg(long, default_value = crate::config::DEFAULT_BACKEND_URL)]
+        #[arg(long, default_value = secure_iot_gateway::config::DEFAULT_BACKEND_URL)]
         backend_url: String,
         /// Certificate lifetime in days.
         #[arg(long, default_value_t = 825)]
@@ -284,7 +284,7 @@ pub fn main() -> i32 {
 pub fn run(cli: Cli) -> Result<i32, String> {
     match cli.cmd {
         Cmd::Init { dir, hosts, port, bind, plugin, backend_url, days, force } => {
-            crate::config::check_backend_url(&backend_url)
+            secure_iot_gateway::config::check_backend_url(&backend_url)
                 .map_err(|e| format!("--backend-url {backend_url:?}: {e}"))?;
             let gw = GwDir::new(&dir);
             let notes = gw.init(&InitOptions {
@@ -322,7 +322,7 @@ pub fn run(cli: Cli) -> Result<i32, String> {
                     );
                     for d in device::list(&gw)? {
                         let rot = match d.previous_until {
-                            Some(u) if u >= crate::host::unix_now() => {
+                            Some(u) if u >= secure_iot_gateway::host::unix_now() => {
                                 format!("old secret valid until {u}")
                             }
                             _ => "-".into(),
@@ -394,7 +394,9 @@ pub fn run(cli: Cli) -> Result<i32, String> {
                 ("device_id".to_string(), Json::String(device)),
                 (
                     "timestamp".to_string(),
-                    Json::Number(timestamp.unwrap_or_else(crate::host::unix_now).into()),
+                    Json::Number(
+                        timestamp.unwrap_or_else(secure_iot_gateway::host::unix_now).into(),
+                    ),
                 ),
                 (
                     "message_id".to_string(),
@@ -427,7 +429,7 @@ pub fn run(cli: Cli) -> Result<i32, String> {
             };
             let env = match Envelope::parse(
                 text.trim_end_matches(['\n', '\r']).as_bytes(),
-                crate::config::MAX_PAYLOAD_LIMIT,
+                secure_iot_gateway::config::MAX_PAYLOAD_LIMIT,
             ) {
                 Ok(e) => e,
                 Err(r) => {
@@ -437,7 +439,7 @@ pub fn run(cli: Cli) -> Result<i32, String> {
             };
             let secret = secret_for(&dir, env.device_id(), secret)?;
             if envelope::verify(secret.as_bytes(), &env.canonical(), &env.signature) {
-                let skew = crate::host::unix_now() - env.timestamp;
+                let skew = secure_iot_gateway::host::unix_now() - env.timestamp;
                 println!(
                     "valid: device {} message {} (timestamp {skew} s ago)",
                     env.device_id(),

@@ -7,13 +7,12 @@
 //!
 //! `cargo run --release --example loadgen -- DIR PORT SINK_PORT DEVICES MESSAGES`
 
+use iotgw::cli::device::secret_of;
+use iotgw::cli::gwdir::GwDir;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{Client, Event, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
-use secure_iot_gateway::cli::device::secret_of;
-use secure_iot_gateway::cli::gwdir::GwDir;
-use secure_iot_gateway::json::Json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,43 +30,20 @@ fn main() {
     let per: u64 = a[5].parse().unwrap();
     let total = devices as u64 * per;
 
-    let delivered = Arc::new(AtomicU64::new(0));
-    let server = Arc::new(tiny_http::Server::http(("127.0.0.1", sink_port)).expect("sink port"));
-    for _ in 0..4 {
-        let (server, delivered) = (server.clone(), delivered.clone());
-        std::thread::Builder::new()
-            .name("sink".into())
-            .spawn(move || {
-                while let Ok(mut req) = server.recv() {
-                    let mut b = Vec::new();
-                    let _ = std::io::Read::read_to_end(req.as_reader(), &mut b);
-                    delivered.fetch_add(1, Ordering::Relaxed);
-                    let _ = req.respond(tiny_http::Response::from_string("{\"ok\":true}"));
-                }
-            })
-            .unwrap();
-    }
+    // SINK_PORT 0: a baseline run without the plugin, nothing is forwarded (the sink then
+    // listens on a port nobody uses).
+    let sink = testkit::Sink::start_on(sink_port);
 
     // Sign everything up front: the generator must not be the bottleneck.
-    let now = secure_iot_gateway::host::unix_now();
+    let now = testkit::now();
     let mut batches = Vec::new();
     for d in 0..devices {
         let id = format!("bench_{d:03}");
         let secret = secret_of(&dir, &id).expect("device in registry");
         let msgs: Vec<Vec<u8>> = (0..per)
             .map(|i| {
-                let members = vec![
-                    ("device_id".to_string(), Json::String(id.clone())),
-                    ("timestamp".to_string(), Json::Number(now.into())),
-                    ("message_id".to_string(), Json::String(format!("{id}-{i:09}"))),
-                    (
-                        "payload".to_string(),
-                        Json::from_value(
-                            serde_json::json!({"temperature": 22.5, "humidity": 60, "seq": i}),
-                        ),
-                    ),
-                ];
-                secure_iot_gateway::envelope::sign_members(secret.as_bytes(), &members).into_bytes()
+                let payload = format!(r#"{{"temperature": 22.5, "humidity": 60, "seq": {i}}}"#);
+                testkit::signed(&secret, &id, now, &format!("{id}-{i:09}"), &payload)
             })
             .collect();
         batches.push((id, msgs));
@@ -136,17 +112,12 @@ fn main() {
     let ingest = start.elapsed();
     // SINK_PORT 0: a baseline run without the plugin; nothing is forwarded.
     let deadline = Instant::now() + Duration::from_secs(if sink_port == 0 { 0 } else { 300 });
-    while delivered.load(Ordering::Relaxed) < acked.load(Ordering::Relaxed)
-        && Instant::now() < deadline
-    {
+    while (sink.count() as u64) < acked.load(Ordering::Relaxed) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
     let e2e = start.elapsed();
-    let (ok, bad, fwd) = (
-        acked.load(Ordering::Relaxed),
-        refused.load(Ordering::Relaxed),
-        delivered.load(Ordering::Relaxed),
-    );
+    let (ok, bad, fwd) =
+        (acked.load(Ordering::Relaxed), refused.load(Ordering::Relaxed), sink.count() as u64);
     println!("envelope {size} bytes, {devices} devices x {per} messages = {total}");
     println!("ingest:  {ok} accepted, {bad} refused in {:.2} s = {:.0} msg/s (validated + durably queued + PUBACK)", ingest.as_secs_f64(), ok as f64 / ingest.as_secs_f64());
     println!(

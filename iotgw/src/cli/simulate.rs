@@ -3,13 +3,13 @@
 //! can watch the gateway refuse them.
 
 use super::gwdir::GwDir;
-use crate::envelope::{self, Envelope};
-use crate::host::unix_now;
-use crate::json::Json;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{Client, ConnectionError, Event, MqttOptions, StateError};
 use rumqttc::{TlsConfiguration, Transport};
+use secure_iot_gateway::envelope::{self, Envelope};
+use secure_iot_gateway::host::unix_now;
+use secure_iot_gateway::json::Json;
 use std::time::{Duration, Instant};
 
 /// The original README's attacks.

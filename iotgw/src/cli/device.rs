@@ -2,10 +2,10 @@
 //! changes anything, and a failure leaves the registry and the certificate files as they were.
 
 use super::gwdir::{self, GwDir, Result};
-use crate::envelope::{hex, valid_device_id};
-use crate::host::unix_now;
-use crate::pki::{self, Role};
 use rusqlite::{params, Connection, OptionalExtension};
+use secure_iot_gateway::envelope::{hex, valid_device_id};
+use secure_iot_gateway::host::unix_now;
+use secure_iot_gateway::pki::{self, Role};
 use std::fs;
 
 /// A fresh random secret: 32 bytes, hex-encoded.

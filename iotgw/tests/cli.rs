@@ -1,11 +1,11 @@
 //! `iotgw` through the built binary, against temp dirs; and init + device add + broker + sign end
 //! to end.
 
-use crate::support::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
+use testkit::*;
 
 fn iotgw(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_iotgw")).args(args).output().unwrap()
@@ -31,7 +31,7 @@ fn fails(args: &[&str], needle: &str) -> String {
 }
 
 /// A gateway dir the broker user can traverse (tempdirs are 0700).
-fn gwdir(port: u16) -> (tempfile::TempDir, String) {
+fn gwdir(port: &Port) -> (tempfile::TempDir, String) {
     let t = tempfile::tempdir().unwrap();
     std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let dir = t.path().join("gw").display().to_string();
@@ -40,7 +40,7 @@ fn gwdir(port: u16) -> (tempfile::TempDir, String) {
         "init",
         &dir,
         "--port",
-        &port.to_string(),
+        &port.get().to_string(),
         "--bind",
         "127.0.0.1",
         "--plugin",
@@ -73,7 +73,7 @@ fn db_rows(dir: &str) -> i64 {
 
 #[test]
 fn init_writes_a_complete_directory_with_safe_modes_and_refuses_to_overwrite() {
-    let (_t, dir) = gwdir(free_port());
+    let (_t, dir) = gwdir(&Port::reserve());
     let d = Path::new(&dir);
     for f in ["ca.pem", "ca.key", "broker.pem", "broker.key", "devices.db", "acl", "mosquitto.conf"]
     {
@@ -110,7 +110,7 @@ fn init_writes_a_complete_directory_with_safe_modes_and_refuses_to_overwrite() {
 
 #[test]
 fn device_commands_and_their_bad_input() {
-    let (_t, dir) = gwdir(free_port());
+    let (_t, dir) = gwdir(&Port::reserve());
     let out = ok(&["device", "add", "sensor_001", "--dir", &dir]);
     let secret = secret_from(&out);
     assert_eq!(secret.len(), 64, "32 random bytes, hex");
@@ -150,7 +150,7 @@ fn device_commands_and_their_bad_input() {
 
 #[test]
 fn import_is_all_or_nothing() {
-    let (t, dir) = gwdir(free_port());
+    let (t, dir) = gwdir(&Port::reserve());
     ok(&["device", "add", "existing", "--dir", &dir]);
     let f = t.path().join("fleet.csv");
     std::fs::write(&f, "# id,secret\nfleet_1\nfleet_2,secret-of-fleet-two\nfleet_1\n").unwrap();
@@ -175,7 +175,7 @@ fn sign_and_verify_reproduce_every_vector() {
     let v: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/vectors.json"
+            "/../tests/fixtures/vectors.json"
         ))
         .unwrap(),
     )
@@ -238,7 +238,7 @@ fn sign_and_verify_reproduce_every_vector() {
 
 #[test]
 fn check_config_names_the_bad_option() {
-    let (_t, dir) = gwdir(free_port());
+    let (_t, dir) = gwdir(&Port::reserve());
     let conf = format!("{dir}/mosquitto.conf");
     let text = std::fs::read_to_string(&conf).unwrap();
     std::fs::write(&conf, text + "plugin_opt_workers lots\n").unwrap();
@@ -247,14 +247,14 @@ fn check_config_names_the_bad_option() {
 
 #[test]
 fn init_device_add_broker_and_sign_end_to_end_with_a_secret_rotation() {
-    let port = free_port();
-    let (t, dir) = gwdir(port);
+    let port = Port::reserve();
+    let (t, dir) = gwdir(&port);
     let secret = secret_from(&ok(&["device", "add", "sensor_001", "--dir", &dir]));
     // The broker exactly as `init` configured it (as root it drops to the mosquitto user).
     let mut env = Env::new();
     env.dir = tempfile::tempdir_in(t.path()).unwrap();
     let d = Path::new(&dir);
-    let broker = Broker::start_conf(&env, port, d.join("mosquitto.conf"));
+    let broker = Broker::start_conf(&env, &port, d.join("mosquitto.conf"));
     let ca = std::fs::read(d.join("ca.pem")).unwrap();
     let cert = (
         std::fs::read(d.join("devices/sensor_001.pem")).unwrap(),
@@ -262,7 +262,7 @@ fn init_device_add_broker_and_sign_end_to_end_with_a_secret_rotation() {
     );
     let mut dev = Mqtt::try_connect(
         &env,
-        port,
+        port.get(),
         ConnectOpts { cn: None, ca: Some(ca), cert: Some(cert), will: None },
     )
     .unwrap();
@@ -313,20 +313,20 @@ fn init_device_add_broker_and_sign_end_to_end_with_a_secret_rotation() {
 
 #[test]
 fn simulator_runs_readings_and_the_four_attacks() {
-    let port = free_port();
-    let (t, dir) = gwdir(port);
+    let port = Port::reserve();
+    let (t, dir) = gwdir(&port);
     for dev in ["sensor_001", "sensor_002"] {
         ok(&["device", "add", dev, "--dir", &dir]);
     }
     let mut env = Env::new();
     env.dir = tempfile::tempdir_in(t.path()).unwrap();
-    let broker = Broker::start_conf(&env, port, Path::new(&dir).join("mosquitto.conf"));
+    let broker = Broker::start_conf(&env, &port, Path::new(&dir).join("mosquitto.conf"));
     let out = ok(&[
         "simulate",
         "--dir",
         &dir,
         "--port",
-        &port.to_string(),
+        &port.get().to_string(),
         "--device",
         "sensor_001",
         "--device",

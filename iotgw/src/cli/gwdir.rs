@@ -10,9 +10,9 @@
 //! DIR/mosquitto.conf           a complete mutual-TLS configuration with absolute paths
 //! ```
 
-use crate::pki::{self, Issued, Role};
-use crate::registry;
 use rusqlite::Connection;
+use secure_iot_gateway::pki::{self, Issued, Role};
+use secure_iot_gateway::registry;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -1,11 +1,11 @@
-//! Test harness: a real Mosquitto with the built plugin behind real mutual TLS.
+//! The real-broker harness: a real Mosquitto with the built plugin behind real mutual TLS.
 //!
 //! Each [`Env`] is a temp dir with its own PKI, registry and outbox; each [`Broker`] a
-//! `mosquitto -c` child on a free loopback port, killed by Drop. Readiness is polled, never
-//! slept for, and every failure message carries the broker's log.
+//! `mosquitto -c` child on a reserved loopback [`Port`], killed by Drop. Readiness is polled,
+//! never slept for, and every failure message carries the broker's log.
 
-#![allow(dead_code)]
-
+use crate::{PluginOpts, Port, SECRETS};
+use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
 use rumqttc::v5::mqttbytes::v5::{
     LastWill, Packet, PubAckReason, PubRecReason, SubscribeReasonCode,
 };
@@ -13,21 +13,11 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{Client, Connection, ConnectionError, Event, MqttOptions, StateError};
 use rumqttc::{TlsConfiguration, Transport};
 use rusqlite::Connection as Db;
-use secure_iot_gateway::json::Json;
 use secure_iot_gateway::pki::{self, Issued, Role};
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-pub const SECRETS: [(&str, &str); 3] = [
-    ("sensor_001", "supersecretkey123"),
-    ("sensor_002", "anothersecretkey456"),
-    ("sensor_003", "yetanothersecret789"),
-];
-
-pub fn secret_of(device: &str) -> &'static str {
-    SECRETS.iter().find(|(d, _)| *d == device).map(|(_, s)| *s).unwrap_or("unregistered-secret")
-}
 
 /// The plugin under test: `$IOTGW_PLUGIN_SO`, else the cdylib cargo built next to this test.
 pub fn plugin_path() -> PathBuf {
@@ -49,10 +39,6 @@ pub fn plugin_path() -> PathBuf {
 
 pub fn mosquitto_bin() -> String {
     std::env::var("MOSQUITTO_BIN").unwrap_or_else(|_| "/usr/sbin/mosquitto".into())
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A temp dir with a CA, broker and client certificates, a registry and an ACL file.
@@ -97,6 +83,23 @@ impl Env {
     pub fn ca_pem(&self) -> Vec<u8> {
         std::fs::read(self.path().join("ca.pem")).unwrap()
     }
+
+    /// The options every broker of this env gets: its registry and outbox, the `monitor`
+    /// service identity, forwarding off.
+    pub fn base_opts(&self) -> PluginOpts {
+        let p = self.path();
+        PluginOpts::new()
+            .set("db_path", p.join("devices.db").display())
+            .set("spool_path", p.join("outbox").display())
+            .set("service_identities", "monitor")
+            .set("backend_url", "none")
+    }
+}
+
+impl Default for Env {
+    fn default() -> Env {
+        Env::new()
+    }
 }
 
 /// A running broker; killed on drop.
@@ -105,47 +108,51 @@ pub struct Broker {
     pub port: u16,
     pub log_path: PathBuf,
     pub conf_path: PathBuf,
+    /// The port's reservation when the broker chose the port itself (see [`Port`]).
+    _reserved: Option<Port>,
 }
 
-/// The configuration the tests use, with `opts` as extra `plugin_opt_*` lines.
-pub fn write_conf(env: &Env, port: u16, opts: &[(&str, &str)]) -> PathBuf {
+/// The configuration the tests use: [`Env::base_opts`] with `opts` applied over them.
+pub fn write_conf(env: &Env, port: u16, opts: &PluginOpts) -> PathBuf {
     let p = env.path();
-    let mut conf = format!(
+    let conf = format!(
         "per_listener_settings false\nset_tcp_nodelay true\npersistence false\nuser root\nlog_dest stderr\nlog_type all\n\
          listener {port} 127.0.0.1\ncafile {ca}\ncertfile {crt}\nkeyfile {key}\nrequire_certificate true\n\
-         use_identity_as_username true\nacl_file {acl}\nplugin {so}\nplugin_opt_db_path {db}\nplugin_opt_spool_path {spool}\n\
-         plugin_opt_service_identities monitor\n",
+         use_identity_as_username true\nacl_file {acl}\nplugin {so}\n{opts}",
         ca = p.join("ca.pem").display(),
         crt = p.join("server.pem").display(),
         key = p.join("server.key").display(),
         acl = p.join("acl").display(),
         so = plugin_path().display(),
-        db = p.join("devices.db").display(),
-        spool = p.join("outbox").display(),
+        opts = env.base_opts().with(opts).conf_lines(),
     );
-    if !opts.iter().any(|(k, _)| *k == "backend_url") {
-        conf.push_str("plugin_opt_backend_url none\n");
-    }
-    for (k, v) in opts {
-        conf.push_str(&format!("plugin_opt_{k} {v}\n"));
-    }
     let path = p.join(format!("mosquitto-{port}.conf"));
     std::fs::write(&path, conf).unwrap();
     path
 }
 
 impl Broker {
-    /// Starts a broker with the plugin and waits until it accepts connections.
-    pub fn start(env: &Env, opts: &[(&str, &str)]) -> Broker {
-        Self::start_on(env, free_port(), opts)
+    /// Starts a broker with the plugin on a port of its own and waits until it accepts
+    /// connections.
+    pub fn start(env: &Env, opts: &PluginOpts) -> Broker {
+        let port = Port::reserve();
+        let conf_path = write_conf(env, port.get(), opts);
+        Self::launch(env, port.get(), conf_path, Some(port))
     }
 
-    pub fn start_on(env: &Env, port: u16, opts: &[(&str, &str)]) -> Broker {
-        let conf_path = write_conf(env, port, opts);
-        Self::start_conf(env, port, conf_path)
+    /// The same on a port the test holds, e.g. to restart a broker where devices expect it.
+    pub fn start_on(env: &Env, port: &Port, opts: &PluginOpts) -> Broker {
+        let conf_path = write_conf(env, port.get(), opts);
+        Self::launch(env, port.get(), conf_path, None)
     }
 
-    pub fn start_conf(env: &Env, port: u16, conf_path: PathBuf) -> Broker {
+    /// A broker from a configuration file written elsewhere (e.g. by `iotgw init`) that
+    /// listens on `port`.
+    pub fn start_conf(env: &Env, port: &Port, conf_path: PathBuf) -> Broker {
+        Self::launch(env, port.get(), conf_path, None)
+    }
+
+    fn launch(env: &Env, port: u16, conf_path: PathBuf, reserved: Option<Port>) -> Broker {
         let log_path = env.path().join(format!(
             "broker-{port}-{}.log",
             Instant::now().elapsed().as_nanos() ^ std::process::id() as u128 ^ rand_u32() as u128
@@ -161,7 +168,7 @@ impl Broker {
             .unwrap_or_else(|e| {
                 panic!("cannot run {} ({e}); `make deps` installs mosquitto", mosquitto_bin())
             });
-        let mut b = Broker { child: Some(child), port, log_path, conf_path };
+        let mut b = Broker { child: Some(child), port, log_path, conf_path, _reserved: reserved };
         b.wait_ready();
         b
     }
@@ -264,8 +271,8 @@ fn rand_u32() -> u32 {
 
 /// Runs the broker's config check for plugin errors: starts it and expects a non-zero exit.
 pub fn start_expect_failure(env: &Env, opts_lines: &str) -> (i32, String) {
-    let port = free_port();
-    let path = write_conf(env, port, &[]);
+    let port = Port::reserve();
+    let path = write_conf(env, port.get(), &PluginOpts::new());
     let conf = std::fs::read_to_string(&path).unwrap() + opts_lines;
     std::fs::write(&path, conf).unwrap();
     let out =
@@ -273,30 +280,6 @@ pub fn start_expect_failure(env: &Env, opts_lines: &str) -> (i32, String) {
     let log =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), log)
-}
-
-/// A signed envelope for `device`.
-pub fn signed(device: &str, ts: i64, mid: &str, payload: &str) -> Vec<u8> {
-    signed_with(secret_of(device), device, ts, mid, payload)
-}
-
-pub fn signed_with(secret: &str, device: &str, ts: i64, mid: &str, payload: &str) -> Vec<u8> {
-    let p = Json::from_value(serde_json::from_str(payload).unwrap());
-    let members = vec![
-        ("device_id".to_string(), Json::String(device.into())),
-        ("timestamp".to_string(), Json::Number(ts.into())),
-        ("message_id".to_string(), Json::String(mid.into())),
-        ("payload".to_string(), p),
-    ];
-    secure_iot_gateway::envelope::sign_members(secret.as_bytes(), &members).into_bytes()
-}
-
-pub fn now() -> i64 {
-    secure_iot_gateway::host::unix_now()
-}
-
-pub fn uid() -> String {
-    secure_iot_gateway::envelope::uuid_v4()
 }
 
 /// What the broker answered to a publish.
@@ -333,6 +316,27 @@ pub struct Mqtt {
     pub inbox: Vec<(String, Vec<u8>)>,
 }
 
+/// Why [`Mqtt::try_connect`] got no session.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// No CONNACK within 10 s.
+    Timeout,
+    /// The broker answered CONNACK with this code.
+    Refused(ConnectReturnCode),
+    /// The connection failed (TLS handshake refused, reset, ...).
+    Connection(ConnectionError),
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectError::Timeout => write!(f, "no CONNACK within 10 s"),
+            ConnectError::Refused(code) => write!(f, "CONNACK {code:?}"),
+            ConnectError::Connection(e) => write!(f, "connection error: {e}"),
+        }
+    }
+}
+
 pub struct ConnectOpts<'a> {
     pub cn: Option<&'a str>,
     pub ca: Option<Vec<u8>>,
@@ -347,7 +351,7 @@ impl Mqtt {
             .unwrap_or_else(|e| panic!("{cn} could not connect: {e}"))
     }
 
-    pub fn try_connect(env: &Env, port: u16, o: ConnectOpts<'_>) -> Result<Mqtt, String> {
+    pub fn try_connect(env: &Env, port: u16, o: ConnectOpts<'_>) -> Result<Mqtt, ConnectError> {
         let id = format!("{}-{}", o.cn.unwrap_or("anon"), rand_u32());
         let mut opts = MqttOptions::new(id, "localhost", port);
         opts.set_keep_alive(Duration::from_secs(30));
@@ -367,19 +371,19 @@ impl Mqtt {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err("no CONNACK within 10 s".into());
+                return Err(ConnectError::Timeout);
             }
             match m.conn.recv_timeout(left) {
                 Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
-                    return if ack.code == rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success {
+                    return if ack.code == ConnectReturnCode::Success {
                         Ok(m)
                     } else {
-                        Err(format!("CONNACK {:?}", ack.code))
+                        Err(ConnectError::Refused(ack.code))
                     };
                 }
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(format!("connection error: {e}")),
-                Err(_) => return Err("no CONNACK within 10 s".into()),
+                Ok(Err(e)) => return Err(ConnectError::Connection(e)),
+                Err(_) => return Err(ConnectError::Timeout),
             }
         }
     }

@@ -1,8 +1,8 @@
 //! `iotgw check-config FILE`: validates this plugin's options in a mosquitto.conf without
 //! starting the broker, the same way the plugin does at start-up.
 
-use crate::config::Config;
-use crate::registry::Registry;
+use secure_iot_gateway::config::Config;
+use secure_iot_gateway::registry::Registry;
 use std::path::{Path, PathBuf};
 
 /// The plugin path and its `plugin_opt_*` pairs, for the last plugin line that loads this plugin.
