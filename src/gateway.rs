@@ -264,7 +264,7 @@ impl Gateway {
     }
 
     /// What recovering the outbox found (torn or corrupt records), for the start-up log.
-    pub fn recovery_warnings(&self) -> &[String] {
+    pub fn recovery_warnings(&self) -> &[crate::store::RecoveryWarning] {
         &self.store.warnings
     }
 
