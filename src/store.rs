@@ -25,7 +25,9 @@
 //! damaged region is reported as a [`RecoveryWarning`]. The checksum is keyed so that bytes a
 //! device chose (a message id may hold any bytes) cannot pass for a record during that scan. New
 //! records never follow garbage: a damaged tail of the newest segment is cut, and a newest
-//! segment damaged in the middle is closed and a new one started.
+//! segment damaged in the middle is closed and a new one started. Segments of the earlier format
+//! (no header, plain CRC-32) are still read, so an upgrade loses nothing, and never appended to;
+//! the forged-record protection does not extend to them.
 //!
 //! Space: a segment is deleted once every message in it is settled and every id in it has left
 //! its replay window, oldest first. A message still pending keeps its segment (and the newer ones)
@@ -264,6 +266,23 @@ fn checksum(key: u64, body: &[u8]) -> u32 {
     h.finalize()
 }
 
+/// The checksum a record is checked with: keyed, or the plain CRC-32 of segments written before
+/// segments had a header and a key (read so that an upgrade loses nothing; never written).
+#[derive(Debug, Clone, Copy)]
+enum Sum {
+    Keyed(u64),
+    Legacy,
+}
+
+impl Sum {
+    fn of(self, body: &[u8]) -> u32 {
+        match self {
+            Sum::Keyed(k) => checksum(k, body),
+            Sum::Legacy => crc32fast::hash(body),
+        }
+    }
+}
+
 fn random_key() -> io::Result<u64> {
     let mut b = [0u8; 8];
     openssl::rand::rand_bytes(&mut b).map_err(io::Error::other)?;
@@ -422,7 +441,7 @@ const MIN_BODY: u32 = 14;
 
 /// The end of a valid record starting at `at`, if there is one. The shape is checked before the
 /// checksum so that scanning a damaged region costs little per byte.
-fn record_at(data: &[u8], at: usize, key: u64) -> Option<usize> {
+fn record_at(data: &[u8], at: usize, sum: Sum) -> Option<usize> {
     let head = data.get(at..at.checked_add(8)?)?;
     let len = u32::from_le_bytes(head[0..4].try_into().ok()?);
     if !(MIN_BODY..=MAX_RECORD).contains(&len) {
@@ -436,7 +455,7 @@ fn record_at(data: &[u8], at: usize, key: u64) -> Option<usize> {
         _ => false,
     };
     let crc = u32::from_le_bytes(head[4..8].try_into().ok()?);
-    (shaped && checksum(key, body) == crc).then_some(end)
+    (shaped && sum.of(body) == crc).then_some(end)
 }
 
 /// One segment read back.
@@ -446,6 +465,8 @@ struct Scan {
     /// (start, end) of each damaged region.
     damage: Vec<(usize, usize)>,
     header_ok: bool,
+    /// A segment of the format without header and key: read, never appended to.
+    legacy: bool,
     /// Where the last valid record (or the valid header, or 0) ends.
     valid_end: usize,
 }
@@ -453,17 +474,34 @@ struct Scan {
 /// Reads a segment's records, skipping damaged bytes: after a bad record it resynchronises on
 /// the next offset where a whole record (shape and keyed checksum) validates.
 fn scan(data: &[u8], store_key: u64) -> Scan {
-    let hk = header_key(data);
-    let key = hk.unwrap_or(store_key);
-    let mut at = if hk.is_some() { HEADER_LEN as usize } else { 0 };
+    if let Some(k) = header_key(data) {
+        return scan_with(data, Sum::Keyed(k), HEADER_LEN as usize, true);
+    }
+    // No valid header: a segment of ours whose header is damaged, or one written before
+    // segments had headers. Whichever reading finds more records is the right one.
+    let keyed = scan_with(data, Sum::Keyed(store_key), 0, false);
+    let legacy = scan_with(data, Sum::Legacy, 0, false);
+    if legacy.records.len() > keyed.records.len() {
+        legacy
+    } else {
+        keyed
+    }
+}
+
+fn scan_with(data: &[u8], sum: Sum, start: usize, header_ok: bool) -> Scan {
+    let legacy = matches!(sum, Sum::Legacy);
     let mut s =
-        Scan { records: Vec::new(), damage: Vec::new(), header_ok: hk.is_some(), valid_end: at };
-    let mut bad_from = (!s.header_ok).then_some(0usize);
+        Scan { records: Vec::new(), damage: Vec::new(), header_ok, legacy, valid_end: start };
+    let mut at = start;
+    // A missing header is damage, except in the old format, which has none.
+    let mut bad_from = (!header_ok && !legacy).then_some(0usize);
     while at < data.len() {
-        match record_at(data, at, key) {
+        match record_at(data, at, sum) {
             Some(end) => {
                 if let Some(from) = bad_from.take() {
-                    s.damage.push((from, at));
+                    if from < at {
+                        s.damage.push((from, at));
+                    }
                 }
                 s.records.push((at, end));
                 at = end;
@@ -485,7 +523,7 @@ fn damage_warnings(path: &Path, data: &[u8], s: &Scan, cut: bool) -> Vec<Recover
     s.damage
         .iter()
         .map(|&(from, to)| {
-            let kind = if from == 0 && !s.header_ok {
+            let kind = if from == 0 && !s.header_ok && !s.legacy {
                 DamageKind::SegmentHeader
             } else if to == data.len() {
                 DamageKind::TornTail
@@ -550,7 +588,7 @@ fn find_key(dir: &Path, segs: &[(u64, PathBuf)]) -> io::Result<Option<u64>> {
     if let Some(k) = read_key_file(dir) {
         return Ok(Some(k));
     }
-    let mut could_hold_records = false;
+    let mut unverifiable = false;
     for (_, path) in segs {
         let mut head = Vec::with_capacity(HEADER_LEN as usize);
         open_nofollow(OpenOptions::new().read(true), path)?
@@ -559,9 +597,11 @@ fn find_key(dir: &Path, segs: &[(u64, PathBuf)]) -> io::Result<Option<u64>> {
         if let Some(k) = header_key(&head) {
             return Ok(Some(k));
         }
-        could_hold_records |= std::fs::metadata(path)?.len() > HEADER_LEN;
+        // Big enough for records, and not a segment of the old format (which needs no key).
+        unverifiable |= std::fs::metadata(path)?.len() > HEADER_LEN
+            && scan_with(&read_all(path)?, Sum::Legacy, 0, false).records.is_empty();
     }
-    if could_hold_records {
+    if unverifiable {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
@@ -655,7 +695,7 @@ impl Store {
             let s = scan(&data, key);
             let is_last = i + 1 == segs.len();
             // Only the newest segment's tail is cut; older segments are never written again.
-            let tail_only = s.damage.iter().all(|(from, _)| *from >= s.valid_end);
+            let tail_only = !s.legacy && s.damage.iter().all(|(from, _)| *from >= s.valid_end);
             warnings.extend(damage_warnings(path, &data, &s, is_last && tail_only));
             let mut meta = SegMeta { bytes: data.len() as u64, ..Default::default() };
             for &(at, end) in &s.records {
@@ -704,10 +744,12 @@ impl Store {
             .unwrap_or(0);
         // Where new records go. They must never follow garbage, or a later recovery could read
         // the garbage and the new record as something else: a damaged tail of the newest segment
-        // is cut (nothing valid follows it); a segment damaged in the middle is left as it is
-        // and a new segment is started.
+        // is cut (nothing valid follows it); a segment damaged in the middle, or of the old
+        // format, is left as it is and a new segment is started.
         let (current, current_id, offset, path) = match last {
-            Some((first, s, len)) if s.damage.iter().all(|(from, _)| *from >= s.valid_end) => {
+            Some((first, s, len))
+                if !s.legacy && s.damage.iter().all(|(from, _)| *from >= s.valid_end) =>
+            {
                 let path = seg_path(dir, first);
                 let f = open_nofollow(OpenOptions::new().read(true).write(true), &path)?;
                 if len > s.valid_end {
@@ -1380,6 +1422,48 @@ mod tests {
             assert_eq!(devices.contains(&"victim".to_string()), know_key, "{devices:?}");
             assert_eq!(devices.iter().filter(|d| *d == "dev").count(), 2, "{devices:?}");
         }
+    }
+
+    #[test]
+    fn segments_of_the_old_format_are_read_and_never_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        // The format before segment headers: records with a plain CRC-32, from offset 0.
+        let mut file = Vec::new();
+        let mut spans = Vec::new();
+        for i in 0..10u64 {
+            let mut b = vec![0u8; 8];
+            b.push(ACCEPT);
+            b.extend_from_slice(&(i + 1).to_le_bytes());
+            b.extend_from_slice(&1000i64.to_le_bytes());
+            b.push(1);
+            put_str(&mut b, "dev");
+            put_str(&mut b, &format!("old{i}"));
+            b.extend_from_slice(&1u32.to_le_bytes());
+            b.push(b'1');
+            let crc = crc32fast::hash(&b[8..]);
+            let len = (b.len() - 8) as u32;
+            b[0..4].copy_from_slice(&len.to_le_bytes());
+            b[4..8].copy_from_slice(&crc.to_le_bytes());
+            spans.push((file.len(), b.len()));
+            file.extend_from_slice(&b);
+        }
+        // A flipped byte in record 4 of the old segment, too.
+        file[spans[4].0 + 12] ^= 1;
+        let seg = seg_path(dir.path(), 1);
+        std::fs::write(&seg, &file).unwrap();
+        let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+        assert_eq!(s.pending_count().unwrap(), 9);
+        assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+        assert_eq!(
+            (s.warnings[0].kind, s.warnings[0].offset, s.warnings[0].skipped),
+            (DamageKind::Corrupt, spans[4].0 as u64, spans[4].1 as u64)
+        );
+        assert_eq!(s.append("dev", "new", 1000, Some(b"1")).unwrap(), 11);
+        drop(s);
+        assert_eq!(std::fs::read(&seg).unwrap(), file, "the old segment is never written");
+        let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+        assert_eq!(s.pending_count().unwrap(), 10);
+        assert_eq!(pending_ids(&mut s).last().map(String::as_str), Some("new"));
     }
 
     #[test]
