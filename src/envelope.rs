@@ -84,13 +84,16 @@ impl fmt::Display for Rejection {
 /// The members every envelope must carry.
 pub const REQUIRED: [&str; 5] = ["device_id", "timestamp", "message_id", "payload", "signature"];
 
-/// Longest device_id and message_id, in characters.
+/// Longest message_id, in characters.
 pub const MAX_ID_CHARS: usize = 128;
 
-/// `device_id` syntax: 1–128 of `A-Z a-z 0-9 _ . -`, not `.` or `..`.
+/// Longest device_id: the device id is the certificate's CN, which X.509 limits to 64.
+pub const MAX_DEVICE_ID_CHARS: usize = 64;
+
+/// `device_id` syntax: 1–64 of `A-Z a-z 0-9 _ . -`, not `.` or `..`.
 pub fn valid_device_id(id: &str) -> bool {
     !id.is_empty()
-        && id.len() <= MAX_ID_CHARS
+        && id.len() <= MAX_DEVICE_ID_CHARS
         && id != "."
         && id != ".."
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
@@ -136,7 +139,7 @@ impl Envelope {
                 ("device_id", _) => {
                     return Err(Rejection::new(
                         Reason::Malformed,
-                        "device_id must be 1-128 of A-Z a-z 0-9 _ . -",
+                        "device_id must be 1-64 of A-Z a-z 0-9 _ . -",
                     ))
                 }
                 ("timestamp", Json::Number(n)) if n.as_i64().is_some() => timestamp = n.as_i64(),
@@ -287,8 +290,9 @@ mod tests {
     fn device_id_syntax_edges() {
         assert!(valid_device_id("sensor_001"));
         assert!(valid_device_id("a.b-C_9"));
-        assert!(valid_device_id(&"x".repeat(128)));
-        assert!(!valid_device_id(&"x".repeat(129)));
+        assert!(valid_device_id(&"x".repeat(64)));
+        assert!(!valid_device_id(&"x".repeat(65)));
+        assert!(!valid_device_id(&"x".repeat(128)));
         assert!(!valid_device_id(""));
         assert!(!valid_device_id("."));
         assert!(!valid_device_id(".."));

@@ -358,3 +358,212 @@ fn simulator_runs_readings_and_the_four_attacks() {
         );
     }
 }
+
+#[test]
+fn a_device_cannot_be_named_like_a_service_identity() {
+    let (t, dir) = gwdir(&Port::reserve());
+    let d = Path::new(&dir);
+    // `init` makes `dashboard` a service identity.
+    fails(&["device", "add", "dashboard", "--dir", &dir], "is a service identity");
+    let f = t.path().join("fleet.csv");
+    std::fs::write(&f, "fleet_1\ndashboard\n").unwrap();
+    fails(&["device", "import", f.to_str().unwrap(), "--dir", &dir], "line 2");
+    assert_eq!(db_rows(&dir), 0);
+    assert!(!d.join("devices/dashboard.pem").exists() && !d.join("devices/fleet_1.pem").exists());
+    // Positive controls: other names work, and the names come from mosquitto.conf.
+    ok(&["device", "add", "dashboard2", "--dir", &dir]);
+    let conf = d.join("mosquitto.conf");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, text.replace("service_identities dashboard", "service_identities ops"))
+        .unwrap();
+    fails(&["device", "add", "ops", "--dir", &dir], "is a service identity");
+    ok(&["device", "add", "dashboard", "--dir", &dir]);
+    ok(&["check-config", conf.to_str().unwrap()]);
+    // A registry that already holds one (written behind the CLI's back) fails check-config.
+    std::fs::write(&conf, text).unwrap();
+    let out = iotgw(&["check-config", conf.to_str().unwrap()]);
+    let all = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(all.contains("device \"dashboard\"") && all.contains("service identity"), "{all}");
+}
+
+#[test]
+fn device_ids_are_1_to_64_characters_in_every_tool() {
+    let (t, dir) = gwdir(&Port::reserve());
+    let (id64, id65) = ("a".repeat(64), "b".repeat(65));
+    ok(&["device", "add", &id64, "--dir", &dir]);
+    let cert = openssl::x509::X509::from_pem(
+        &std::fs::read(Path::new(&dir).join(format!("devices/{id64}.pem"))).unwrap(),
+    )
+    .unwrap();
+    let cn = cert
+        .subject_name()
+        .entries_by_nid(openssl::nid::Nid::COMMONNAME)
+        .next()
+        .map(|e| String::from_utf8(e.data().as_slice().to_vec()).unwrap())
+        .unwrap();
+    assert_eq!(cn, id64);
+    fails(&["device", "add", &id65, "--dir", &dir], "invalid device id");
+    let f = t.path().join("fleet.csv");
+    std::fs::write(&f, format!("{id65}\n")).unwrap();
+    fails(&["device", "import", f.to_str().unwrap(), "--dir", &dir], "invalid device id");
+    assert_eq!(db_rows(&dir), 1);
+    let s = "sixteen-chars-secret";
+    let signed64 = ok(&["sign", "--device", &id64, "--secret", s, "--payload", "{}"]);
+    assert!(ok(&["verify", "--secret", s, signed64.trim()]).starts_with("valid"));
+    fails(&["sign", "--device", &id65, "--secret", s, "--payload", "{}"], "invalid device id");
+    // An envelope from a 65-character id is malformed, not a signature mismatch.
+    let forged = signed64.replace(&id64, &id65);
+    let o = iotgw(&["verify", "--secret", s, forged.trim()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("malformed"), "{o:?}");
+    fails(&["device", "show", &id65, "--dir", &dir], "invalid device id");
+    fails(&["simulate", "--dir", &dir, "--device", &id65, "--count", "0"], "invalid device id");
+}
+
+#[test]
+fn init_and_device_add_refuse_planted_symlinks_and_leave_their_targets_untouched() {
+    use std::os::unix::fs::{symlink, MetadataExt};
+    let outside = tempfile::tempdir().unwrap();
+    let (file, odir) = (outside.path().join("file"), outside.path().join("dir"));
+    std::fs::write(&file, b"precious").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::create_dir(&odir).unwrap();
+    std::fs::set_permissions(&odir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let before = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.uid(), m.gid(), m.mode())
+    };
+    let (file_meta, dir_meta) = (before(&file), before(&odir));
+    let plugin = plugin_path().display().to_string();
+    for (name, target) in [
+        ("broker.key", &file),
+        ("state", &odir),
+        ("devices.db", &outside.path().join("new.db")),
+        ("ca.key", &outside.path().join("new.key")),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        let gw = t.path().join("gw");
+        std::fs::create_dir(&gw).unwrap();
+        symlink(target, gw.join(name)).unwrap();
+        fails(&["init", gw.to_str().unwrap(), "--plugin", &plugin], "symbolic link");
+        assert!(!gw.join("ca.pem").exists(), "{name}: wrote before refusing");
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious", "{name}");
+        assert_eq!((before(&file), before(&odir)), (file_meta, dir_meta), "{name}");
+        assert_eq!(std::fs::read_dir(&odir).unwrap().count(), 0, "{name}");
+        assert!(
+            !outside.path().join("new.db").exists() && !outside.path().join("new.key").exists()
+        );
+    }
+    // Positive control: the same init in a clean directory works; then a planted device key.
+    let (_t, dir) = gwdir(&Port::reserve());
+    symlink(&file, Path::new(&dir).join("devices/sensor_009.key")).unwrap();
+    fails(&["device", "add", "sensor_009", "--dir", &dir], "symbolic link");
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+    assert_eq!(before(&file), file_meta);
+    assert_eq!(db_rows(&dir), 0);
+    ok(&["device", "add", "sensor_010", "--dir", &dir]);
+    // init --force over a regular directory replaces its files, still without following links.
+    ok(&["init", &dir, "--force", "--plugin", &plugin]);
+}
+
+#[test]
+fn a_registry_the_broker_cannot_read_refuses_the_change() {
+    use std::os::unix::fs::MetadataExt;
+    let (_t, dir) = gwdir(&Port::reserve());
+    ok(&["device", "add", "sensor_001", "--dir", &dir]);
+    let d = Path::new(&dir);
+    let conf = d.join("mosquitto.conf");
+    // The broker's user, as the configuration says (as root mosquitto drops to it anyway).
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, format!("user mosquitto\n{text}")).unwrap();
+    let db = d.join("devices.db");
+    let me = std::fs::metadata(d).unwrap();
+    // Owned by whoever runs the tests (root or not), 0600: mosquitto cannot read it.
+    std::os::unix::fs::chown(&db, Some(me.uid()), Some(me.gid())).unwrap();
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_ne!(
+        me.uid(),
+        iotgw::cli::gwdir::BrokerUser::lookup("mosquitto")
+            .expect("a mosquitto user (make deps installs it)")
+            .uid
+    );
+    let enabled = || -> i64 {
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .query_row("SELECT enabled FROM devices WHERE device_id='sensor_001'", [], |r| r.get(0))
+            .unwrap()
+    };
+    for cmd in [
+        vec!["device", "disable", "sensor_001"],
+        vec!["device", "remove", "sensor_001"],
+        vec!["device", "rotate-secret", "sensor_001"],
+        vec!["device", "add", "sensor_002"],
+    ] {
+        let mut args = cmd.clone();
+        args.extend(["--dir", &dir]);
+        fails(&args, "would not see this change");
+    }
+    assert_eq!(enabled(), 1);
+    assert_eq!(db_rows(&dir), 1);
+    // Positive control: readable by the broker's user, the same change goes through.
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    ok(&["device", "disable", "sensor_001", "--dir", &dir]);
+    assert_eq!(enabled(), 0);
+    // A directory above it that the broker cannot enter is the same problem.
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).unwrap();
+    fails(&["device", "enable", "sensor_001", "--dir", &dir], "cannot enter");
+    assert_eq!(enabled(), 0);
+}
+
+/// `check-config` with `mosquitto -h` answering as this version.
+fn check_config_as(t: &Path, conf: &Path, version: &str) -> (i32, Vec<String>) {
+    let fake = t.join(format!("mosquitto-{version}"));
+    std::fs::write(&fake, format!("#!/bin/sh\necho 'mosquitto version {version}'\nexit 3\n"))
+        .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_iotgw"))
+        .args(["check-config", conf.to_str().unwrap()])
+        .env("MOSQUITTO_BIN", &fake)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let warnings = out.lines().filter_map(|l| l.strip_prefix("warning: ")).map(String::from);
+    (o.status.code().unwrap_or(-1), warnings.collect())
+}
+
+#[test]
+fn check_config_warns_about_each_known_hazard_and_not_about_a_clean_config() {
+    let (t, dir) = gwdir(&Port::reserve());
+    let conf = Path::new(&dir).join("mosquitto.conf");
+    let clean = std::fs::read_to_string(&conf).unwrap();
+    assert_eq!(check_config_as(t.path(), &conf, "2.0.11"), (0, vec![]), "init's config is clean");
+    let cases: [(String, &str, &str); 4] = [
+        (clean.replace("set_tcp_nodelay true\n", ""), "2.0.18", "set_tcp_nodelay"),
+        (format!("{clean}max_queued_messages 0\n"), "2.0.11", "max_queued_messages 0"),
+        (
+            clean.replace("per_listener_settings false", "per_listener_settings true"),
+            "2.0.18",
+            "per_listener_settings true",
+        ),
+        (
+            clean
+                .lines()
+                .filter(|l| !l.starts_with("acl_file"))
+                .map(|l| format!("{l}\n"))
+                .collect(),
+            "2.0.18",
+            "without `acl_file`",
+        ),
+    ];
+    for (text, version, needle) in cases {
+        std::fs::write(&conf, &text).unwrap();
+        let (code, w) = check_config_as(t.path(), &conf, version);
+        assert_eq!(code, 0, "{needle}: {w:?}");
+        assert_eq!(w.len(), 1, "{needle}: {w:?}");
+        assert!(w[0].contains(needle), "{needle}: {w:?}");
+    }
+    // The 2.0.11 hazard is not reported for a broker that does not have it.
+    std::fs::write(&conf, format!("{clean}max_queued_messages 0\n")).unwrap();
+    assert_eq!(check_config_as(t.path(), &conf, "2.0.18"), (0, vec![]));
+}

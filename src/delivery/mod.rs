@@ -113,7 +113,7 @@ impl Delivery {
             .map_err(|e| StartError::Outbox(cfg.spool_path.clone(), e))?;
         let mut recovered = Recovered {
             seen: outbox.take_live_seen(crate::host::unix_now()),
-            warnings: std::mem::take(&mut outbox.warnings),
+            warnings: std::mem::take(&mut outbox.warnings).iter().map(|w| w.to_string()).collect(),
         };
         let syncer = outbox.start_syncer().map_err(StartError::Syncer)?;
         let backlog = outbox.take_recovered_pending();

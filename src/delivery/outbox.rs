@@ -8,15 +8,26 @@
 //! `write()` (about 1–2 µs; BENCHMARKS.md), and disk space is reclaimed by deleting whole segments.
 //!
 //! Layout of the directory (`plugin_opt_spool_path`):
-//! - `seg-<first id>.log`: records `[u32 len][u32 crc32(body)][body]`, body = `ACCEPT` (id,
-//!   expiry, device, message id, payload) or `SETTLE` (ids now delivered or dead-lettered);
+//! - `seg-<first id, 16 digits>.log`: a 32-byte header (magic, first id, the store's key, CRC),
+//!   then records `[u32 len][u32 crc32(key ‖ body)][body]`, body = `ACCEPT` (id, expiry, device,
+//!   message id, payload) or `SETTLE` (ids now delivered or dead-lettered);
+//! - `outbox.key`: a copy of the random key every segment header holds (either copy suffices);
 //! - `dead_letters.jsonl`: one JSON object per final failure (status, backend body, payload).
 //!
 //! Durability: a record is written (not fsynced) before the callback returns, i.e. before the
 //! broker acknowledges the publish, so it survives `kill -9` and crashes of the broker (the data
 //! is in the kernel). The syncer thread `fdatasync`s every [`SYNC_INTERVAL`], so a power loss can
-//! lose about the last second. A torn record at the end of the last segment (crash mid-write) is
-//! detected by its CRC and cut off at start-up.
+//! lose about the last second.
+//!
+//! Recovery: a damaged record (flipped bits, a zeroed page, a torn write) loses that record only.
+//! The scan resynchronises on the next offset where a whole record validates (exact shape and
+//! keyed checksum), so every valid record after the damage, and its replay id, is kept; each
+//! damaged region is reported as a [`RecoveryWarning`]. The checksum is keyed so that bytes a
+//! device chose (a message id may hold any bytes) cannot pass for a record during that scan. New
+//! records never follow garbage: a damaged tail of the newest segment is cut, and a newest
+//! segment damaged in the middle is closed and a new one started. Segments of the earlier format
+//! (no header, plain CRC-32) are still read, so an upgrade loses nothing, and never appended to;
+//! the forged-record protection does not extend to them.
 //!
 //! Space: a segment is deleted once every message in it is settled and every id in it has left
 //! its replay window, oldest first. A message still pending keeps its segment (and the newer ones)
@@ -122,6 +133,72 @@ struct Accept {
     payload: Vec<u8>,
 }
 
+/// What a damaged region of the outbox looked like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DamageKind {
+    /// The segment's header is missing, short or does not check out (e.g. a crash while the
+    /// segment was being created). The records after it are checked with the store's key.
+    SegmentHeader,
+    /// Bytes that are not a valid record, with valid records after them.
+    Corrupt,
+    /// A run of zero bytes (a page the file system never wrote), with valid records after it.
+    Zeroed,
+    /// Invalid bytes up to the end of the segment: a record torn by a crash, or lost pages.
+    TornTail,
+    /// A file in the outbox directory named like a segment that this store never writes
+    /// (odd name, not a regular file); left untouched and not read.
+    IgnoredFile,
+}
+
+impl std::fmt::Display for DamageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DamageKind::SegmentHeader => "damaged segment header",
+            DamageKind::Corrupt => "corrupt records",
+            DamageKind::Zeroed => "zero-filled bytes",
+            DamageKind::TornTail => "torn or corrupt end of segment",
+            DamageKind::IgnoredFile => "not an outbox segment",
+        })
+    }
+}
+
+/// One damaged region found when the outbox was opened; `Display` is the line to log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryWarning {
+    pub file: PathBuf,
+    /// Where the damaged bytes start in `file`.
+    pub offset: u64,
+    /// How many bytes were skipped (for `IgnoredFile`: the file's size).
+    pub skipped: u64,
+    pub kind: DamageKind,
+    /// The bytes were removed from the end of the file (only ever the newest segment's tail,
+    /// so that new records never follow garbage).
+    pub cut: bool,
+}
+
+impl std::fmt::Display for RecoveryWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.kind == DamageKind::IgnoredFile {
+            return write!(
+                f,
+                "outbox: ignored {} ({}, {} bytes, left untouched)",
+                self.file.display(),
+                self.kind,
+                self.skipped
+            );
+        }
+        write!(
+            f,
+            "outbox: {}: skipped {} bytes at offset {} ({}){}; every valid record around them was kept",
+            self.file.display(),
+            self.skipped,
+            self.offset,
+            self.kind,
+            if self.cut { ", cut from the end of the file" } else { "" }
+        )
+    }
+}
+
 /// The broker thread's handle on the outbox.
 pub struct Store {
     dir: PathBuf,
@@ -141,8 +218,10 @@ pub struct Store {
     recovered_pending: Vec<(i64, String)>,
     dead_letters: u64,
     sync: Arc<SyncShared>,
-    /// What recovery found worth telling the operator.
-    pub warnings: Vec<String>,
+    /// Keys the record checksums of new segments (see [`checksum`]).
+    key: u64,
+    /// What recovery found worth telling the operator: one entry per damaged region.
+    pub warnings: Vec<RecoveryWarning>,
     /// Held for the store's lifetime: one writer per directory.
     _lock: File,
 }
@@ -159,15 +238,123 @@ fn seg_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("seg-{first:016}.log"))
 }
 
+/// The segment id of a file name this store writes, and only of those (`seg-1.log` or
+/// `seg-+1.log` would parse as 1 but name another file than [`seg_path`]).
+fn seg_first(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("seg-")?.strip_suffix(".log")?;
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let first: u64 = digits.parse().ok()?;
+    (format!("seg-{first:016}.log") == name).then_some(first)
+}
+
+const SEG_MAGIC: &[u8; 8] = b"IOTGWSG1";
+/// `[magic][u64 first id][u64 key][u32 0][u32 crc32 of the 28 bytes before]`.
+const HEADER_LEN: u64 = 32;
+const KEY_FILE: &str = "outbox.key";
+const KEY_MAGIC: &[u8; 8] = b"IOTGWKY1";
+
+fn segment_header(first: u64, key: u64) -> [u8; HEADER_LEN as usize] {
+    let mut h = [0u8; HEADER_LEN as usize];
+    h[0..8].copy_from_slice(SEG_MAGIC);
+    h[8..16].copy_from_slice(&first.to_le_bytes());
+    h[16..24].copy_from_slice(&key.to_le_bytes());
+    let crc = crc32fast::hash(&h[0..28]);
+    h[28..32].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// The key in a segment header, if the header checks out.
+fn header_key(data: &[u8]) -> Option<u64> {
+    let h = data.get(0..HEADER_LEN as usize)?;
+    let crc = u32::from_le_bytes(h[28..32].try_into().ok()?);
+    (h[0..8] == SEG_MAGIC[..] && crc32fast::hash(&h[0..28]) == crc)
+        .then(|| u64::from_le_bytes(h[16..24].try_into().unwrap_or_default()))
+}
+
+/// Record checksum: CRC-32 of the store's random key followed by the body. The key is why a
+/// record-shaped byte string inside a message (a message id may hold any bytes) cannot pass
+/// for a record when recovery scans through damaged bytes: its author cannot know the key.
+fn checksum(key: u64, body: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&key.to_le_bytes());
+    h.update(body);
+    h.finalize()
+}
+
+/// The checksum a record is checked with: keyed, or the plain CRC-32 of segments written before
+/// segments had a header and a key (read so that an upgrade loses nothing; never written).
+#[derive(Debug, Clone, Copy)]
+enum Sum {
+    Keyed(u64),
+    Legacy,
+}
+
+impl Sum {
+    fn of(self, body: &[u8]) -> u32 {
+        match self {
+            Sum::Keyed(k) => checksum(k, body),
+            Sum::Legacy => crc32fast::hash(body),
+        }
+    }
+}
+
+fn random_key() -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    openssl::rand::rand_bytes(&mut b).map_err(io::Error::other)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// Opens without following a symlink planted in the outbox directory.
+fn open_nofollow(o: &mut OpenOptions, path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    o.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)
+}
+
+fn read_key_file(dir: &Path) -> Option<u64> {
+    let mut data = Vec::new();
+    open_nofollow(OpenOptions::new().read(true), &dir.join(KEY_FILE))
+        .ok()?
+        .read_to_end(&mut data)
+        .ok()?;
+    let crc = u32::from_le_bytes(data.get(16..20)?.try_into().ok()?);
+    (data.len() == 20 && data[0..8] == KEY_MAGIC[..] && crc32fast::hash(&data[0..16]) == crc)
+        .then(|| u64::from_le_bytes(data[8..16].try_into().unwrap_or_default()))
+}
+
+/// Writes the key file (a copy of the key every segment header also holds) atomically.
+fn write_key_file(dir: &Path, key: u64) -> io::Result<()> {
+    let mut data = Vec::with_capacity(20);
+    data.extend_from_slice(KEY_MAGIC);
+    data.extend_from_slice(&key.to_le_bytes());
+    data.extend_from_slice(&crc32fast::hash(&data).to_le_bytes());
+    let tmp = dir.join(format!("{KEY_FILE}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = open_nofollow(OpenOptions::new().write(true).create_new(true), &tmp)?;
+    f.write_all(&data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(KEY_FILE))?;
+    File::open(dir)?.sync_all()
+}
+
+/// Creates a new segment (never reusing an existing file) and writes its header.
+fn create_segment(dir: &Path, first: u64, key: u64) -> io::Result<(File, PathBuf)> {
+    let path = seg_path(dir, first);
+    let mut f = open_nofollow(OpenOptions::new().read(true).write(true).create_new(true), &path)?;
+    f.write_all(&segment_header(first, key))?;
+    Ok((f, path))
+}
+
 fn put_str(buf: &mut Vec<u8>, s: &str) {
     buf.extend_from_slice(&(s.len() as u16).to_le_bytes());
     buf.extend_from_slice(s.as_bytes());
 }
 
-/// Frames `body` (already in `buf` after 8 reserved bytes) with its length and CRC.
-fn frame(buf: &mut [u8]) {
+/// Frames `body` (already in `buf` after 8 reserved bytes) with its length and checksum.
+fn frame(buf: &mut [u8], key: u64) {
     let body_len = (buf.len() - 8) as u32;
-    let crc = crc32fast::hash(&buf[8..]);
+    let crc = checksum(key, &buf[8..]);
     buf[0..4].copy_from_slice(&body_len.to_le_bytes());
     buf[4..8].copy_from_slice(&crc.to_le_bytes());
 }
@@ -177,9 +364,9 @@ struct Cursor<'a> {
     at: usize,
 }
 
-impl Cursor<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
-        let s = self.b.get(self.at..self.at + n)?;
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.b.get(self.at..self.at.checked_add(n)?)?;
         self.at += n;
         Some(s)
     }
@@ -195,120 +382,358 @@ impl Cursor<'_> {
     fn u64(&mut self) -> Option<u64> {
         self.take(8).map(|s| u64::from_le_bytes(s.try_into().unwrap_or_default()))
     }
-    fn string(&mut self) -> Option<String> {
+    fn str(&mut self) -> Option<&'a str> {
         let n = self.u16()? as usize;
-        String::from_utf8(self.take(n)?.to_vec()).ok()
+        std::str::from_utf8(self.take(n)?).ok()
     }
+    fn done(&self) -> bool {
+        self.at == self.b.len()
+    }
+}
+
+/// An ACCEPT body, borrowed; `None` unless the body has exactly that shape.
+struct AcceptRef<'a> {
+    id: u64,
+    expires_at: i64,
+    forwarded: bool,
+    device: &'a str,
+    message_id: &'a str,
+    payload: &'a [u8],
+}
+
+fn parse_accept(body: &[u8]) -> Option<AcceptRef<'_>> {
+    let mut c = Cursor { b: body, at: 0 };
+    if c.u8()? != ACCEPT {
+        return None;
+    }
+    let id = c.u64()?;
+    let expires_at = c.u64()? as i64;
+    let forwarded = match c.u8()? {
+        0 => false,
+        1 => true,
+        _ => return None,
+    };
+    let device = c.str()?;
+    let message_id = c.str()?;
+    let n = c.u32()? as usize;
+    let payload = c.take(n)?;
+    c.done().then_some(AcceptRef { id, expires_at, forwarded, device, message_id, payload })
 }
 
 fn decode_accept(body: &[u8]) -> Option<Accept> {
-    let mut c = Cursor { b: body, at: 1 };
-    let id = c.u64()?;
-    let expires_at = c.u64()? as i64;
-    let forwarded = c.u8()? == 1;
-    let device = c.string()?;
-    let message_id = c.string()?;
-    let n = c.u32()? as usize;
-    let payload = c.take(n)?.to_vec();
-    Some(Accept { id, expires_at, forwarded, device, message_id, payload })
+    let a = parse_accept(body)?;
+    Some(Accept {
+        id: a.id,
+        expires_at: a.expires_at,
+        forwarded: a.forwarded,
+        device: a.device.to_owned(),
+        message_id: a.message_id.to_owned(),
+        payload: a.payload.to_vec(),
+    })
 }
 
-/// One segment read back: (offset, body) of each valid record, where valid data ends, file length.
-type SegmentScan = (Vec<(u64, Vec<u8>)>, u64, u64);
-
-/// Reads the records of one segment, stopping at the first torn or corrupt one.
-fn read_segment(path: &Path) -> io::Result<SegmentScan> {
-    let mut data = Vec::new();
-    File::open(path)?.read_to_end(&mut data)?;
-    let mut records = Vec::new();
-    let mut at = 0usize;
-    while at + 8 <= data.len() {
-        let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap_or_default());
-        let crc = u32::from_le_bytes(data[at + 4..at + 8].try_into().unwrap_or_default());
-        let end = at + 8 + len as usize;
-        if len == 0
-            || len > MAX_RECORD
-            || end > data.len()
-            || crc32fast::hash(&data[at + 8..end]) != crc
-        {
-            break;
-        }
-        records.push((at as u64, data[at + 8..end].to_vec()));
-        at = end;
+/// The ids of a SETTLE body; `None` unless the body has exactly that shape.
+fn parse_settle(body: &[u8]) -> Option<Vec<u64>> {
+    let mut c = Cursor { b: body, at: 0 };
+    if c.u8()? != SETTLE {
+        return None;
     }
-    Ok((records, at as u64, data.len() as u64))
+    let n = c.u32()? as usize;
+    if body.len() != 5 + n.checked_mul(9)? {
+        return None;
+    }
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        let id = c.u64()?;
+        if !matches!(c.u8()?, DELIVERED | DEAD) {
+            return None;
+        }
+        ids.push(id);
+    }
+    Some(ids)
+}
+
+/// Smallest body of either kind (a SETTLE of one id); shorter lengths are never records.
+const MIN_BODY: u32 = 14;
+
+/// The end of a valid record starting at `at`, if there is one. The shape is checked before the
+/// checksum so that scanning a damaged region costs little per byte.
+fn record_at(data: &[u8], at: usize, sum: Sum) -> Option<usize> {
+    let head = data.get(at..at.checked_add(8)?)?;
+    let len = u32::from_le_bytes(head[0..4].try_into().ok()?);
+    if !(MIN_BODY..=MAX_RECORD).contains(&len) {
+        return None;
+    }
+    let end = at + 8 + len as usize;
+    let body = data.get(at + 8..end)?;
+    let shaped = match body[0] {
+        ACCEPT => parse_accept(body).is_some(),
+        SETTLE => parse_settle(body).is_some(),
+        _ => false,
+    };
+    let crc = u32::from_le_bytes(head[4..8].try_into().ok()?);
+    (shaped && sum.of(body) == crc).then_some(end)
+}
+
+/// One segment read back.
+struct Scan {
+    /// (offset, end) of each valid record.
+    records: Vec<(usize, usize)>,
+    /// (start, end) of each damaged region.
+    damage: Vec<(usize, usize)>,
+    header_ok: bool,
+    /// A segment of the format without header and key: read, never appended to.
+    legacy: bool,
+    /// Where the last valid record (or the valid header, or 0) ends.
+    valid_end: usize,
+}
+
+/// Reads a segment's records, skipping damaged bytes: after a bad record it resynchronises on
+/// the next offset where a whole record (shape and keyed checksum) validates.
+fn scan(data: &[u8], store_key: u64) -> Scan {
+    if let Some(k) = header_key(data) {
+        return scan_with(data, Sum::Keyed(k), HEADER_LEN as usize, true);
+    }
+    // No valid header: a segment of ours whose header is damaged, or one written before
+    // segments had headers. Whichever reading finds more records is the right one.
+    let keyed = scan_with(data, Sum::Keyed(store_key), 0, false);
+    let legacy = scan_with(data, Sum::Legacy, 0, false);
+    if legacy.records.len() > keyed.records.len() {
+        legacy
+    } else {
+        keyed
+    }
+}
+
+fn scan_with(data: &[u8], sum: Sum, start: usize, header_ok: bool) -> Scan {
+    let legacy = matches!(sum, Sum::Legacy);
+    let mut s =
+        Scan { records: Vec::new(), damage: Vec::new(), header_ok, legacy, valid_end: start };
+    let mut at = start;
+    // A missing header is damage, except in the old format, which has none.
+    let mut bad_from = (!header_ok && !legacy).then_some(0usize);
+    while at < data.len() {
+        match record_at(data, at, sum) {
+            Some(end) => {
+                if let Some(from) = bad_from.take() {
+                    if from < at {
+                        s.damage.push((from, at));
+                    }
+                }
+                s.records.push((at, end));
+                at = end;
+                s.valid_end = end;
+            }
+            None => {
+                bad_from.get_or_insert(at);
+                at += 1;
+            }
+        }
+    }
+    if let Some(from) = bad_from {
+        s.damage.push((from, data.len()));
+    }
+    s
+}
+
+fn damage_warnings(path: &Path, data: &[u8], s: &Scan, cut: bool) -> Vec<RecoveryWarning> {
+    s.damage
+        .iter()
+        .map(|&(from, to)| {
+            let kind = if from == 0 && !s.header_ok && !s.legacy {
+                DamageKind::SegmentHeader
+            } else if to == data.len() {
+                DamageKind::TornTail
+            } else if data[from..to].iter().all(|b| *b == 0) {
+                DamageKind::Zeroed
+            } else {
+                DamageKind::Corrupt
+            };
+            RecoveryWarning {
+                file: path.to_owned(),
+                offset: from as u64,
+                skipped: (to - from) as u64,
+                kind,
+                cut: cut && from >= s.valid_end,
+            }
+        })
+        .collect()
+}
+
+fn read_all(path: &Path) -> io::Result<Vec<u8>> {
+    let mut data = Vec::new();
+    open_nofollow(OpenOptions::new().read(true), path)?.read_to_end(&mut data)?;
+    Ok(data)
+}
+
+/// The segments of an outbox directory, oldest first, and the files named like segments that
+/// are not ours (reported, never read or written).
+/// (first id, path) of each segment, and what was ignored.
+type Listing = (Vec<(u64, PathBuf)>, Vec<RecoveryWarning>);
+
+fn list_segments(dir: &Path) -> io::Result<Listing> {
+    let mut segs = Vec::new();
+    let mut ignored = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let Ok(name) = e.file_name().into_string() else { continue };
+        if !name.starts_with("seg-") {
+            continue;
+        }
+        // DirEntry::file_type does not follow symlinks.
+        let regular = e.file_type().map(|t| t.is_file()).unwrap_or(false);
+        match seg_first(&name) {
+            Some(first) if regular => segs.push((first, e.path())),
+            _ => ignored.push(RecoveryWarning {
+                file: e.path(),
+                offset: 0,
+                skipped: std::fs::symlink_metadata(e.path()).map(|m| m.len()).unwrap_or(0),
+                kind: DamageKind::IgnoredFile,
+                cut: false,
+            }),
+        }
+    }
+    segs.sort_unstable();
+    ignored.sort_by(|a, b| a.file.cmp(&b.file));
+    Ok((segs, ignored))
+}
+
+/// The store's key: from the key file, else from the first segment header that checks out.
+/// `Ok(None)` when there is none and no segment could hold a record; an error when records may
+/// exist but nothing can verify them (refusing beats silently dropping them).
+fn find_key(dir: &Path, segs: &[(u64, PathBuf)]) -> io::Result<Option<u64>> {
+    if let Some(k) = read_key_file(dir) {
+        return Ok(Some(k));
+    }
+    let mut unverifiable = false;
+    for (_, path) in segs {
+        let mut head = Vec::with_capacity(HEADER_LEN as usize);
+        open_nofollow(OpenOptions::new().read(true), path)?
+            .take(HEADER_LEN)
+            .read_to_end(&mut head)?;
+        if let Some(k) = header_key(&head) {
+            return Ok(Some(k));
+        }
+        // Big enough for records, and not a segment of the old format (which needs no key).
+        unverifiable |= std::fs::metadata(path)?.len() > HEADER_LEN
+            && scan_with(&read_all(path)?, Sum::Legacy, 0, false).records.is_empty();
+    }
+    if unverifiable {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{}: {KEY_FILE} and every segment header are damaged, so no record can be \
+                 verified; refusing to start rather than drop them (move the directory aside to \
+                 start with an empty outbox)",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(None)
+}
+
+/// Where a recorded message is, for tests and operators checking a recovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordSpan {
+    pub file: PathBuf,
+    pub offset: u64,
+    pub len: u64,
+    /// The message id of an ACCEPT record; `None` for a SETTLE record.
+    pub message_id: Option<String>,
+}
+
+/// A read-only look at an outbox directory: every valid record and every damaged region, as
+/// [`Store::open`] would find them, without changing anything (no cut, no new segment).
+#[derive(Debug, Clone, Default)]
+pub struct Survey {
+    pub records: Vec<RecordSpan>,
+    pub warnings: Vec<RecoveryWarning>,
+}
+
+pub fn survey(dir: &Path) -> io::Result<Survey> {
+    let (segs, ignored) = list_segments(dir)?;
+    let Some(key) = find_key(dir, &segs)? else {
+        return Ok(Survey { records: Vec::new(), warnings: ignored });
+    };
+    let mut out = Survey::default();
+    for (_, path) in &segs {
+        let data = read_all(path)?;
+        let s = scan(&data, key);
+        out.warnings.extend(damage_warnings(path, &data, &s, false));
+        for &(at, end) in &s.records {
+            out.records.push(RecordSpan {
+                file: path.clone(),
+                offset: at as u64,
+                len: (end - at) as u64,
+                message_id: parse_accept(&data[at + 8..end]).map(|a| a.message_id.to_owned()),
+            });
+        }
+    }
+    out.warnings.extend(ignored);
+    Ok(out)
 }
 
 impl Store {
-    /// Opens (creating if needed) the outbox directory and recovers its state.
+    /// Opens (creating if needed) the outbox directory and recovers its state. Damaged bytes are
+    /// skipped, never a reason to drop the valid records after them; each damaged region is one
+    /// entry of [`Store::warnings`].
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Store> {
         std::fs::create_dir_all(dir)?;
         // Two writers (a second broker, or a second plugin instance) would interleave records.
-        let lock =
-            OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+        let lock = open_nofollow(
+            OpenOptions::new().create(true).truncate(false).write(true),
+            &dir.join("lock"),
+        )?;
         if lock.try_lock().is_err() {
             return Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
                 format!("{} is in use by another broker or plugin instance", dir.display()),
             ));
         }
-        let mut firsts: Vec<u64> = std::fs::read_dir(dir)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                name.strip_prefix("seg-")?.strip_suffix(".log")?.parse().ok()
-            })
-            .collect();
-        firsts.sort_unstable();
+        let (segs, ignored) = list_segments(dir)?;
+        let key = match find_key(dir, &segs)? {
+            Some(k) => k,
+            None => random_key()?,
+        };
+        if read_key_file(dir) != Some(key) {
+            write_key_file(dir, key)?;
+        }
         let mut segments = BTreeMap::new();
         let mut accepts: BTreeMap<u64, (u64, u64, Accept)> = BTreeMap::new();
-        let mut settled: Vec<u64> = Vec::new();
+        let mut settled = std::collections::HashSet::new();
         let mut warnings = Vec::new();
-        let mut next_id = 1u64;
-        let mut last_valid_end = 0u64;
-        for (i, first) in firsts.iter().enumerate() {
-            let path = seg_path(dir, *first);
-            let (records, valid_end, len) = read_segment(&path)?;
-            if valid_end < len {
-                if i + 1 == firsts.len() {
-                    // A torn write at the very end: the crash happened mid-record; cut it off.
-                    OpenOptions::new().write(true).open(&path)?.set_len(valid_end)?;
-                    warnings.push(format!(
-                        "{}: cut {} bytes of an incomplete last record",
-                        path.display(),
-                        len - valid_end
-                    ));
-                } else {
-                    warnings.push(format!("{}: corrupt data after byte {valid_end}; the rest of this segment is ignored", path.display()));
-                }
-            }
-            let mut meta = SegMeta { bytes: valid_end, ..Default::default() };
-            for (offset, body) in records {
-                match body.first() {
-                    Some(&ACCEPT) => {
-                        if let Some(a) = decode_accept(&body) {
-                            next_id = next_id.max(a.id + 1);
-                            meta.max_expiry = meta.max_expiry.max(a.expires_at);
-                            accepts.insert(a.id, (*first, offset, a));
-                        }
-                    }
-                    Some(&SETTLE) => {
-                        let mut c = Cursor { b: &body, at: 1 };
-                        let n = c.u32().unwrap_or(0);
-                        for _ in 0..n {
-                            match (c.u64(), c.u8()) {
-                                (Some(id), Some(_state)) => settled.push(id),
-                                _ => break,
-                            }
-                        }
-                    }
-                    _ => {}
+        // Ids are never reused: a surviving SETTLE naming a lost record's id must not settle a
+        // new message that would get the same id.
+        let mut max_id = 0u64;
+        // The newest segment: (first, its scan, its length), to decide where appends go.
+        let mut last: Option<(u64, Scan, usize)> = None;
+        for (i, (first, path)) in segs.iter().enumerate() {
+            let data = read_all(path)?;
+            let s = scan(&data, key);
+            let is_last = i + 1 == segs.len();
+            // Only the newest segment's tail is cut; older segments are never written again.
+            let tail_only = !s.legacy && s.damage.iter().all(|(from, _)| *from >= s.valid_end);
+            warnings.extend(damage_warnings(path, &data, &s, is_last && tail_only));
+            let mut meta = SegMeta { bytes: data.len() as u64, ..Default::default() };
+            for &(at, end) in &s.records {
+                let body = &data[at + 8..end];
+                if let Some(a) = decode_accept(body) {
+                    max_id = max_id.max(a.id);
+                    meta.max_expiry = meta.max_expiry.max(a.expires_at);
+                    accepts.insert(a.id, (*first, at as u64, a));
+                } else if let Some(ids) = parse_settle(body) {
+                    max_id = ids.iter().fold(max_id, |m, id| m.max(*id));
+                    settled.extend(ids);
                 }
             }
             segments.insert(*first, meta);
-            last_valid_end = valid_end;
+            if is_last {
+                last = Some((*first, s, data.len()));
+            }
         }
-        let settled: std::collections::HashSet<u64> = settled.into_iter().collect();
+        warnings.extend(ignored);
+        // A newest segment whose records were all lost still names the first id it may hold.
+        let next_id = (max_id + 1).max(segs.last().map_or(1, |(f, _)| *f));
         let mut pending = BTreeMap::new();
         let mut queued_bytes = 0;
         let mut recovered_seen = Vec::with_capacity(accepts.len());
@@ -328,17 +753,37 @@ impl Store {
         let dead_letters = std::fs::read(dir.join("dead_letters.jsonl"))
             .map(|d| d.iter().filter(|b| **b == b'\n').count() as u64)
             .unwrap_or(0);
-        // Continue the last segment, or start the first.
-        let (current_id, offset) = match segments.keys().next_back() {
-            Some(first) => (*first, last_valid_end),
-            None => {
-                segments.insert(next_id, SegMeta::default());
-                (next_id, 0)
+        // Where new records go. They must never follow garbage, or a later recovery could read
+        // the garbage and the new record as something else: a damaged tail of the newest segment
+        // is cut (nothing valid follows it); a segment damaged in the middle, or of the old
+        // format, is left as it is and a new segment is started.
+        let (current, current_id, offset, path) = match last {
+            Some((first, s, len))
+                if !s.legacy && s.damage.iter().all(|(from, _)| *from >= s.valid_end) =>
+            {
+                let path = seg_path(dir, first);
+                let f = open_nofollow(OpenOptions::new().read(true).write(true), &path)?;
+                if len > s.valid_end {
+                    f.set_len(s.valid_end as u64)?;
+                }
+                if s.valid_end == 0 {
+                    // Nothing valid, not even the header (a crash while creating it).
+                    f.write_all_at(&segment_header(first, key), 0)?;
+                }
+                let offset = (s.valid_end as u64).max(HEADER_LEN);
+                if let Some(m) = segments.get_mut(&first) {
+                    m.bytes = offset;
+                }
+                (f, first, offset, path)
+            }
+            other => {
+                let first = next_id.max(other.map_or(0, |(f, _, _)| f + 1));
+                let (f, path) = create_segment(dir, first, key)?;
+                segments.insert(first, SegMeta { bytes: HEADER_LEN, ..Default::default() });
+                (f, first, HEADER_LEN, path)
             }
         };
-        let path = seg_path(dir, current_id);
-        let mut current =
-            OpenOptions::new().create(true).read(true).write(true).truncate(false).open(&path)?;
+        let mut current = current;
         current.seek(SeekFrom::Start(offset))?;
         let sync = Arc::new(SyncShared::default());
         sync.files.lock().unwrap_or_else(|p| p.into_inner()).push(path);
@@ -358,6 +803,7 @@ impl Store {
             recovered_pending,
             dead_letters,
             sync,
+            key,
             warnings,
             _lock: lock,
         })
@@ -384,7 +830,7 @@ impl Store {
 
     /// Writes the record in `self.buf` as one `write()`; undoes a partial write.
     fn write_record(&mut self) -> io::Result<u64> {
-        frame(&mut self.buf);
+        frame(&mut self.buf, self.key);
         let at = self.offset;
         if let Err(e) = self.current.write_all(&self.buf) {
             // Leave no half record behind (the next start would cut it anyway).
@@ -403,14 +849,13 @@ impl Store {
         if self.offset < SEGMENT_BYTES {
             return Ok(());
         }
-        let first = self.next_id;
-        let path = seg_path(&self.dir, first);
-        let f =
-            OpenOptions::new().create(true).read(true).write(true).truncate(false).open(&path)?;
+        // Names sort like ids and a segment file is never reused.
+        let first = self.next_id.max(self.current_id + 1);
+        let (f, path) = create_segment(&self.dir, first, self.key)?;
         self.current = f;
         self.current_id = first;
-        self.offset = 0;
-        self.segments.insert(first, SegMeta::default());
+        self.offset = HEADER_LEN;
+        self.segments.insert(first, SegMeta { bytes: HEADER_LEN, ..Default::default() });
         self.sync.files.lock().unwrap_or_else(|p| p.into_inner()).push(path);
         Ok(())
     }
@@ -761,14 +1206,338 @@ mod tests {
         OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 3).unwrap();
         let mut s = Store::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+        let w = &s.warnings[0];
+        assert_eq!((w.kind, w.cut, w.file.clone()), (DamageKind::TornTail, true, seg.clone()));
+        assert_eq!(w.offset + w.skipped, len - 3);
+        assert!(w
+            .to_string()
+            .contains(&format!("skipped {} bytes at offset {}", w.skipped, w.offset)));
         let p = s.pending_after(0, 10).unwrap();
         assert_eq!(p.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(), ["whole"]);
-        // Appending continues cleanly after the cut, with a fresh id.
+        // Appending continues cleanly after the cut, in the same segment.
         assert_eq!(s.append("d", "next", 10, Some(b"3")).unwrap(), 2);
         drop(s);
         let s = Store::open(dir.path(), 1 << 20).unwrap();
-        assert!(s.warnings.is_empty());
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
         assert_eq!(s.pending_count().unwrap(), 2);
+        assert_eq!(s.segments.len(), 1);
+    }
+
+    /// 40 pending messages `m00`..`m39` of `payload_len` bytes each; returns the store dir's
+    /// record spans by message id.
+    fn forty(dir: &Path, payload_len: usize) -> Vec<RecordSpan> {
+        let mut s = Store::open(dir, u64::MAX).unwrap();
+        for i in 0..40 {
+            s.append("dev", &format!("m{i:02}"), 1000, Some(&vec![b'7'; payload_len])).unwrap();
+        }
+        drop(s);
+        let v = survey(dir).unwrap();
+        assert!(v.warnings.is_empty(), "{:?}", v.warnings);
+        assert_eq!(v.records.len(), 40);
+        v.records
+    }
+
+    fn pending_ids(s: &mut Store) -> Vec<String> {
+        s.pending_after(0, usize::MAX).unwrap().into_iter().map(|m| m.message_id).collect()
+    }
+
+    fn patch(path: &Path, at: u64, bytes: &[u8]) {
+        OpenOptions::new().write(true).open(path).unwrap().write_all_at(bytes, at).unwrap();
+    }
+
+    fn seen_ids(s: &mut Store) -> Vec<IdDigest> {
+        s.take_live_seen(0).into_iter().map(|(_, d, _)| d).collect()
+    }
+
+    #[test]
+    fn a_flipped_byte_loses_only_its_record_and_new_appends_go_to_a_new_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let spans = forty(dir.path(), 20);
+        let r20 = &spans[20];
+        let before = std::fs::read(&r20.file).unwrap();
+        // A byte inside record 20's body (its payload).
+        let at = r20.offset + r20.len - 5;
+        patch(&r20.file, at, &[before[at as usize] ^ 0x40]);
+        let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+        let want: Vec<String> = (0..40).filter(|i| *i != 20).map(|i| format!("m{i:02}")).collect();
+        assert_eq!(pending_ids(&mut s), want);
+        assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+        let w = s.warnings[0].clone();
+        assert_eq!(
+            (w.file.clone(), w.offset, w.skipped, w.kind, w.cut),
+            (r20.file.clone(), r20.offset, r20.len, DamageKind::Corrupt, false)
+        );
+        let seen = seen_ids(&mut s);
+        for i in 21..40 {
+            assert!(seen.contains(&digest(&format!("m{i:02}"))), "replay id m{i} forgotten");
+        }
+        // The damaged segment is left as it is; new records start a new segment.
+        assert_eq!(s.append("dev", "after", 1000, Some(b"1")).unwrap(), 41);
+        assert_eq!(std::fs::read(&r20.file).unwrap().len(), before.len());
+        drop(s);
+        let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+        assert_eq!(s.segments.len(), 2);
+        assert_eq!(s.warnings, vec![w], "the same region, reported again, nothing new");
+        assert_eq!(pending_ids(&mut s).last().map(String::as_str), Some("after"));
+        assert_eq!(s.pending_count().unwrap(), 40);
+    }
+
+    #[test]
+    fn a_zeroed_page_loses_only_the_records_it_touches() {
+        let dir = tempfile::tempdir().unwrap();
+        let spans = forty(dir.path(), 500);
+        let file = spans[0].file.clone();
+        patch(&file, 4096, &[0u8; 4096]);
+        let touched = |r: &RecordSpan| r.offset < 8192 && r.offset + r.len > 4096;
+        let want: Vec<String> =
+            spans.iter().filter(|r| !touched(r)).map(|r| r.message_id.clone().unwrap()).collect();
+        assert!(want.len() < 40 && want.len() > 25, "{}", want.len());
+        let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+        assert_eq!(pending_ids(&mut s), want);
+        let first_lost = spans.iter().find(|r| touched(r)).unwrap();
+        let first_after = spans.iter().find(|r| r.offset >= 8192).unwrap();
+        assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+        assert_eq!(
+            (s.warnings[0].offset, s.warnings[0].skipped),
+            (first_lost.offset, first_after.offset - first_lost.offset)
+        );
+        assert_eq!(s.warnings[0].kind, DamageKind::Corrupt, "partly zero: {:?}", s.warnings);
+    }
+
+    #[test]
+    fn a_zeroed_page_on_record_boundaries_is_reported_as_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let spans = forty(dir.path(), 20);
+        let (a, b) = (&spans[3], &spans[9]);
+        patch(&a.file, a.offset, &vec![0u8; (b.offset - a.offset) as usize]);
+        let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+        assert_eq!(s.pending_count().unwrap(), 34);
+        assert_eq!(s.warnings[0].kind, DamageKind::Zeroed);
+        assert_eq!((s.warnings[0].offset, s.warnings[0].skipped), (a.offset, b.offset - a.offset));
+        assert_eq!(pending_ids(&mut s)[3], "m09");
+    }
+
+    #[test]
+    fn a_huge_length_field_does_not_hide_the_records_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let spans = forty(dir.path(), 20);
+        for len in [u32::MAX, MAX_RECORD, 1 << 20] {
+            patch(&spans[5].file, spans[5].offset, &len.to_le_bytes());
+            let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+            assert_eq!(s.pending_count().unwrap(), 39, "len {len}");
+            assert!(!pending_ids(&mut s).contains(&"m05".to_string()));
+            assert_eq!(
+                (s.warnings[0].offset, s.warnings[0].skipped),
+                (spans[5].offset, spans[5].len)
+            );
+        }
+    }
+
+    #[test]
+    fn a_damaged_or_truncated_segment_header_loses_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let spans = forty(dir.path(), 20);
+        let seg = spans[0].file.clone();
+        // A flipped byte in the header: the key file still verifies the records.
+        patch(&seg, 3, b"X");
+        let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+        assert_eq!(s.pending_count().unwrap(), 40);
+        assert_eq!(s.warnings.len(), 1);
+        let w = &s.warnings[0];
+        assert_eq!((w.kind, w.offset, w.skipped), (DamageKind::SegmentHeader, 0, HEADER_LEN));
+        s.append("dev", "new", 1000, Some(b"1")).unwrap();
+        drop(s);
+        // The key file gone too: a new segment's header holds the key.
+        std::fs::remove_file(dir.path().join(KEY_FILE)).unwrap();
+        let s = Store::open(dir.path(), u64::MAX).unwrap();
+        assert_eq!(s.pending_count().unwrap(), 41);
+        assert!(read_key_file(dir.path()).is_some(), "the key file is written back");
+        drop(s);
+        // A crash while the next segment was being created: its header is cut short.
+        let next = seg_path(dir.path(), 900);
+        std::fs::write(&next, &SEG_MAGIC[..5]).unwrap();
+        let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+        assert_eq!(s.pending_count().unwrap(), 41);
+        let w = s.warnings.iter().find(|w| w.file == next).unwrap().clone();
+        assert_eq!((w.kind, w.offset, w.skipped, w.cut), (DamageKind::SegmentHeader, 0, 5, true));
+        // That segment is repaired and written to; ids keep growing past its name.
+        assert_eq!(s.append("dev", "later", 1000, Some(b"1")).unwrap(), 900);
+        drop(s);
+        let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+        assert!(s.warnings.iter().all(|w| w.file != next), "{:?}", s.warnings);
+        assert_eq!(pending_ids(&mut s).last().map(String::as_str), Some("later"));
+        assert_eq!(s.pending_count().unwrap(), 42);
+    }
+
+    #[test]
+    fn records_that_nothing_can_verify_refuse_to_open_rather_than_vanish() {
+        let dir = tempfile::tempdir().unwrap();
+        let spans = forty(dir.path(), 20);
+        patch(&spans[0].file, 3, b"X");
+        std::fs::remove_file(dir.path().join(KEY_FILE)).unwrap();
+        let e = Store::open(dir.path(), u64::MAX).err().expect("must refuse");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("no record can be verified"), "{e}");
+        // Positive control: with the header intact the key is found there.
+        patch(&spans[0].file, 3, &SEG_MAGIC[3..4]);
+        assert_eq!(Store::open(dir.path(), u64::MAX).unwrap().pending_count().unwrap(), 40);
+    }
+
+    /// An ACCEPT record for `device` framed with `key` (or with a plain CRC-32, when `key` is
+    /// None), as a device could write it into its message id (which must be UTF-8: the nonce in
+    /// the forged message id is varied until the checksum bytes are), hoping recovery finds it
+    /// while scanning through a damaged record.
+    fn forged(device: &str, key: Option<u64>) -> String {
+        for nonce in 0u32.. {
+            let mut b = vec![0u8; 8];
+            b.push(ACCEPT);
+            b.extend_from_slice(&7777u64.to_le_bytes());
+            // An expiry in 2025 whose bytes are all ASCII.
+            b.extend_from_slice(&0x692D_7E7Fi64.to_le_bytes());
+            b.push(1);
+            put_str(&mut b, device);
+            put_str(&mut b, &format!("forged{nonce}"));
+            b.extend_from_slice(&2u32.to_le_bytes());
+            b.extend_from_slice(b"{}");
+            match key {
+                Some(k) => frame(&mut b, k),
+                None => {
+                    frame(&mut b, 0);
+                    let plain = crc32fast::hash(&b[8..]);
+                    b[4..8].copy_from_slice(&plain.to_le_bytes());
+                }
+            }
+            if let Ok(s) = String::from_utf8(b) {
+                return s;
+            }
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn a_record_forged_inside_a_message_id_is_not_recovered() {
+        for know_key in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+            s.append("dev", "m0", 1000, Some(b"1")).unwrap();
+            // A plain CRC (all a device can compute), or the store's secret key: the positive
+            // control, which shows that the scan does look inside the damaged record.
+            let mid = forged("victim", know_key.then_some(s.key));
+            let at = s.append("dev", &mid, 1000, Some(b"1")).unwrap();
+            s.append("dev", "m2", 1000, Some(b"1")).unwrap();
+            let loc = s.pending[&(at as u64)];
+            drop(s);
+            // Damage the carrier's checksum, so that recovery scans through its bytes.
+            let seg = seg_path(dir.path(), 1);
+            patch(&seg, loc.offset + 4, b"\xff\xff");
+            let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+            let devices: Vec<String> =
+                s.pending_after(0, usize::MAX).unwrap().into_iter().map(|m| m.device_id).collect();
+            assert_eq!(devices.contains(&"victim".to_string()), know_key, "{devices:?}");
+            assert_eq!(devices.iter().filter(|d| *d == "dev").count(), 2, "{devices:?}");
+        }
+    }
+
+    #[test]
+    fn segments_of_the_old_format_are_read_and_never_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        // The format before segment headers: records with a plain CRC-32, from offset 0.
+        let mut file = Vec::new();
+        let mut spans = Vec::new();
+        for i in 0..10u64 {
+            let mut b = vec![0u8; 8];
+            b.push(ACCEPT);
+            b.extend_from_slice(&(i + 1).to_le_bytes());
+            b.extend_from_slice(&1000i64.to_le_bytes());
+            b.push(1);
+            put_str(&mut b, "dev");
+            put_str(&mut b, &format!("old{i}"));
+            b.extend_from_slice(&1u32.to_le_bytes());
+            b.push(b'1');
+            let crc = crc32fast::hash(&b[8..]);
+            let len = (b.len() - 8) as u32;
+            b[0..4].copy_from_slice(&len.to_le_bytes());
+            b[4..8].copy_from_slice(&crc.to_le_bytes());
+            spans.push((file.len(), b.len()));
+            file.extend_from_slice(&b);
+        }
+        // A flipped byte in record 4 of the old segment, too.
+        file[spans[4].0 + 12] ^= 1;
+        let seg = seg_path(dir.path(), 1);
+        std::fs::write(&seg, &file).unwrap();
+        let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+        assert_eq!(s.pending_count().unwrap(), 9);
+        assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+        assert_eq!(
+            (s.warnings[0].kind, s.warnings[0].offset, s.warnings[0].skipped),
+            (DamageKind::Corrupt, spans[4].0 as u64, spans[4].1 as u64)
+        );
+        assert_eq!(s.append("dev", "new", 1000, Some(b"1")).unwrap(), 11);
+        drop(s);
+        assert_eq!(std::fs::read(&seg).unwrap(), file, "the old segment is never written");
+        let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+        assert_eq!(s.pending_count().unwrap(), 10);
+        assert_eq!(pending_ids(&mut s).last().map(String::as_str), Some("new"));
+    }
+
+    #[test]
+    fn odd_files_and_empty_segments_are_reported_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        forty(dir.path(), 20);
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(outside.path(), b"outside").unwrap();
+        let odd = [
+            "seg-1.log",
+            "seg-+0000000000000002.log",
+            "seg-abc.log",
+            "seg-0000000000000003.log.bak",
+        ];
+        for n in odd {
+            std::fs::write(dir.path().join(n), b"junk").unwrap();
+        }
+        std::os::unix::fs::symlink(outside.path(), seg_path(dir.path(), 500)).unwrap();
+        std::fs::create_dir(seg_path(dir.path(), 600)).unwrap();
+        // An empty segment between two real ones is damage (no header) but loses nothing.
+        File::create(seg_path(dir.path(), 0)).unwrap();
+        let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+        assert_eq!(s.pending_count().unwrap(), 40);
+        let ignored: Vec<String> = s
+            .warnings
+            .iter()
+            .filter(|w| w.kind == DamageKind::IgnoredFile)
+            .map(|w| w.file.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(ignored.len(), 6, "{:?}", s.warnings);
+        let empty = s.warnings.iter().find(|w| w.file == seg_path(dir.path(), 0)).unwrap();
+        assert_eq!((empty.kind, empty.skipped), (DamageKind::SegmentHeader, 0));
+        s.append("dev", "new", 1000, Some(b"1")).unwrap();
+        drop(s);
+        assert_eq!(std::fs::read(outside.path()).unwrap(), b"outside");
+        for n in odd {
+            assert_eq!(std::fs::read(dir.path().join(n)).unwrap(), b"junk");
+        }
+        assert_eq!(Store::open(dir.path(), u64::MAX).unwrap().pending_count().unwrap(), 41);
+    }
+
+    #[test]
+    fn a_settle_that_survives_its_lost_accepts_never_settles_a_new_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let spans = forty(dir.path(), 20);
+        {
+            let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+            let last = s.read(40).unwrap().unwrap();
+            s.settle(&[answer(&last, 200, b"")], 0).unwrap();
+        }
+        // Lose records 30..39 (ids 31..40); the SETTLE of id 40 after them survives.
+        let (a, b) = (&spans[30], &spans[39]);
+        patch(&a.file, a.offset, &vec![0xA5; (b.offset + b.len - a.offset) as usize]);
+        let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+        assert_eq!(s.pending_count().unwrap(), 30);
+        let id = s.append("dev", "fresh", 1000, Some(b"1")).unwrap();
+        assert!(id > 40, "id {id} reused");
+        drop(s);
+        let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+        assert_eq!(pending_ids(&mut s).last().map(String::as_str), Some("fresh"));
     }
 
     #[test]

@@ -3,3 +3,4 @@
 mod core;
 mod forward;
 mod hostile;
+mod outbox;

@@ -3,7 +3,7 @@
 
 use super::gwdir::{self, GwDir, Result};
 use rusqlite::{params, Connection, OptionalExtension};
-use secure_iot_gateway::envelope::{hex, valid_device_id};
+use secure_iot_gateway::envelope::{hex, valid_device_id, MAX_DEVICE_ID_CHARS};
 use secure_iot_gateway::host::unix_now;
 use secure_iot_gateway::pki::{self, Role};
 use std::fs;
@@ -19,8 +19,22 @@ fn check_id(id: &str) -> Result<()> {
     if valid_device_id(id) {
         Ok(())
     } else {
-        Err(format!("invalid device id {id:?}: use 1-128 of A-Z a-z 0-9 _ . - (not . or ..)"))
+        Err(format!(
+            "invalid device id {id:?}: use 1-{MAX_DEVICE_ID_CHARS} of A-Z a-z 0-9 _ . - (not . or ..)"
+        ))
     }
+}
+
+/// A device named like a service identity would get what the ACL grants that identity (the
+/// plugin defers service identities to acl_file), e.g. every device's traffic.
+fn check_not_service(ids: &[String], id: &str) -> Result<()> {
+    if ids.iter().any(|s| s == id) {
+        return Err(format!(
+            "{id:?} is a service identity of this gateway (plugin_opt_service_identities in \
+             mosquitto.conf); a device cannot have that name"
+        ));
+    }
+    Ok(())
 }
 
 fn check_secret(s: &str) -> Result<()> {
@@ -53,9 +67,10 @@ fn must_exist(c: &Connection, id: &str) -> Result<()> {
 /// Issues and writes a device's certificate; returns the paths written.
 fn issue_cert(dir: &GwDir, ca: &pki::Issued, id: &str, days: u32) -> Result<()> {
     let cert = pki::issue(ca, id, Role::Client, &[], days).map_err(|e| e.to_string())?;
-    fs::create_dir_all(dir.root.join("devices")).map_err(|e| e.to_string())?;
+    gwdir::ensure_dir(&dir.root.join("devices"), 0o755)?;
     gwdir::write(&dir.device_key(id), &cert.key_pem(), 0o600)?;
-    gwdir::write(&dir.device_cert(id), &cert.cert_pem(), 0o644)
+    gwdir::write(&dir.device_cert(id), &cert.cert_pem(), 0o644)?;
+    Ok(())
 }
 
 fn remove_cert(dir: &GwDir, id: &str) {
@@ -69,7 +84,9 @@ pub fn add(dir: &GwDir, id: &str, secret: Option<&str>, days: u32) -> Result<Str
     if let Some(s) = secret {
         check_secret(s)?;
     }
+    check_not_service(&dir.service_identities()?, id)?;
     let c = dir.open_db()?;
+    dir.check_broker_can_read()?;
     if exists(&c, id)? {
         return Err(format!("device {id:?} already exists"));
     }
@@ -141,6 +158,7 @@ pub fn set_enabled(dir: &GwDir, id: &str, enabled: bool) -> Result<()> {
     check_id(id)?;
     let c = dir.open_db()?;
     must_exist(&c, id)?;
+    dir.check_broker_can_read()?;
     c.execute("UPDATE devices SET enabled = ?2 WHERE device_id = ?1", params![id, enabled as i64])
         .map_err(|e| e.to_string())?;
     Ok(())
@@ -150,6 +168,7 @@ pub fn remove(dir: &GwDir, id: &str) -> Result<()> {
     check_id(id)?;
     let c = dir.open_db()?;
     must_exist(&c, id)?;
+    dir.check_broker_can_read()?;
     c.execute("DELETE FROM devices WHERE device_id = ?1", [id]).map_err(|e| e.to_string())?;
     remove_cert(dir, id);
     Ok(())
@@ -171,6 +190,7 @@ pub fn rotate(
     }
     let c = dir.open_db()?;
     must_exist(&c, id)?;
+    dir.check_broker_can_read()?;
     let secret = new_secret.map(str::to_owned).unwrap_or_else(random_secret);
     let until = unix_now() + grace_s;
     c.execute(
@@ -185,6 +205,7 @@ pub fn rotate(
 /// All or nothing: every line is checked before anything is written.
 pub fn import(dir: &GwDir, text: &str, days: u32) -> Result<Vec<(String, String)>> {
     let mut wanted: Vec<(String, Option<String>)> = Vec::new();
+    let services = dir.service_identities()?;
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -194,7 +215,9 @@ pub fn import(dir: &GwDir, text: &str, days: u32) -> Result<Vec<(String, String)
             Some((i, s)) => (i.trim(), Some(s.trim().to_string())),
             None => (line, None),
         };
-        check_id(id).map_err(|e| format!("line {}: {e}", n + 1))?;
+        check_id(id)
+            .and_then(|_| check_not_service(&services, id))
+            .map_err(|e| format!("line {}: {e}", n + 1))?;
         if let Some(s) = &secret {
             check_secret(s).map_err(|e| format!("line {}: {e}", n + 1))?;
         }
@@ -207,6 +230,7 @@ pub fn import(dir: &GwDir, text: &str, days: u32) -> Result<Vec<(String, String)
         return Err("the file lists no device".into());
     }
     let mut c = dir.open_db()?;
+    dir.check_broker_can_read()?;
     for (id, _) in &wanted {
         if exists(&c, id)? {
             return Err(format!("device {id:?} already exists; nothing was imported"));

@@ -169,7 +169,7 @@ pub enum Cmd {
 pub enum DeviceCmd {
     /// Register a device and issue its certificate; prints its secret once.
     Add {
-        /// Device id: 1-128 of A-Z a-z 0-9 _ . - (the certificate CN).
+        /// Device id: 1-64 of A-Z a-z 0-9 _ . - (the certificate CN); not a service identity.
         id: String,
         /// The shared secret (at least 16 characters). Default: 32 random bytes, hex.
         #[arg(long)]
@@ -476,8 +476,11 @@ pub fn run(cli: Cli) -> Result<i32, String> {
             Ok(0)
         }
         Cmd::CheckConfig { file } => match check::check(&file) {
-            Ok(summary) => {
-                println!("{summary}");
+            Ok(report) => {
+                for w in &report.warnings {
+                    println!("warning: {w}");
+                }
+                println!("{}", report.summary);
                 Ok(0)
             }
             Err(e) => {
