@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::envelope::{self, Envelope, Reason, Rejection};
 use crate::forward::{Done, Forwarder};
 use crate::json::{self, Json};
-use crate::registry::Registry;
+use crate::registry::{Registry, Severity};
 use crate::replay::{self, ReplayCache, ReplayCheck};
 use crate::store::{AppendError, QueuedMessage, Store, Syncer};
 use std::collections::VecDeque;
@@ -213,8 +213,9 @@ impl Gateway {
             replay.record(&device, digest, expires);
         }
         let mut background: Vec<Box<dyn Stoppable>> = Vec::new();
-        let watcher =
-            registry.watch().map_err(|e| format!("cannot start the registry watcher: {e}"))?;
+        let watcher = registry
+            .watch(wake.clone())
+            .map_err(|e| format!("cannot start the registry watcher: {e}"))?;
         background.push(Box::new(watcher));
         let syncer =
             store.start_syncer().map_err(|e| format!("cannot start the outbox syncer: {e}"))?;
@@ -414,19 +415,9 @@ impl Gateway {
             ));
         }
         let keys = match self.registry.get(device) {
-            Ok(Some(k)) => k.clone(),
-            Ok(None) => {
-                return Err((
-                    Rejection::new(Reason::UnknownDevice, "no enabled device with that id").into(),
-                    mid(),
-                ))
-            }
-            Err(e) => {
-                return Err((
-                    Rejection::new(Reason::UnknownDevice, format!("registry lookup failed: {e}"))
-                        .into(),
-                    mid(),
-                ))
+            Ok(k) => k.clone(),
+            Err(miss) => {
+                return Err((Rejection::new(Reason::UnknownDevice, miss.to_string()).into(), mid()))
             }
         };
         let tol = self.cfg.timestamp_tolerance;
@@ -514,6 +505,14 @@ impl Gateway {
     /// responses to devices, paging the outbox, pruning, stats.
     pub fn on_tick(&mut self, host: &mut dyn Host, now: i64) {
         self.registry.apply_updates();
+        for line in self.registry.take_logs() {
+            let level = match line.severity {
+                Severity::Notice => Level::Notice,
+                Severity::Warning => Level::Warning,
+                Severity::Error => Level::Error,
+            };
+            host.log(level, &format!("secure-iot-gateway: {}", line.text));
+        }
         if self.forwarder.is_some() {
             self.settle_results(host, now, true);
             self.refill_lanes(host);
@@ -593,8 +592,8 @@ impl Gateway {
     fn respond(&mut self, host: &mut dyn Host, d: &Done, now: i64) {
         let device = &d.message.device_id;
         let keys = match self.registry.get(device) {
-            Ok(Some(k)) => k.clone(),
-            _ => {
+            Ok(k) => k.clone(),
+            Err(_) => {
                 host.log(Level::Notice, &format!("secure-iot-gateway: no response for device={device}: no longer in the registry"));
                 return;
             }
