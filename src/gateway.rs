@@ -18,7 +18,7 @@ use crate::envelope::{self, Reason};
 use crate::host::{printable, unix_now, Host, Level, LogLine};
 use crate::json::{self, Json};
 use crate::loglimit::LogLimiter;
-use crate::registry::{Registry, Watcher};
+use crate::registry::{Registry, RegistryError, Severity, Watcher};
 use crate::validate::{Rejected, Validator};
 use std::fmt;
 use std::path::PathBuf;
@@ -101,7 +101,7 @@ impl Outcome {
 /// Why the gateway could not start; each names the option at fault.
 #[derive(Debug)]
 pub enum StartError {
-    Registry(PathBuf, rusqlite::Error),
+    Registry(PathBuf, RegistryError),
     Watcher(std::io::Error),
     Delivery(delivery::StartError),
     ServiceIsDevice(String),
@@ -192,6 +192,10 @@ pub struct Gateway {
     /// Kicking waits for the tick: inside a packet's own callback it would pull the connection
     /// out from under the broker while it is still handling that packet.
     to_kick: Vec<(Box<str>, &'static str)>,
+    /// Devices removed or disabled while this broker runs: refused and also disconnected when
+    /// they act again. (A device merely not found yet, e.g. added a moment ago, is only refused:
+    /// the registry watcher is looking for it.)
+    revoked: std::collections::HashSet<Box<str>>,
     /// Service identities that a registry change made into devices too. Such a name is denied
     /// everything until the conflict is resolved (fail closed: it could be either).
     service_conflicts: Vec<String>,
@@ -218,7 +222,8 @@ impl Gateway {
     ) -> Result<Gateway, StartError> {
         let registry = Registry::open(&cfg.db_path)
             .map_err(|e| StartError::Registry(cfg.db_path.clone(), e))?;
-        let (delivery, recovered) = Delivery::start(&cfg, wake).map_err(StartError::Delivery)?;
+        let (delivery, recovered) =
+            Delivery::start(&cfg, wake.clone()).map_err(StartError::Delivery)?;
         for w in &recovered.warnings {
             host.log(Level::Warning, &format!("secure-iot-gateway: outbox recovery: {w}"));
         }
@@ -228,7 +233,7 @@ impl Gateway {
         if let Some(s) = cfg.service_identities.iter().find(|s| validator.is_enabled(s)) {
             return Err(StartError::ServiceIsDevice(s.clone()));
         }
-        let watcher = validator.registry().watch().map_err(StartError::Watcher)?;
+        let watcher = validator.registry().watch(wake.clone()).map_err(StartError::Watcher)?;
         let crl = match &cfg.crl_file {
             Some(path) => {
                 let revoked = crl::load(path).map_err(StartError::Crl)?;
@@ -247,6 +252,7 @@ impl Gateway {
             verdicts: Verdicts::default(),
             rejection_log: LogLimiter::default(),
             to_kick: Vec::new(),
+            revoked: Default::default(),
             service_conflicts: Vec::new(),
             crl,
             last_log_flush: now,
@@ -318,8 +324,8 @@ impl Gateway {
                 }
                 Err(Refused { refusal, detail, message_id }) => {
                     if refusal == Refusal::Check(Reason::UnknownDevice) {
-                        // A revoked (or never registered) device is closed, not just refused.
-                        self.kick(who);
+                        // A revoked device is closed, not just refused.
+                        self.kick_if_revoked(who);
                     }
                     match refusal {
                         Refusal::Check(r) => self.verdicts.rejected[r.index()] += 1,
@@ -383,7 +389,7 @@ impl Gateway {
         let v = acl::acl_verdict(&self.cfg, who, access, topic);
         if let (Verdict::Allow, Identity::Device(d)) = (v, who) {
             if access != Access::Unsubscribe && !self.validator.is_enabled(d) {
-                self.kick(who);
+                self.kick_if_revoked(who);
                 return Verdict::Deny;
             }
         }
@@ -464,6 +470,15 @@ impl Gateway {
         }
     }
 
+    /// Queues a device's connections to be closed if the registry revoked it while running.
+    fn kick_if_revoked(&mut self, who: Identity<'_>) {
+        if let Identity::Device(d) = who {
+            if self.revoked.contains(d) {
+                self.kick(who);
+            }
+        }
+    }
+
     /// Queues a device's connections to be closed at the next tick.
     fn kick(&mut self, who: Identity<'_>) {
         if let Identity::Device(d) = who {
@@ -505,11 +520,25 @@ impl Gateway {
     pub fn on_tick(&mut self, host: &mut dyn Host, now: i64) {
         self.apply_crl_updates(host);
         let revoked = self.validator.apply_registry_updates();
+        for l in self.validator.registry().take_logs() {
+            let level = match l.severity {
+                Severity::Notice => Level::Notice,
+                Severity::Warning => Level::Warning,
+                Severity::Error => Level::Error,
+            };
+            host.log(level, &format!("secure-iot-gateway: {}", l.text));
+        }
         if !revoked.is_empty() || self.validator.registry_changed() {
             self.check_service_conflicts(host);
         }
+        if !revoked.is_empty() || self.validator.registry_changed() {
+            // Back in the registry: no longer revoked.
+            let validator = &mut self.validator;
+            self.revoked.retain(|d| !validator.is_enabled(d));
+        }
         for d in revoked {
             self.kick(Identity::Device(&d));
+            self.revoked.insert(d);
         }
         for (d, why) in std::mem::take(&mut self.to_kick) {
             if self.rejection_log.admit(&d, "revoked", Instant::now()) {
@@ -558,8 +587,8 @@ impl Gateway {
     fn respond(&mut self, host: &mut dyn Host, d: &Done, now: i64) {
         let device = &d.message.device_id;
         let keys = match self.validator.registry().get(device) {
-            Ok(Some(k)) => k,
-            _ => {
+            Ok(k) => k,
+            Err(_) => {
                 host.log(
                     Level::Notice,
                     &format!(

@@ -1,23 +1,47 @@
 //! The SQLite device registry.
 //!
-//! The plugin opens it read-only and keeps every enabled device in memory, so a known device costs
-//! no SQL on the per-message path. A watcher thread polls `PRAGMA data_version` (which changes
-//! whenever another connection commits) and sends a fresh snapshot to the broker thread, so a
-//! disabled or removed device is refused within a second. A device that is not in memory is
-//! looked up once by primary key, so a device added a moment ago is accepted on its first message.
+//! The broker thread never touches SQLite after start-up. [`Registry::open`] loads every enabled
+//! device into memory (at init, before any client is served); from then on a watcher thread owns
+//! the only connection. It polls `PRAGMA data_version` (which changes whenever another connection
+//! commits) and hands a fresh [`Snapshot`] to the broker thread, which installs it in
+//! [`Registry::apply_updates`] (from the tick). So a lookup is a hash-map probe, a miss costs no
+//! I/O, and a registry locked by another process (`BEGIN EXCLUSIVE`) only delays the watcher.
+//!
+//! Bounds, stated here because they are the contract:
+//! - a disabled or removed device is refused within one poll ([`POLL_INTERVAL`]) plus the time to
+//!   load the table, plus at most one broker tick (the watcher wakes the broker loop);
+//! - a device added a moment ago: its messages are refused as `unknown_device` until the watcher
+//!   has seen the commit. A miss makes the watcher look at once (at most every
+//!   [`NUDGE_MIN_INTERVAL`]), so a device whose first message arrived before its row was loaded is
+//!   accepted from a message a few milliseconds later. (The previous design looked a miss up on
+//!   the broker thread and accepted the very first message, at the price of blocking the broker
+//!   for up to the busy timeout while another process held the registry locked.)
+//!
+//! Faults are never silent. A file that cannot be read or parsed (missing, replaced by something
+//! that is not a database, no `devices` table, I/O errors, a lock held for longer than
+//! [`LOCKED_TOO_LONG`]) turns [`Registry::health`] to [`Health::Stale`] and logs one error line;
+//! becoming readable again logs one recovery line. Meanwhile the last good snapshot stays in use:
+//! a typo in a file mode must not lock out the whole fleet, and a cluster of brokers keeps serving
+//! from memory when the shared registry is down. The price, which the error line states, is that a
+//! disable or remove made meanwhile is not seen until the file is readable again.
+//!
+//! A row whose secret is shorter than [`MIN_SECRET_BYTES`] (the CLI refuses such secrets; a row
+//! written by other tools may still hold one) or whose columns do not have the schema's types is
+//! not a usable device: its messages are refused as `unknown_device`, and each snapshot logs one
+//! line per such device. A previous secret that is too short is ignored (the current one works).
 //!
 //! The original schema (`device_id`, `shared_secret`, `created_at`) works unchanged; the optional
 //! columns `enabled`, `previous_secret` and `previous_secret_expires_at` are added by the CLI's
 //! migration (never by the plugin) and used when present.
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OpenFlags};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 /// The original schema; every database with it works.
 pub const BASE_SCHEMA: &str = "CREATE TABLE devices (device_id TEXT PRIMARY KEY, shared_secret TEXT NOT NULL, created_at INTEGER NOT NULL);";
@@ -29,8 +53,79 @@ pub const OPTIONAL_COLUMNS: [(&str, &str); 3] = [
     ("previous_secret_expires_at", "INTEGER"),
 ];
 
+/// The shortest secret the plugin accepts for HMAC, in bytes (the CLI's minimum too).
+pub const MIN_SECRET_BYTES: usize = 16;
+
 /// How often the watcher looks for registry changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// After a miss the watcher looks at once, but not more often than this, so a flood of unknown
+/// ids costs the broker thread one atomic flag and the watcher at most one cheap poll per period.
+pub const NUDGE_MIN_INTERVAL: Duration = Duration::from_millis(20);
+
+/// How long the watcher waits for another connection's lock before retrying at the next poll.
+/// Bounded so that stopping the watcher never waits long.
+const WATCHER_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// At start-up the registry is loaded on the broker thread before any client is served; a CLI
+/// write in progress must not make the broker refuse to start.
+const OPEN_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A lock held by another connection for longer than this is reported like an unreadable file:
+/// whatever that connection is doing, changes are not reaching the broker.
+pub const LOCKED_TOO_LONG: Duration = Duration::from_secs(30);
+
+/// At most this many per-device problem lines per snapshot; the rest are summed up in one line.
+const MAX_PROBLEM_LINES: usize = 20;
+
+/// Why the registry cannot be read or parsed.
+#[derive(Debug)]
+pub enum RegistryError {
+    /// There is no file at the path (or it vanished).
+    Missing,
+    /// SQLite could not open, read or query it (permissions, not a database, corruption, I/O).
+    Sqlite(rusqlite::Error),
+    /// The database has no `devices` table.
+    NoDevicesTable,
+    /// Another connection has held the database locked for this long.
+    Locked(Duration),
+}
+
+impl std::fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegistryError::Missing => f.write_str("no such file"),
+            RegistryError::Sqlite(e) => write!(f, "{e}"),
+            RegistryError::NoDevicesTable => f.write_str("no table named devices"),
+            RegistryError::Locked(d) => {
+                write!(f, "locked by another connection for {} s", d.as_secs())
+            }
+        }
+    }
+}
+
+impl std::error::Error for RegistryError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RegistryError::Sqlite(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for RegistryError {
+    fn from(e: rusqlite::Error) -> Self {
+        RegistryError::Sqlite(e)
+    }
+}
+
+fn is_busy(e: &RegistryError) -> bool {
+    matches!(
+        e,
+        RegistryError::Sqlite(rusqlite::Error::SqliteFailure(f, _))
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
 
 /// A device's key material, as the verifier needs it.
 #[derive(Clone, PartialEq, Eq)]
@@ -59,17 +154,104 @@ impl DeviceKeys {
 
 pub type Devices = HashMap<Box<str>, DeviceKeys>;
 
+/// Why a registered, enabled row is not a usable device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unusable {
+    /// The secret has fewer than [`MIN_SECRET_BYTES`] bytes.
+    ShortSecret { bytes: usize },
+    /// A column does not hold the type the schema gives it (e.g. a BLOB secret).
+    BadColumn { column: &'static str },
+}
+
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unusable::ShortSecret { bytes } => write!(
+                f,
+                "its secret is shorter than {MIN_SECRET_BYTES} bytes ({bytes}); set a new one with `iotgw device rotate-secret`"
+            ),
+            Unusable::BadColumn { column } => {
+                write!(f, "its {column} column does not hold the schema's type")
+            }
+        }
+    }
+}
+
+/// Why a lookup found no usable device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss<'a> {
+    /// No enabled row with that id in the snapshot in use.
+    NotFound,
+    /// An enabled row that cannot be used.
+    Unusable(&'a Unusable),
+}
+
+impl std::fmt::Display for Miss<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Miss::NotFound => f.write_str("no enabled device with that id"),
+            Miss::Unusable(u) => write!(f, "device not usable: {u}"),
+        }
+    }
+}
+
+/// Everything one read of the table produced.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub devices: Devices,
+    pub unusable: HashMap<Box<str>, Unusable>,
+    /// Devices whose previous secret was ignored because it is too short.
+    pub ignored_previous: Vec<Box<str>>,
+    /// Rows without a text `device_id`: there is no identity to refuse them by.
+    pub rows_without_id: usize,
+}
+
+/// Is the snapshot in use the file's current content?
+#[derive(Debug)]
+pub enum Health {
+    /// The last poll read the file (or found it unchanged).
+    Current,
+    /// The file cannot be read or parsed since `since`; the last good snapshot is in use.
+    Stale { error: RegistryError, since: SystemTime },
+}
+
+impl Health {
+    pub fn is_current(&self) -> bool {
+        matches!(self, Health::Current)
+    }
+}
+
+/// How serious a log line is (the gateway maps it to the broker's levels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Notice,
+    Warning,
+    Error,
+}
+
+/// A line for the broker's log, produced off the broker thread or while installing a snapshot,
+/// and logged by the gateway from the tick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub severity: Severity,
+    pub text: String,
+}
+
 /// Opens the registry read-only.
-pub fn open_readonly(path: &Path) -> rusqlite::Result<Connection> {
+fn open_readonly(path: &Path, busy: Duration) -> Result<Connection, RegistryError> {
+    // SQLite reports a missing file as a generic "unable to open"; say what it is.
+    if std::fs::symlink_metadata(path).is_err() {
+        return Err(RegistryError::Missing);
+    }
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    conn.busy_timeout(Duration::from_millis(50))?;
+    conn.busy_timeout(busy)?;
     Ok(conn)
 }
 
-fn select_sql(conn: &Connection) -> rusqlite::Result<String> {
+fn select_sql(conn: &Connection) -> Result<String, RegistryError> {
     let mut cols = Vec::new();
     let mut stmt = conn.prepare("PRAGMA table_info(devices)")?;
     let mut rows = stmt.query([])?;
@@ -77,10 +259,7 @@ fn select_sql(conn: &Connection) -> rusqlite::Result<String> {
         cols.push(r.get::<_, String>(1)?);
     }
     if cols.is_empty() {
-        return Err(rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
-            Some("no table named devices".into()),
-        ));
+        return Err(RegistryError::NoDevicesTable);
     }
     let has = |c: &str| cols.iter().any(|x| x == c);
     let enabled = if has("enabled") { "enabled" } else { "1" };
@@ -94,124 +273,74 @@ fn select_sql(conn: &Connection) -> rusqlite::Result<String> {
     ))
 }
 
-fn row_keys(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, DeviceKeys)> {
-    let id: String = r.get(0)?;
-    let secret: String = r.get(1)?;
-    let prev: Option<String> = r.get(2)?;
-    let until: Option<i64> = r.get(3)?;
+/// What one row of the table is to the plugin.
+enum Row {
+    /// No text `device_id`: nothing to refuse it by.
+    NoId,
+    /// A usable device; `ignored_previous` when a too-short previous secret was dropped.
+    Usable {
+        id: String,
+        keys: DeviceKeys,
+        ignored_previous: bool,
+    },
+    Unusable {
+        id: String,
+        why: Unusable,
+    },
+}
+
+fn row(r: &rusqlite::Row<'_>) -> Row {
+    let Ok(id) = r.get::<_, String>(0) else { return Row::NoId };
+    let bad = |id, column| Row::Unusable { id, why: Unusable::BadColumn { column } };
+    let Ok(secret) = r.get::<_, String>(1) else { return bad(id, "shared_secret") };
+    let Ok(prev) = r.get::<_, Option<String>>(2) else { return bad(id, "previous_secret") };
+    let Ok(until) = r.get::<_, Option<i64>>(3) else {
+        return bad(id, "previous_secret_expires_at");
+    };
+    if secret.len() < MIN_SECRET_BYTES {
+        return Row::Unusable { id, why: Unusable::ShortSecret { bytes: secret.len() } };
+    }
+    let mut ignored_previous = false;
     let previous = match (prev, until) {
+        (Some(p), Some(_)) if p.len() < MIN_SECRET_BYTES => {
+            ignored_previous = true;
+            None
+        }
         (Some(p), Some(u)) => Some((p.into_bytes().into_boxed_slice(), u)),
         _ => None,
     };
-    Ok((id, DeviceKeys { secret: secret.into_bytes().into_boxed_slice(), previous }))
+    let keys = DeviceKeys { secret: secret.into_bytes().into_boxed_slice(), previous };
+    Row::Usable { id, keys, ignored_previous }
 }
 
-/// Every enabled device.
-pub fn load_all(conn: &Connection) -> rusqlite::Result<Devices> {
+/// Reads every enabled row.
+pub fn load_all(conn: &Connection) -> Result<Snapshot, RegistryError> {
     let sql = select_sql(conn)?;
     let mut stmt = conn.prepare(&sql)?;
-    let rows = stmt.query_map([], row_keys)?;
-    let mut map = Devices::new();
-    for row in rows {
-        let (id, keys) = row?;
-        map.insert(id.into_boxed_str(), keys);
-    }
-    Ok(map)
-}
-
-/// One enabled device by id.
-pub fn load_one(conn: &Connection, id: &str) -> rusqlite::Result<Option<DeviceKeys>> {
-    let sql = format!("{} AND device_id = ?1", select_sql(conn)?);
-    conn.prepare_cached(&sql)?.query_row([id], row_keys).optional().map(|o| o.map(|(_, k)| k))
-}
-
-/// The broker thread's view of the registry: an in-memory map plus a connection for misses.
-pub struct Registry {
-    path: PathBuf,
-    devices: Devices,
-    conn: Connection,
-    miss_sql: String,
-    updates: Option<Receiver<Devices>>,
-}
-
-impl Registry {
-    /// Opens `path` read-only and loads every device. Fails if the file is missing, unreadable
-    /// or has no `devices` table.
-    pub fn open(path: &Path) -> rusqlite::Result<Registry> {
-        let conn = open_readonly(path)?;
-        let devices = load_all(&conn)?;
-        let miss_sql = format!("{} AND device_id = ?1", select_sql(&conn)?);
-        Ok(Registry { path: path.to_owned(), devices, conn, miss_sql, updates: None })
-    }
-
-    /// Number of devices in memory.
-    pub fn len(&self) -> usize {
-        self.devices.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.devices.is_empty()
-    }
-
-    /// The keys of `id` if it is an enabled device. Memory first; on a miss, one indexed query.
-    pub fn get(&mut self, id: &str) -> Result<Option<&DeviceKeys>, rusqlite::Error> {
-        if !self.devices.contains_key(id) {
-            let found =
-                self.conn.prepare_cached(&self.miss_sql)?.query_row([id], row_keys).optional()?;
-            match found {
-                Some((id, keys)) => {
-                    self.devices.insert(id.into_boxed_str(), keys);
+    let mut rows = stmt.query([])?;
+    let mut snap = Snapshot::default();
+    while let Some(r) = rows.next()? {
+        match row(r) {
+            Row::NoId => snap.rows_without_id += 1,
+            Row::Usable { id, keys, ignored_previous } => {
+                let id = id.into_boxed_str();
+                if ignored_previous {
+                    snap.ignored_previous.push(id.clone());
                 }
-                None => return Ok(None),
+                snap.devices.insert(id, keys);
+            }
+            Row::Unusable { id, why } => {
+                snap.unusable.insert(id.into_boxed_str(), why);
             }
         }
-        Ok(self.devices.get(id))
     }
-
-    /// Keys already in memory (no SQL).
-    #[cfg(test)]
-    fn cached(&self, id: &str) -> Option<&DeviceKeys> {
-        self.devices.get(id)
-    }
-
-    /// Starts the watcher thread that sends a new snapshot whenever the database changes.
-    pub fn watch(&mut self) -> std::io::Result<Watcher> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.updates = Some(rx);
-        Watcher::start(self.path.clone(), tx)
-    }
-
-    /// Is `id` an enabled device of the in-memory snapshot? (No SQL.)
-    pub fn contains(&self, id: &str) -> bool {
-        self.devices.contains_key(id)
-    }
-
-    /// Installs the newest snapshot, if one arrived, and returns the one it replaced (to see
-    /// what changed). Cheap when none did.
-    pub fn apply_updates(&mut self) -> Option<Devices> {
-        let Some(rx) = &self.updates else { return None };
-        let mut newest = None;
-        while let Ok(snapshot) = rx.try_recv() {
-            newest = Some(snapshot);
-        }
-        match newest {
-            Some(s) => {
-                let old = std::mem::replace(&mut self.devices, s);
-                // Column set may have changed (CLI migration): rebuild the miss query.
-                if let Ok(sql) = select_sql(&self.conn) {
-                    self.miss_sql = format!("{sql} AND device_id = ?1");
-                }
-                Some(old)
-            }
-            None => None,
-        }
-    }
+    snap.ignored_previous.sort();
+    Ok(snap)
 }
 
-/// Background poller of the registry file.
-pub struct Watcher {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
+/// The connection's change counter: it moves whenever another connection commits.
+fn data_version(conn: &Connection) -> Result<i64, RegistryError> {
+    Ok(conn.query_row("PRAGMA data_version", [], |r| r.get(0))?)
 }
 
 fn file_id(path: &Path) -> Option<(u64, u64)> {
@@ -219,64 +348,393 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
+/// What the watcher hands to the broker thread.
+enum Update {
+    Snapshot(Snapshot),
+    Broken(RegistryError),
+}
+
+/// State shared by the broker thread and the watcher.
+struct Shared {
+    /// Set by a miss, cleared by the watcher when it polls.
+    nudged: AtomicBool,
+    stop: AtomicBool,
+}
+
+/// The watcher's timing; tests shorten or stretch it.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    poll: Duration,
+    nudge_min: Duration,
+    locked_too_long: Duration,
+}
+
+const TIMING: Timing =
+    Timing { poll: POLL_INTERVAL, nudge_min: NUDGE_MIN_INTERVAL, locked_too_long: LOCKED_TOO_LONG };
+
+/// A connection and what was true of it when the snapshot in use was loaded.
+struct Opened {
+    conn: Connection,
+    version: i64,
+    ident: Option<(u64, u64)>,
+}
+
+/// The broker thread's view of the registry: the snapshot in use and its health.
+pub struct Registry {
+    path: PathBuf,
+    snap: Snapshot,
+    health: Health,
+    loaded_at: SystemTime,
+    logs: Vec<LogLine>,
+    /// The connection used at start-up, until the watcher takes it over.
+    conn: Option<Opened>,
+    updates: Option<Receiver<Update>>,
+    shared: Arc<Shared>,
+    watcher: Option<std::thread::Thread>,
+}
+
+impl Registry {
+    /// Opens `path` read-only and loads every device. Fails if the file is missing, unreadable
+    /// or has no `devices` table. Runs on the broker thread, at init only.
+    pub fn open(path: &Path) -> Result<Registry, RegistryError> {
+        // The file's identity before opening it: if it is replaced in between, the watcher sees a
+        // different identity at its first poll and reloads.
+        let ident = file_id(path);
+        let conn = open_readonly(path, OPEN_BUSY_TIMEOUT)?;
+        // Read before loading: a commit in between makes the watcher's first poll reload.
+        let version = data_version(&conn)?;
+        let snap = load_all(&conn)?;
+        let mut r = Registry {
+            path: path.to_owned(),
+            snap: Snapshot::default(),
+            health: Health::Current,
+            loaded_at: SystemTime::now(),
+            logs: Vec::new(),
+            conn: Some(Opened { conn, version, ident }),
+            updates: None,
+            shared: Arc::new(Shared {
+                nudged: AtomicBool::new(false),
+                stop: AtomicBool::new(false),
+            }),
+            watcher: None,
+        };
+        r.install(snap);
+        Ok(r)
+    }
+
+    /// Number of usable devices in memory.
+    pub fn len(&self) -> usize {
+        self.snap.devices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.snap.devices.is_empty()
+    }
+
+    /// Whether the snapshot in use is the file's current content, for logs, metrics and healthz.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// The keys of `id` if it is a usable enabled device. Memory only: never touches SQLite.
+    pub fn get(&self, id: &str) -> Result<&DeviceKeys, Miss<'_>> {
+        if let Some(k) = self.snap.devices.get(id) {
+            return Ok(k);
+        }
+        if let Some(why) = self.snap.unusable.get(id) {
+            return Err(Miss::Unusable(why));
+        }
+        // Perhaps added a moment ago: have the watcher look now rather than at its next poll.
+        // One flag swap per miss; the watcher is unparked only when the flag was clear.
+        if let Some(w) = &self.watcher {
+            if !self.shared.nudged.swap(true, Ordering::AcqRel) {
+                w.unpark();
+            }
+        }
+        Err(Miss::NotFound)
+    }
+
+    /// Starts the watcher thread, which takes over the connection. `wake` is called after each
+    /// update so the broker loop installs it without waiting for its idle tick.
+    pub fn watch(&mut self, wake: Arc<dyn Fn() + Send + Sync>) -> std::io::Result<Watcher> {
+        self.watch_with(TIMING, wake)
+    }
+
+    fn watch_with(
+        &mut self,
+        timing: Timing,
+        wake: Arc<dyn Fn() + Send + Sync>,
+    ) -> std::io::Result<Watcher> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let conn = self.conn.take();
+        let w = Watcher::start(self.path.clone(), conn, timing, self.shared.clone(), tx, wake)?;
+        self.watcher = w.handle.as_ref().map(|h| h.thread().clone());
+        self.updates = Some(rx);
+        Ok(w)
+    }
+
+    /// Installs the newest snapshot and any change of health, if some arrived; queues the log
+    /// lines they call for. Cheap when nothing did. Returns whether a snapshot was installed.
+    pub fn apply_updates(&mut self) -> bool {
+        self.apply_updates_diff().is_some()
+    }
+
+    /// As [`Self::apply_updates`], returning the devices of the snapshot it replaced (to see
+    /// which were removed or disabled), or None when nothing was installed.
+    pub fn apply_updates_diff(&mut self) -> Option<Devices> {
+        let rx = self.updates.as_ref()?;
+        let pending: Vec<Update> = rx.try_iter().collect();
+        // Health changes are logged in order, so a short outage between two ticks is still seen;
+        // of the snapshots only the newest is installed.
+        let mut newest = None;
+        for u in pending {
+            match u {
+                Update::Broken(e) => self.mark_broken(e),
+                Update::Snapshot(s) => {
+                    self.mark_current(s.devices.len());
+                    newest = Some(s);
+                }
+            }
+        }
+        let s = newest?;
+        let old = std::mem::take(&mut self.snap.devices);
+        self.install(s);
+        Some(old)
+    }
+
+    /// Is `id` a usable enabled device of the in-memory snapshot? (No SQL.)
+    pub fn contains(&self, id: &str) -> bool {
+        self.snap.devices.contains_key(id)
+    }
+
+    /// The log lines queued since the last call, oldest first.
+    pub fn take_logs(&mut self) -> Vec<LogLine> {
+        std::mem::take(&mut self.logs)
+    }
+
+    fn log(&mut self, severity: Severity, text: String) {
+        self.logs.push(LogLine { severity, text });
+    }
+
+    fn mark_current(&mut self, devices: usize) {
+        if let Health::Stale { since, .. } = &self.health {
+            let for_s = since.elapsed().map_or(0, |d| d.as_secs());
+            self.log(
+                Severity::Notice,
+                format!(
+                    "registry readable again after {for_s} s: {}, {devices} devices",
+                    self.path.display()
+                ),
+            );
+            self.health = Health::Current;
+        }
+    }
+
+    fn mark_broken(&mut self, error: RegistryError) {
+        if self.health.is_current() {
+            let age = self.loaded_at.elapsed().map_or(0, |d| d.as_secs());
+            self.log(
+                Severity::Error,
+                format!(
+                    "registry unreadable: {}: {error}; still using the last good snapshot ({} devices, read {age} s ago): devices added, disabled or removed from now on are NOT seen until the file is readable again",
+                    self.path.display(),
+                    self.snap.devices.len()
+                ),
+            );
+            self.health = Health::Stale { error, since: SystemTime::now() };
+        }
+    }
+
+    /// Makes `snap` the snapshot in use and logs what is wrong in it, once per device.
+    fn install(&mut self, snap: Snapshot) {
+        let mut lines = Vec::new();
+        let mut unusable: Vec<(&Box<str>, &Unusable)> = snap.unusable.iter().collect();
+        unusable.sort_by(|a, b| a.0.cmp(b.0));
+        for (id, why) in unusable.iter().take(MAX_PROBLEM_LINES) {
+            // Ids come from the registry, not from clients, but a log line stays one line.
+            lines.push(format!("device {} is not usable: {why}", id.escape_debug()));
+        }
+        if unusable.len() > MAX_PROBLEM_LINES {
+            lines.push(format!(
+                "{} more devices are not usable (secret too short or a column of the wrong type)",
+                unusable.len() - MAX_PROBLEM_LINES
+            ));
+        }
+        for id in snap.ignored_previous.iter().take(MAX_PROBLEM_LINES) {
+            lines.push(format!(
+                "device {}: previous secret ignored, it is shorter than {MIN_SECRET_BYTES} bytes",
+                id.escape_debug()
+            ));
+        }
+        if snap.ignored_previous.len() > MAX_PROBLEM_LINES {
+            lines.push(format!(
+                "{} more devices have a previous secret shorter than {MIN_SECRET_BYTES} bytes, ignored",
+                snap.ignored_previous.len() - MAX_PROBLEM_LINES
+            ));
+        }
+        if snap.rows_without_id > 0 {
+            lines.push(format!(
+                "{} registry rows have no text device_id and are ignored",
+                snap.rows_without_id
+            ));
+        }
+        for text in lines {
+            self.log(Severity::Warning, text);
+        }
+        self.snap = snap;
+        self.loaded_at = SystemTime::now();
+    }
+
+    /// Keys already in memory.
+    #[cfg(test)]
+    fn cached(&self, id: &str) -> Option<&DeviceKeys> {
+        self.snap.devices.get(id)
+    }
+}
+
+/// Background poller of the registry file.
+pub struct Watcher {
+    shared: Arc<Shared>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// The watcher thread's state.
+struct Poller {
+    path: PathBuf,
+    conn: Option<Connection>,
+    /// The data_version of `conn` when its content was last sent (or loaded at start).
+    version: Option<i64>,
+    ident: Option<(u64, u64)>,
+    /// Whether the last thing sent was a failure (so a failure is sent once per change of state).
+    broken: bool,
+    busy_since: Option<Instant>,
+    timing: Timing,
+}
+
+impl Poller {
+    /// One look at the file. Ok(Some) when there is a new snapshot to send.
+    fn poll(&mut self) -> Result<Option<Snapshot>, RegistryError> {
+        // A replaced file (new inode) needs a new connection: the old one reads the old file.
+        let now_ident = file_id(&self.path);
+        if now_ident.is_none() {
+            self.conn = None;
+            self.version = None;
+            self.ident = None;
+            return Err(RegistryError::Missing);
+        }
+        if now_ident != self.ident {
+            self.ident = now_ident;
+            self.conn = None;
+            self.version = None;
+        }
+        if self.conn.is_none() {
+            self.conn = Some(open_readonly(&self.path, WATCHER_BUSY_TIMEOUT)?);
+        }
+        let Some(conn) = &self.conn else { return Ok(None) };
+        let v = data_version(conn)?;
+        if self.version == Some(v) && !self.broken {
+            return Ok(None);
+        }
+        let snap = load_all(conn)?;
+        self.version = Some(v);
+        Ok(Some(snap))
+    }
+
+    /// Polls and turns the outcome into at most one update.
+    fn step(&mut self) -> Option<Update> {
+        match self.poll() {
+            Ok(found) => {
+                self.busy_since = None;
+                let snap = found?;
+                self.broken = false;
+                Some(Update::Snapshot(snap))
+            }
+            Err(e) if is_busy(&e) => {
+                // Someone is writing; nothing committed is being missed. Only a lock held for a
+                // long time is a fault.
+                let since = *self.busy_since.get_or_insert_with(Instant::now);
+                let held = since.elapsed();
+                if held < self.timing.locked_too_long {
+                    return None;
+                }
+                self.fail(RegistryError::Locked(held))
+            }
+            Err(e) => {
+                self.busy_since = None;
+                // Start over with a fresh connection next time.
+                self.conn = None;
+                self.version = None;
+                self.fail(e)
+            }
+        }
+    }
+
+    fn fail(&mut self, e: RegistryError) -> Option<Update> {
+        if self.broken {
+            return None;
+        }
+        self.broken = true;
+        Some(Update::Broken(e))
+    }
+}
+
 impl Watcher {
-    fn start(path: PathBuf, tx: Sender<Devices>) -> std::io::Result<Watcher> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+    fn start(
+        path: PathBuf,
+        opened: Option<Opened>,
+        timing: Timing,
+        shared: Arc<Shared>,
+        tx: Sender<Update>,
+        wake: Arc<dyn Fn() + Send + Sync>,
+    ) -> std::io::Result<Watcher> {
+        let s = shared.clone();
         let handle =
             std::thread::Builder::new().name("iotgw-registry".into()).spawn(move || {
-                let mut conn: Option<Connection> = None;
-                let mut version: Option<i64> = None;
-                let mut ident = file_id(&path);
-                while !stop2.load(Ordering::Relaxed) {
-                    std::thread::park_timeout(POLL_INTERVAL);
-                    if stop2.load(Ordering::Relaxed) {
+                let (conn, version, ident) = match opened {
+                    Some(o) => {
+                        let _ = o.conn.busy_timeout(WATCHER_BUSY_TIMEOUT);
+                        (Some(o.conn), Some(o.version), o.ident)
+                    }
+                    None => (None, None, None),
+                };
+                let mut p =
+                    Poller { path, conn, version, ident, broken: false, busy_since: None, timing };
+                let mut last_poll = Instant::now();
+                loop {
+                    std::thread::park_timeout(timing.poll.saturating_sub(last_poll.elapsed()));
+                    if s.stop.load(Ordering::Acquire) {
                         break;
                     }
-                    // A replaced file (new inode) needs a new connection.
-                    let now_ident = file_id(&path);
-                    if now_ident != ident {
-                        ident = now_ident;
-                        conn = None;
-                        version = None;
+                    let nudged = s.nudged.load(Ordering::Acquire);
+                    if !nudged && last_poll.elapsed() < timing.poll {
+                        continue; // spurious wake-up
                     }
-                    if conn.is_none() {
-                        conn = open_readonly(&path).ok();
-                    }
-                    let Some(c) = &conn else { continue };
-                    let v: Option<i64> = c.query_row("PRAGMA data_version", [], |r| r.get(0)).ok();
-                    if v.is_none() {
-                        conn = None;
-                        continue;
-                    }
-                    if version.is_some() && v == version {
-                        continue;
-                    }
-                    let first = version.is_none();
-                    version = v;
-                    if first && ident.is_some() {
-                        // The plugin loaded this very state at init; only later changes matter. A
-                        // reopen after replacement is not "first": it sends.
-                    }
-                    match load_all(c) {
-                        Ok(devices) => {
-                            if tx.send(devices).is_err() {
+                    if nudged {
+                        let since = last_poll.elapsed();
+                        if since < timing.nudge_min {
+                            std::thread::park_timeout(timing.nudge_min - since);
+                            if s.stop.load(Ordering::Acquire) {
                                 break;
                             }
                         }
-                        Err(_) => {
-                            conn = None;
-                            version = None;
+                    }
+                    // Cleared before polling: a miss during the poll asks for another one.
+                    s.nudged.store(false, Ordering::Release);
+                    last_poll = Instant::now();
+                    if let Some(u) = p.step() {
+                        if tx.send(u).is_err() {
+                            break;
                         }
+                        wake();
                     }
                 }
             })?;
-        Ok(Watcher { stop, handle: Some(handle) })
+        Ok(Watcher { shared, handle: Some(handle) })
     }
 
     /// Stops and joins the thread.
     pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Release);
         if let Some(h) = self.handle.take() {
             h.thread().unpark();
             let _ = h.join();
@@ -313,45 +771,70 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
 mod tests {
     use super::*;
 
+    const S1: &str = "supersecretkey123";
+
     fn base_db(dir: &Path) -> PathBuf {
         let p = dir.join("devices.db");
         let c = Connection::open(&p).unwrap();
         c.execute_batch(BASE_SCHEMA).unwrap();
-        c.execute("INSERT INTO devices VALUES ('sensor_001','supersecretkey123',0)", []).unwrap();
+        c.execute("INSERT INTO devices VALUES ('sensor_001', ?1, 0)", [S1]).unwrap();
         p
+    }
+
+    fn no_wake() -> Arc<dyn Fn() + Send + Sync> {
+        Arc::new(|| {})
+    }
+
+    /// Fast polls, so the tests are short; a long lock is "too long" after 1 s.
+    const FAST: Timing = Timing {
+        poll: Duration::from_millis(20),
+        nudge_min: Duration::from_millis(5),
+        locked_too_long: Duration::from_secs(1),
+    };
+
+    /// Applies updates until `done` holds (bounded).
+    fn until(r: &mut Registry, what: &str, mut done: impl FnMut(&Registry) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            r.apply_updates();
+            if done(r) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "not within 5 s: {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn severities(logs: &[LogLine], sev: Severity) -> Vec<&str> {
+        logs.iter().filter(|l| l.severity == sev).map(|l| l.text.as_str()).collect()
     }
 
     #[test]
     fn original_schema_works_unchanged() {
         let dir = tempfile::tempdir().unwrap();
         let p = base_db(dir.path());
-        let mut r = Registry::open(&p).unwrap();
+        let r = Registry::open(&p).unwrap();
         assert_eq!(r.len(), 1);
-        let k = r.get("sensor_001").unwrap().unwrap();
-        assert_eq!(&*k.secret, b"supersecretkey123");
+        let k = r.get("sensor_001").unwrap();
+        assert_eq!(&*k.secret, S1.as_bytes());
         assert!(k.previous.is_none());
-        assert!(r.get("nope").unwrap().is_none());
+        assert_eq!(r.get("nope").unwrap_err(), Miss::NotFound);
+        assert!(r.health().is_current());
     }
 
     #[test]
-    fn missing_table_or_file_fails_to_open() {
+    fn missing_table_or_file_fails_to_open_with_a_typed_error() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(Registry::open(&dir.path().join("absent.db")).is_err());
+        let e = Registry::open(&dir.path().join("absent.db")).err().unwrap();
+        assert!(matches!(e, RegistryError::Missing), "{e:?}");
         let p = dir.path().join("empty.db");
         Connection::open(&p).unwrap().execute_batch("CREATE TABLE x(a)").unwrap();
-        assert!(Registry::open(&p).is_err());
-    }
-
-    #[test]
-    fn device_added_later_is_found_on_first_lookup() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = base_db(dir.path());
-        let mut r = Registry::open(&p).unwrap();
-        Connection::open(&p)
-            .unwrap()
-            .execute("INSERT INTO devices VALUES ('new_one','s',0)", [])
-            .unwrap();
-        assert!(r.get("new_one").unwrap().is_some());
+        let e = Registry::open(&p).err().unwrap();
+        assert!(matches!(e, RegistryError::NoDevicesTable), "{e:?}");
+        let p = dir.path().join("junk.db");
+        std::fs::write(&p, b"not a database, not at all, just some bytes here").unwrap();
+        let e = Registry::open(&p).err().unwrap();
+        assert!(matches!(e, RegistryError::Sqlite(_)), "{e:?}");
     }
 
     #[test]
@@ -361,31 +844,250 @@ mod tests {
         let c = Connection::open(&p).unwrap();
         migrate(&c).unwrap();
         migrate(&c).unwrap(); // idempotent
-        c.execute("INSERT INTO devices (device_id, shared_secret, created_at, enabled) VALUES ('off','s',0,0)", []).unwrap();
-        c.execute("UPDATE devices SET previous_secret='old', previous_secret_expires_at=100 WHERE device_id='sensor_001'", []).unwrap();
-        let mut r = Registry::open(&p).unwrap();
-        assert!(r.get("off").unwrap().is_none());
-        let k = r.get("sensor_001").unwrap().unwrap().clone();
+        c.execute("INSERT INTO devices (device_id, shared_secret, created_at, enabled) VALUES ('off','0123456789abcdef',0,0)", []).unwrap();
+        c.execute("UPDATE devices SET previous_secret='old-secret-0123456', previous_secret_expires_at=100 WHERE device_id='sensor_001'", []).unwrap();
+        let r = Registry::open(&p).unwrap();
+        assert_eq!(r.get("off").unwrap_err(), Miss::NotFound);
+        let k = r.get("sensor_001").unwrap().clone();
         assert_eq!(k.secrets_at(100).count(), 2);
         assert_eq!(k.secrets_at(101).count(), 1);
     }
 
+    /// Issue 8 finding 6: the plugin accepted empty and 5-byte secrets for HMAC.
     #[test]
-    fn watcher_delivers_a_snapshot_after_a_change() {
+    fn short_secrets_make_a_device_unusable_and_are_logged_once_per_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = base_db(dir.path());
+        let c = Connection::open(&p).unwrap();
+        migrate(&c).unwrap();
+        for (id, secret) in [("empty", ""), ("five", "abcde"), ("fifteen", "0123456789abcde")] {
+            c.execute(
+                "INSERT INTO devices (device_id, shared_secret, created_at) VALUES (?1, ?2, 0)",
+                [id, secret],
+            )
+            .unwrap();
+        }
+        c.execute("INSERT INTO devices (device_id, shared_secret, created_at) VALUES ('sixteen', '0123456789abcdef', 0)", []).unwrap();
+        // A BLOB secret is not the schema's TEXT: unusable, not a crash and not a failed load.
+        c.execute("INSERT INTO devices (device_id, shared_secret, created_at) VALUES ('blob', x'00112233445566778899aabbccddeeff00', 0)", []).unwrap();
+        // A short previous secret is dropped; the current one still works.
+        c.execute("UPDATE devices SET previous_secret='tiny', previous_secret_expires_at=9999999999 WHERE device_id='sensor_001'", []).unwrap();
+        let mut r = Registry::open(&p).unwrap();
+        for (id, bytes) in [("empty", 0), ("five", 5), ("fifteen", 15)] {
+            assert_eq!(
+                r.get(id).unwrap_err(),
+                Miss::Unusable(&Unusable::ShortSecret { bytes }),
+                "{id}"
+            );
+        }
+        assert_eq!(
+            r.get("blob").unwrap_err(),
+            Miss::Unusable(&Unusable::BadColumn { column: "shared_secret" })
+        );
+        assert_eq!(&*r.get("sixteen").unwrap().secret, b"0123456789abcdef");
+        assert_eq!(r.get("sensor_001").unwrap().secrets_at(0).count(), 1);
+        assert_eq!(r.len(), 2);
+        let logs = r.take_logs();
+        let warn = severities(&logs, Severity::Warning);
+        assert_eq!(warn.len(), 5, "{logs:?}");
+        assert!(warn.contains(&"device five is not usable: its secret is shorter than 16 bytes (5); set a new one with `iotgw device rotate-secret`"), "{warn:?}");
+        assert!(warn.iter().any(|l| l.starts_with("device sensor_001: previous secret ignored")));
+        // Logged once per snapshot: looking the devices up again logs nothing.
+        for _ in 0..3 {
+            assert!(r.get("five").is_err());
+        }
+        r.apply_updates();
+        assert!(r.take_logs().is_empty());
+        // A new snapshot logs them again, once.
+        let _w = r.watch_with(FAST, no_wake()).unwrap();
+        c.execute(
+            "UPDATE devices SET shared_secret='now-long-enough-16' WHERE device_id='five'",
+            [],
+        )
+        .unwrap();
+        until(&mut r, "the fixed secret applies", |r| r.get("five").is_ok());
+        let logs = r.take_logs();
+        assert_eq!(severities(&logs, Severity::Warning).len(), 4, "{logs:?}");
+    }
+
+    #[test]
+    fn problem_lines_are_capped_per_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = base_db(dir.path());
+        let c = Connection::open(&p).unwrap();
+        for i in 0..100 {
+            c.execute("INSERT INTO devices VALUES (?1, 'short', 0)", [format!("d{i:03}")]).unwrap();
+        }
+        let mut r = Registry::open(&p).unwrap();
+        let logs = r.take_logs();
+        assert_eq!(logs.len(), MAX_PROBLEM_LINES + 1, "{logs:?}");
+        assert!(logs.last().unwrap().text.starts_with("80 more devices are not usable"));
+        assert!(r.get("d099").is_err());
+    }
+
+    /// Issue 8 finding 3: a miss used to query SQLite on the broker thread and wait up to the
+    /// busy timeout (50 ms) while another process held the registry locked.
+    #[test]
+    fn lookups_never_wait_for_a_locked_registry() {
         let dir = tempfile::tempdir().unwrap();
         let p = base_db(dir.path());
         let mut r = Registry::open(&p).unwrap();
-        let mut w = r.watch().unwrap();
-        // Let the watcher record the initial version, then change the database.
-        std::thread::sleep(POLL_INTERVAL * 2);
-        while r.apply_updates().is_some() {}
-        Connection::open(&p).unwrap().execute("DELETE FROM devices", []).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while r.apply_updates().is_none() || !r.is_empty() {
-            assert!(std::time::Instant::now() < deadline, "no snapshot within 5 s");
-            std::thread::sleep(Duration::from_millis(20));
+        let _w = r.watch_with(FAST, no_wake()).unwrap();
+        let lock = Connection::open(&p).unwrap();
+        lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let t = Instant::now();
+        for i in 0..200 {
+            assert_eq!(r.get(&format!("unknown_{i}")).unwrap_err(), Miss::NotFound);
+            assert!(r.get("sensor_001").is_ok());
+            r.apply_updates();
         }
+        let took = t.elapsed();
+        lock.execute_batch("ROLLBACK").unwrap();
+        // 200 misses at 50 ms each took 10 s before; a hash probe takes microseconds.
+        assert!(took < Duration::from_millis(100), "200 misses took {took:?}");
+        // A lock that is released in time is not a fault: no log line, still current.
+        assert!(r.health().is_current());
+        assert!(r.take_logs().is_empty());
+    }
+
+    #[test]
+    fn a_lock_held_too_long_is_reported_and_its_release_logs_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = base_db(dir.path());
+        let mut r = Registry::open(&p).unwrap();
+        let _w = r.watch_with(FAST, no_wake()).unwrap();
+        let lock = Connection::open(&p).unwrap();
+        lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        until(&mut r, "the long lock is reported", |r| !r.health().is_current());
+        assert!(matches!(r.health(), Health::Stale { error: RegistryError::Locked(_), .. }));
+        assert!(r.get("sensor_001").is_ok(), "the last good snapshot stays in use");
+        lock.execute_batch("ROLLBACK").unwrap();
+        until(&mut r, "recovery", |r| r.health().is_current());
+        let logs = r.take_logs();
+        assert_eq!(severities(&logs, Severity::Error).len(), 1, "{logs:?}");
+        assert!(severities(&logs, Severity::Error)[0].contains("locked by another connection"));
+        assert_eq!(severities(&logs, Severity::Notice).len(), 1, "{logs:?}");
+    }
+
+    #[test]
+    fn a_miss_makes_the_watcher_look_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = base_db(dir.path());
+        let mut r = Registry::open(&p).unwrap();
+        // Polls so rare that only a nudge can explain a quick snapshot.
+        let slow = Timing { poll: Duration::from_secs(3600), ..FAST };
+        let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w2 = woken.clone();
+        let _w = r
+            .watch_with(
+                slow,
+                Arc::new(move || {
+                    w2.fetch_add(1, Ordering::SeqCst);
+                }),
+            )
+            .unwrap();
+        Connection::open(&p)
+            .unwrap()
+            .execute("INSERT INTO devices VALUES ('new_one','0123456789abcdef',0)", [])
+            .unwrap();
+        let added = Instant::now();
+        // The first message of a device added a moment ago is refused...
+        assert_eq!(r.get("new_one").unwrap_err(), Miss::NotFound);
+        // ...and a later one a few milliseconds on is accepted.
+        until(&mut r, "the nudged watcher delivers the new device", |r| r.get("new_one").is_ok());
+        assert!(added.elapsed() < Duration::from_secs(2), "{:?}", added.elapsed());
+        assert!(woken.load(Ordering::SeqCst) >= 1, "the broker loop was not woken");
+    }
+
+    /// The watcher's empty `if` (issue 7): the state loaded at start was sent again at the first
+    /// poll. Now the first poll compares with the version read at load time.
+    #[test]
+    fn watcher_sends_nothing_until_the_database_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = base_db(dir.path());
+        let mut r = Registry::open(&p).unwrap();
+        let mut w = r.watch_with(FAST, no_wake()).unwrap();
+        std::thread::sleep(FAST.poll * 10);
+        assert!(!r.apply_updates(), "a snapshot of an unchanged database was sent");
+        Connection::open(&p).unwrap().execute("DELETE FROM devices", []).unwrap();
+        until(&mut r, "the change arrives", |r| r.is_empty());
         assert!(r.cached("sensor_001").is_none());
         w.stop();
+    }
+
+    /// Issue 8 finding 4: a registry replaced by an unreadable file made disable a silent no-op.
+    #[test]
+    fn unreadable_registry_is_stale_and_logged_once_then_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = base_db(dir.path());
+        let mut r = Registry::open(&p).unwrap();
+        let _w = r.watch_with(FAST, no_wake()).unwrap();
+        let tmp = dir.path().join("junk");
+        std::fs::write(&tmp, b"this is not an SQLite database at all, only bytes").unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+        until(&mut r, "stale", |r| !r.health().is_current());
+        assert!(matches!(r.health(), Health::Stale { error: RegistryError::Sqlite(_), .. }));
+        // Many polls later: still one line; the last good snapshot still answers.
+        std::thread::sleep(FAST.poll * 10);
+        r.apply_updates();
+        assert!(r.get("sensor_001").is_ok());
+        let logs = r.take_logs();
+        assert_eq!(logs.len(), 1, "{logs:?}");
+        assert_eq!(logs[0].severity, Severity::Error);
+        assert!(logs[0].text.starts_with("registry unreadable: "), "{}", logs[0].text);
+        assert!(logs[0].text.contains("NOT seen"), "{}", logs[0].text);
+        // Gone altogether: the same state, no new line.
+        std::fs::remove_file(&p).unwrap();
+        std::thread::sleep(FAST.poll * 5);
+        r.apply_updates();
+        assert!(r.take_logs().is_empty());
+        // Readable again, with the device disabled: one recovery line, and it applies.
+        let good = dir.path().join("good.db");
+        let c = Connection::open(&good).unwrap();
+        create(&c).unwrap();
+        c.execute("INSERT INTO devices (device_id, shared_secret, created_at, enabled) VALUES ('sensor_001', ?1, 0, 0)", [S1]).unwrap();
+        drop(c);
+        std::fs::rename(&good, &p).unwrap();
+        until(&mut r, "recovered", |r| r.health().is_current());
+        assert_eq!(r.get("sensor_001").unwrap_err(), Miss::NotFound);
+        let logs = r.take_logs();
+        assert_eq!(logs.len(), 1, "{logs:?}");
+        assert_eq!(logs[0].severity, Severity::Notice);
+        assert!(logs[0].text.starts_with("registry readable again"), "{}", logs[0].text);
+    }
+
+    #[test]
+    fn missing_file_is_reported_as_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = base_db(dir.path());
+        let mut r = Registry::open(&p).unwrap();
+        let _w = r.watch_with(FAST, no_wake()).unwrap();
+        std::fs::rename(&p, dir.path().join("elsewhere.db")).unwrap();
+        until(&mut r, "stale", |r| !r.health().is_current());
+        assert!(matches!(r.health(), Health::Stale { error: RegistryError::Missing, .. }));
+        std::fs::rename(dir.path().join("elsewhere.db"), &p).unwrap();
+        until(&mut r, "recovered", |r| r.health().is_current());
+        assert!(r.get("sensor_001").is_ok());
+    }
+
+    /// Issue 8 finding 6, second part: after the file was replaced, misses were looked up in the
+    /// replaced file through the broker thread's old connection, so a device disabled in the new
+    /// file came back with its old secret (logged as `signature`, or accepted with the old secret).
+    #[test]
+    fn a_replaced_file_is_followed_and_the_old_one_is_never_consulted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = base_db(dir.path());
+        let mut r = Registry::open(&p).unwrap();
+        let _w = r.watch_with(FAST, no_wake()).unwrap();
+        let new = dir.path().join("new.db");
+        Connection::open(&p).unwrap().execute("VACUUM INTO ?1", [new.to_str().unwrap()]).unwrap();
+        let c = Connection::open(&new).unwrap();
+        migrate(&c).unwrap();
+        c.execute_batch("UPDATE devices SET shared_secret = 'rotated-secret-0123', enabled = 0; INSERT INTO devices (device_id, shared_secret, created_at) VALUES ('marker', '0123456789abcdef', 0);").unwrap();
+        drop(c);
+        std::fs::rename(&new, &p).unwrap();
+        until(&mut r, "the new file is in use", |r| r.get("marker").is_ok());
+        assert_eq!(r.get("sensor_001").unwrap_err(), Miss::NotFound);
+        assert!(r.take_logs().is_empty());
     }
 }

@@ -154,13 +154,8 @@ impl Validator {
             ));
         }
         let keys = match self.registry.get(device) {
-            Ok(Some(k)) => k,
-            Ok(None) => {
-                return Err(reject(Reason::UnknownDevice, "no enabled device with that id".into()))
-            }
-            Err(e) => {
-                return Err(reject(Reason::UnknownDevice, format!("registry lookup failed: {e}")))
-            }
+            Ok(k) => k,
+            Err(miss) => return Err(reject(Reason::UnknownDevice, miss.to_string())),
         };
         if let Some(rate) = &mut self.rate {
             if !rate.take(device, Instant::now()) {
@@ -220,7 +215,7 @@ impl Validator {
     /// Installs the newest registry snapshot, if one arrived; returns the devices it revoked
     /// (removed or disabled since the previous snapshot).
     pub fn apply_registry_updates(&mut self) -> Vec<Box<str>> {
-        let Some(before) = self.registry.apply_updates() else {
+        let Some(before) = self.registry.apply_updates_diff() else {
             self.changed = false;
             return Vec::new();
         };
@@ -239,7 +234,7 @@ impl Validator {
 
     /// May `device` act (registered, enabled)? May look a device up that is not in memory.
     pub fn is_enabled(&mut self, device: &str) -> bool {
-        matches!(self.registry.get(device), Ok(Some(_)))
+        self.registry.get(device).is_ok()
     }
 
     /// The registry (snapshots to apply, keys for signing responses).

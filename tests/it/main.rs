@@ -4,3 +4,4 @@ mod core;
 mod forward;
 mod hostile;
 mod outbox;
+mod registry;

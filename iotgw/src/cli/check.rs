@@ -174,8 +174,11 @@ pub fn check(conf_path: &Path) -> Result<Report, String> {
             cfg.db_path.display().to_string()
         )
     })?;
-    let conn =
-        secure_iot_gateway::registry::open_readonly(&cfg.db_path).map_err(|e| e.to_string())?;
+    let conn = rusqlite::Connection::open_with_flags(
+        &cfg.db_path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| format!("cannot read the device registry: {e}"))?;
     for s in &cfg.service_identities {
         let found: Option<i64> = conn
             .query_row("SELECT 1 FROM devices WHERE device_id = ?1", [s], |r| r.get(0))
