@@ -32,6 +32,10 @@ impl Revoked {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+    /// The revoked serials, in no particular order.
+    pub fn serials(&self) -> impl Iterator<Item = &Vec<u8>> {
+        self.0.iter()
+    }
 }
 
 /// Why a CRL file could not be used.

@@ -567,3 +567,59 @@ fn check_config_warns_about_each_known_hazard_and_not_about_a_clean_config() {
     std::fs::write(&conf, format!("{clean}max_queued_messages 0\n")).unwrap();
     assert_eq!(check_config_as(t.path(), &conf, "2.0.18"), (0, vec![]));
 }
+
+#[test]
+fn device_revoke_adds_the_certificate_to_the_crl_and_the_broker_disconnects_it_live() {
+    let port = Port::reserve();
+    let (t, dir) = gwdir(&port);
+    ok(&["device", "add", "sensor_001", "--dir", &dir]);
+    ok(&["device", "add", "sensor_002", "--dir", &dir]);
+    let mut env = Env::new();
+    env.dir = tempfile::tempdir_in(t.path()).unwrap();
+    let d = Path::new(&dir);
+    // `init` wrote an empty CRL and told the plugin to watch it.
+    let conf = std::fs::read_to_string(d.join("mosquitto.conf")).unwrap();
+    assert!(conf.contains(&format!("plugin_opt_crl_file {}", d.join("crl.pem").display())));
+    let broker = Broker::start_conf(&env, &port, d.join("mosquitto.conf"));
+    let ca = std::fs::read(d.join("ca.pem")).unwrap();
+    let connect = |id: &str| {
+        let cert = (
+            std::fs::read(d.join(format!("devices/{id}.pem"))).unwrap(),
+            std::fs::read(d.join(format!("devices/{id}.key"))).unwrap(),
+        );
+        let o = ConnectOpts { cn: None, ca: Some(ca.clone()), cert: Some(cert), will: None };
+        Mqtt::try_connect(&env, port.get(), o).unwrap()
+    };
+    let sign = |id: &str| ok(&["sign", "--device", id, "--payload", "{}", "--dir", &dir]);
+    let mut dev = connect("sensor_001");
+    let mut other = connect("sensor_002");
+    // Positive control, which also lets the plugin see the certificate it will revoke.
+    assert!(dev
+        .publish("device/sensor_001/data", 1, false, sign("sensor_001").trim().as_bytes())
+        .is_ok());
+    let out = ok(&["device", "revoke", "sensor_001", "--dir", &dir]);
+    let revoked_at = std::time::Instant::now();
+    assert!(out.contains("revoked sensor_001"), "{out}");
+    assert!(dev.wait_closed(Duration::from_secs(5)), "still connected; {}", broker.log());
+    assert!(revoked_at.elapsed() < Duration::from_millis(1500), "{:?}", revoked_at.elapsed());
+    // The CRL is the CA's and lists exactly that certificate; the device is disabled too.
+    let crl = openssl::x509::X509Crl::from_pem(&std::fs::read(d.join("crl.pem")).unwrap()).unwrap();
+    let ca_cert = openssl::x509::X509::from_pem(&ca).unwrap();
+    assert!(crl.verify(&ca_cert.public_key().unwrap()).unwrap());
+    let dev_cert =
+        openssl::x509::X509::from_pem(&std::fs::read(d.join("devices/sensor_001.pem")).unwrap())
+            .unwrap();
+    assert!(matches!(crl.get_by_cert(&dev_cert), openssl::x509::CrlStatus::Revoked(_)));
+    assert_eq!(crl.get_revoked().map_or(0, |r| r.len()), 1);
+    assert!(ok(&["device", "list", "--dir", &dir])
+        .lines()
+        .any(|l| l.starts_with("sensor_001") && l.contains(" no ")));
+    // Revoking twice keeps one entry; the other device is untouched.
+    ok(&["device", "revoke", "sensor_001", "--dir", &dir]);
+    let crl = openssl::x509::X509Crl::from_pem(&std::fs::read(d.join("crl.pem")).unwrap()).unwrap();
+    assert_eq!(crl.get_revoked().map_or(0, |r| r.len()), 1);
+    assert!(other
+        .publish("device/sensor_002/data", 1, false, sign("sensor_002").trim().as_bytes())
+        .is_ok());
+    fails(&["device", "revoke", "sensor_404", "--dir", &dir], "sensor_404");
+}

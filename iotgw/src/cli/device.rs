@@ -174,6 +174,40 @@ pub fn remove(dir: &GwDir, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// `device revoke`: adds the device's certificate to the gateway's CRL (signed by its CA, written
+/// atomically, so a running plugin with `plugin_opt_crl_file` disconnects it within a second)
+/// and disables the device. Returns the revoked serial (hex) and how many the CRL now lists.
+pub fn revoke(dir: &GwDir, id: &str) -> Result<(String, usize)> {
+    check_id(id)?;
+    let c = dir.open_db()?;
+    must_exist(&c, id)?;
+    dir.check_broker_can_read()?;
+    let pem = fs::read(dir.device_cert(id)).map_err(|e| {
+        format!("cannot read {} (the certificate to revoke): {e}", dir.device_cert(id).display())
+    })?;
+    let cert = openssl::x509::X509::from_pem(&pem)
+        .map_err(|e| format!("{}: not a certificate ({e})", dir.device_cert(id).display()))?;
+    let serial = pki::serial_of(&cert).map_err(|e| e.to_string())?;
+    let ca = dir.load_ca()?;
+    let mut serials: Vec<Vec<u8>> = match gwdir::refuse_symlink(&dir.crl())? {
+        Some(_) => secure_iot_gateway::crl::load(&dir.crl())
+            .map_err(|e| format!("the existing CRL cannot be extended: {e}"))?
+            .serials()
+            .cloned()
+            .collect(),
+        None => Vec::new(),
+    };
+    if !serials.contains(&serial) {
+        serials.push(serial.clone());
+    }
+    serials.sort();
+    let crl = pki::crl(&ca, &serials, gwdir::CRL_DAYS).map_err(|e| e.to_string())?;
+    gwdir::write(&dir.crl(), &crl, 0o644)?;
+    c.execute("UPDATE devices SET enabled = 0 WHERE device_id = ?1", [id])
+        .map_err(|e| e.to_string())?;
+    Ok((hex(&serial), serials.len()))
+}
+
 /// `device rotate-secret`: a new current secret; the old one keeps working for `grace_s`.
 pub fn rotate(
     dir: &GwDir,

@@ -50,6 +50,10 @@ impl GwDir {
     pub fn ca_cert(&self) -> PathBuf {
         self.root.join("ca.pem")
     }
+    /// The CRL `iotgw device revoke` maintains and the plugin watches (`plugin_opt_crl_file`).
+    pub fn crl(&self) -> PathBuf {
+        self.root.join("crl.pem")
+    }
     pub fn ca_key(&self) -> PathBuf {
         self.root.join("ca.key")
     }
@@ -203,6 +207,7 @@ impl GwDir {
             "broker.pem",
             "broker.key",
             "acl",
+            "crl.pem",
             "mosquitto.conf",
             "devices.db",
             "devices.db-journal",
@@ -265,6 +270,9 @@ impl GwDir {
         db.set_permissions(fs::Permissions::from_mode(0o600))
             .map_err(|e| format!("cannot chmod {}: {e}", self.db().display()))?;
         write(&self.root.join("acl"), ACL.as_bytes(), 0o644)?;
+        // An empty CRL the plugin watches: `iotgw device revoke` adds to it, live.
+        let crl = pki::crl(&ca, &[], CRL_DAYS).map_err(|e| e.to_string())?;
+        write(&self.crl(), &crl, 0o644)?;
         write(&self.conf(), self.render_conf(o).as_bytes(), 0o644)?;
         // The broker reads these after dropping to the `mosquitto` user (when started as root).
         if let Some(note) = give_to_broker_user(&[
@@ -299,6 +307,7 @@ impl GwDir {
              plugin_opt_db_path {db}\n\
              plugin_opt_spool_path {spool}\n\
              plugin_opt_backend_url {backend}\n\
+             plugin_opt_crl_file {crl}\n\
              plugin_opt_service_identities dashboard\n",
             port = o.port,
             bind = o.bind,
@@ -309,10 +318,14 @@ impl GwDir {
             plugin = o.plugin.display(),
             db = r("devices.db"),
             spool = r("state/outbox"),
+            crl = r("crl.pem"),
             backend = o.backend_url,
         )
     }
 }
+
+/// How long a CRL written here is valid (its nextUpdate); `iotgw device revoke` renews it.
+pub const CRL_DAYS: u32 = 3650;
 
 const ACL: &str =
     "# Devices are decided by the secure-iot-gateway plugin. This file decides for service\n\

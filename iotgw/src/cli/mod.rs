@@ -199,6 +199,11 @@ pub enum DeviceCmd {
     Remove {
         id: String,
     },
+    /// Revoke the device's certificate (added to DIR/crl.pem, signed by the CA; a broker with
+    /// plugin_opt_crl_file disconnects it within a second) and disable the device.
+    Revoke {
+        id: String,
+    },
     /// New secret; the old one keeps working for the grace period, then stops.
     RotateSecret {
         /// Device id.
@@ -364,6 +369,13 @@ pub fn run(cli: Cli) -> Result<i32, String> {
                 DeviceCmd::Remove { id } => {
                     device::remove(&gw, &id)?;
                     println!("removed {id} and its certificate files");
+                }
+                DeviceCmd::Revoke { id } => {
+                    let (serial, n) = device::revoke(&gw, &id)?;
+                    println!(
+                        "revoked {id}: certificate serial {serial} added to {} ({n} revoked) and the device disabled",
+                        gw.crl().display()
+                    );
                 }
                 DeviceCmd::RotateSecret { id, grace, secret } => {
                     let g = parse_duration(&grace)?;
