@@ -8,6 +8,7 @@ use crate::envelope::{Envelope, Reason};
 use crate::replay;
 use rusqlite::Connection;
 use std::path::Path;
+use testkit::{PluginOpts, Sink};
 
 #[derive(Default)]
 struct FakeHost {
@@ -49,28 +50,20 @@ fn gateway(dir: &Path, extra: &[(&str, &str)]) -> Gateway {
 }
 
 fn gateway_with(dir: &Path, devices: &[(&str, &str)], extra: &[(&str, &str)]) -> Gateway {
-    let db = registry(dir, devices);
-    let spool = dir.join("outbox");
-    let mut opts = vec![
-        ("db_path".to_string(), db.display().to_string()),
-        ("spool_path".to_string(), spool.display().to_string()),
-    ];
-    if !extra.iter().any(|(k, _)| *k == "backend_url") {
-        opts.push(("backend_url".into(), "none".into()));
+    registry(dir, devices);
+    let mut opts = base_opts(dir);
+    for (k, v) in extra {
+        opts = opts.set(k, v);
     }
-    opts.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let cfg = Config::from_opts(opts.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
+    let cfg = Config::from_opts(opts.iter()).unwrap();
     Gateway::start(cfg, Arc::new(|| {}), &mut FakeHost::default()).unwrap()
 }
 
+/// The kit's envelope builder, for a payload given as a [`Json`] value.
 fn sign(secret: &str, device: &str, ts: i64, mid: &str, payload: Json) -> Vec<u8> {
-    let members = vec![
-        ("device_id".to_string(), Json::String(device.into())),
-        ("timestamp".to_string(), Json::Number(ts.into())),
-        ("message_id".to_string(), Json::String(mid.into())),
-        ("payload".to_string(), payload),
-    ];
-    envelope::sign_members(secret.as_bytes(), &members).into_bytes()
+    let mut text = Vec::new();
+    json::write_canonical(&payload, &mut text);
+    testkit::signed(secret, device, ts, mid, std::str::from_utf8(&text).unwrap())
 }
 
 const NOW: i64 = 1_704_067_200;
@@ -182,13 +175,16 @@ fn every_invalid_vector_is_rejected_with_its_reason() {
     }
 }
 
+/// The kit's option builder with this test's registry and outbox, validation only.
+fn base_opts(dir: &Path) -> PluginOpts {
+    PluginOpts::new()
+        .set("db_path", dir.join("devices.db").display())
+        .set("spool_path", dir.join("outbox").display())
+        .set("backend_url", "none")
+}
+
 fn gateway_reopen_cfg(dir: &Path) -> Config {
-    let opts = [
-        ("db_path".to_string(), dir.join("devices.db").display().to_string()),
-        ("spool_path".to_string(), dir.join("outbox").display().to_string()),
-        ("backend_url".to_string(), "none".to_string()),
-    ];
-    Config::from_opts(opts.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap()
+    Config::from_opts(base_opts(dir).iter()).unwrap()
 }
 
 fn gateway_reopen(dir: &Path) -> Gateway {
@@ -505,36 +501,12 @@ fn downlink_verifies_with_the_device_secret() {
     assert_eq!(v["payload"], "not json");
 }
 
-type Seen = std::sync::mpsc::Receiver<(String, Vec<(String, String)>, Vec<u8>)>;
-
-/// A loopback HTTP sink that answers each request with the next status in `statuses`.
-fn sink(statuses: Vec<u16>) -> (String, Seen, std::thread::JoinHandle<()>) {
-    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
-    let port = server.server_addr().to_ip().unwrap().port();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = std::thread::spawn(move || {
-        for status in statuses {
-            let Ok(Some(mut req)) = server.recv_timeout(Duration::from_secs(20)) else { return };
-            let mut body = Vec::new();
-            let _ = std::io::Read::read_to_end(req.as_reader(), &mut body);
-            let headers = req
-                .headers()
-                .iter()
-                .map(|h| (h.field.to_string().to_lowercase(), h.value.to_string()))
-                .collect();
-            let _ = tx.send((req.url().to_string(), headers, body));
-            let _ = req.respond(
-                tiny_http::Response::from_string(r#"{"ok":true}"#).with_status_code(status),
-            );
-        }
-    });
-    (format!("http://127.0.0.1:{port}/device/{{device_id}}/data"), rx, h)
-}
-
 #[test]
 fn accepted_message_is_forwarded_and_answered_with_a_signed_response() {
     let dir = tempfile::tempdir().unwrap();
-    let (url, rx, h) = sink(vec![500, 200]);
+    let sink = Sink::start();
+    sink.script(&[500, 200]);
+    let url = sink.url();
     let mut gw = gateway(dir.path(), &[("backend_url", &url), ("workers", "2")]);
     let mut host = FakeHost::default();
     let now = unix_now();
@@ -551,20 +523,18 @@ fn accepted_message_is_forwarded_and_answered_with_a_signed_response() {
         send(&mut gw, &mut host, "sensor_001", "device/sensor_001/data", &m, now),
         Outcome::Accepted
     );
-    let first = rx.recv_timeout(Duration::from_secs(10));
-    if first.is_err() {
+    // The 500 is retried; the 200 is recorded and produces one response.
+    let got = sink.wait_for(1, Duration::from_secs(10));
+    if got.is_empty() {
         gw.on_tick(&mut host, now);
         panic!("no request reached the sink: {:?}", host.logs);
     }
-    let (path, headers, body) = first.unwrap();
-    assert_eq!(path, "/device/sensor_001/data");
-    assert_eq!(body, br#"{"a":2,"b":1}"#);
-    let hv = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    assert_eq!(hv("x-device-id").as_deref(), Some("sensor_001"));
-    assert_eq!(hv("x-message-id").as_deref(), Some("fw-1"));
-    assert_eq!(hv("content-type").as_deref(), Some("application/json"));
-    // The 500 is retried; the 200 produces one response.
-    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(sink.requests(), 2, "one 500, retried once");
+    let r = &got[0];
+    assert_eq!(r.path, "/device/sensor_001/data");
+    assert_eq!(r.body, br#"{"a":2,"b":1}"#);
+    assert_eq!((r.device.as_str(), r.message_id.as_str()), ("sensor_001", "fw-1"));
+    assert_eq!(r.content_type, "application/json");
     let deadline = Instant::now() + Duration::from_secs(10);
     while host.published.is_empty() {
         assert!(Instant::now() < deadline);
@@ -577,13 +547,13 @@ fn accepted_message_is_forwarded_and_answered_with_a_signed_response() {
     assert!(envelope::verify(S1.as_bytes(), &env.canonical(), &env.signature));
     assert_eq!(gw.delivery.pending(), 0);
     gw.shutdown(&mut host);
-    h.join().unwrap();
 }
 
 #[test]
 fn message_id_with_control_characters_is_delivered_with_an_encoded_header() {
     let dir = tempfile::tempdir().unwrap();
-    let (url, rx, h) = sink(vec![200]);
+    let sink = Sink::start();
+    let url = sink.url();
     let mut gw = gateway(dir.path(), &[("backend_url", &url)]);
     let mut host = FakeHost::default();
     let now = unix_now();
@@ -594,13 +564,12 @@ fn message_id_with_control_characters_is_delivered_with_an_encoded_header() {
         send(&mut gw, &mut host, "sensor_001", "device/sensor_001/data", &m, now),
         Outcome::Accepted
     );
-    let (_, headers, _) =
-        rx.recv_timeout(Duration::from_secs(10)).expect("delivered, not retried forever");
-    let hv = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let got = sink.wait_for(1, Duration::from_secs(10));
+    let r = got.first().expect("delivered, not retried forever");
+    let hv = |k: &str| r.headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     assert_eq!(hv("x-message-id").as_deref(), Some("evil%0D%0AX-Injected:%201%20%C3%A9"));
     assert_eq!(hv("x-injected"), None);
     gw.shutdown(&mut host);
-    h.join().unwrap();
 }
 
 #[test]
@@ -671,14 +640,8 @@ fn a_service_identity_registered_as_a_device_is_refused_at_start_and_denied_at_r
     let dir = tempfile::tempdir().unwrap();
     let devices = [("sensor_001", S1), ("dashboard", "a-long-enough-secret")];
     let db = registry(dir.path(), &devices);
-    let spool = dir.path().join("outbox");
-    let opts = [
-        ("db_path".to_string(), db.display().to_string()),
-        ("spool_path".to_string(), spool.display().to_string()),
-        ("backend_url".to_string(), "none".to_string()),
-        ("service_identities".to_string(), "dashboard".to_string()),
-    ];
-    let cfg = Config::from_opts(opts.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
+    let opts = base_opts(dir.path()).set("service_identities", "dashboard");
+    let cfg = Config::from_opts(opts.iter()).unwrap();
     let e = Gateway::start(cfg.clone(), Arc::new(|| {}), &mut FakeHost::default()).err().unwrap();
     assert!(matches!(&e, StartError::ServiceIsDevice(s) if s == "dashboard"), "{e}");
     // Resolved: it starts, and the service is left to the acl_file (positive control).

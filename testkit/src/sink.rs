@@ -13,6 +13,8 @@ pub struct Req {
     pub device: String,
     pub message_id: String,
     pub content_type: String,
+    /// Every header, names lower-cased.
+    pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     pub at: Instant,
 }
@@ -20,6 +22,8 @@ pub struct Req {
 #[derive(Default)]
 struct Shared {
     received: Mutex<Vec<Req>>,
+    /// Every request, whatever it was answered.
+    requests: std::sync::atomic::AtomicUsize,
     script: Mutex<VecDeque<u16>>,
     hang: AtomicBool,
     stop: AtomicBool,
@@ -129,6 +133,11 @@ impl Sink {
     }
 
     /// How many requests were answered 2xx so far.
+    /// Requests received so far, whatever they were answered (retries included).
+    pub fn requests(&self) -> usize {
+        self.shared.requests.load(Ordering::SeqCst)
+    }
+
     pub fn count(&self) -> usize {
         self.shared.received.lock().unwrap().len()
     }
@@ -153,6 +162,12 @@ fn answer(shared: &Shared, mut req: tiny_http::Request) {
     };
     let (device, message_id, content_type) =
         (header("x-device-id"), header("x-message-id"), header("content-type"));
+    let headers = req
+        .headers()
+        .iter()
+        .map(|h| (h.field.as_str().as_str().to_ascii_lowercase(), h.value.to_string()))
+        .collect();
+    shared.requests.fetch_add(1, Ordering::SeqCst);
     let mut body = Vec::new();
     let _ = std::io::Read::read_to_end(req.as_reader(), &mut body);
     let rec = Req {
@@ -160,6 +175,7 @@ fn answer(shared: &Shared, mut req: tiny_http::Request) {
         device,
         message_id,
         content_type,
+        headers,
         body,
         at: Instant::now(),
     };
