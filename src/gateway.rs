@@ -18,7 +18,7 @@ use crate::envelope::{self, Reason};
 use crate::host::{printable, unix_now, Host, Level, LogLine};
 use crate::json::{self, Json};
 use crate::loglimit::LogLimiter;
-use crate::registry::{Registry, RegistryError, Severity, Watcher};
+use crate::registry::{Registry, RegistryError, Watcher};
 use crate::validate::{Rejected, Validator};
 use std::fmt;
 use std::path::PathBuf;
@@ -520,14 +520,7 @@ impl Gateway {
     pub fn on_tick(&mut self, host: &mut dyn Host, now: i64) {
         self.apply_crl_updates(host);
         let revoked = self.validator.apply_registry_updates();
-        for l in self.validator.registry().take_logs() {
-            let level = match l.severity {
-                Severity::Notice => Level::Notice,
-                Severity::Warning => Level::Warning,
-                Severity::Error => Level::Error,
-            };
-            host.log(level, &format!("secure-iot-gateway: {}", l.text));
-        }
+        log_all(host, self.validator.registry().take_logs());
         if !revoked.is_empty() || self.validator.registry_changed() {
             self.check_service_conflicts(host);
         }

@@ -34,6 +34,7 @@
 //! columns `enabled`, `previous_secret` and `previous_secret_expires_at` are added by the CLI's
 //! migration (never by the plugin) and used when present.
 
+use crate::host::{Level, LogLine};
 use rusqlite::{Connection, OpenFlags};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -219,22 +220,6 @@ impl Health {
     pub fn is_current(&self) -> bool {
         matches!(self, Health::Current)
     }
-}
-
-/// How serious a log line is (the gateway maps it to the broker's levels).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Severity {
-    Notice,
-    Warning,
-    Error,
-}
-
-/// A line for the broker's log, produced off the broker thread or while installing a snapshot,
-/// and logged by the gateway from the tick.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogLine {
-    pub severity: Severity,
-    pub text: String,
 }
 
 /// Opens the registry read-only.
@@ -512,15 +497,15 @@ impl Registry {
         std::mem::take(&mut self.logs)
     }
 
-    fn log(&mut self, severity: Severity, text: String) {
-        self.logs.push(LogLine { severity, text });
+    fn log(&mut self, level: Level, text: String) {
+        self.logs.push(LogLine { level, text });
     }
 
     fn mark_current(&mut self, devices: usize) {
         if let Health::Stale { since, .. } = &self.health {
             let for_s = since.elapsed().map_or(0, |d| d.as_secs());
             self.log(
-                Severity::Notice,
+                Level::Notice,
                 format!(
                     "registry readable again after {for_s} s: {}, {devices} devices",
                     self.path.display()
@@ -534,7 +519,7 @@ impl Registry {
         if self.health.is_current() {
             let age = self.loaded_at.elapsed().map_or(0, |d| d.as_secs());
             self.log(
-                Severity::Error,
+                Level::Error,
                 format!(
                     "registry unreadable: {}: {error}; still using the last good snapshot ({} devices, read {age} s ago): devices added, disabled or removed from now on are NOT seen until the file is readable again",
                     self.path.display(),
@@ -579,7 +564,7 @@ impl Registry {
             ));
         }
         for text in lines {
-            self.log(Severity::Warning, text);
+            self.log(Level::Warning, text);
         }
         self.snap = snap;
         self.loaded_at = SystemTime::now();
@@ -805,8 +790,8 @@ mod tests {
         }
     }
 
-    fn severities(logs: &[LogLine], sev: Severity) -> Vec<&str> {
-        logs.iter().filter(|l| l.severity == sev).map(|l| l.text.as_str()).collect()
+    fn severities(logs: &[LogLine], sev: Level) -> Vec<&str> {
+        logs.iter().filter(|l| l.level == sev).map(|l| l.text.as_str()).collect()
     }
 
     #[test]
@@ -888,7 +873,7 @@ mod tests {
         assert_eq!(r.get("sensor_001").unwrap().secrets_at(0).count(), 1);
         assert_eq!(r.len(), 2);
         let logs = r.take_logs();
-        let warn = severities(&logs, Severity::Warning);
+        let warn = severities(&logs, Level::Warning);
         assert_eq!(warn.len(), 5, "{logs:?}");
         assert!(warn.contains(&"device five is not usable: its secret is shorter than 16 bytes (5); set a new one with `iotgw device rotate-secret`"), "{warn:?}");
         assert!(warn.iter().any(|l| l.starts_with("device sensor_001: previous secret ignored")));
@@ -907,7 +892,7 @@ mod tests {
         .unwrap();
         until(&mut r, "the fixed secret applies", |r| r.get("five").is_ok());
         let logs = r.take_logs();
-        assert_eq!(severities(&logs, Severity::Warning).len(), 4, "{logs:?}");
+        assert_eq!(severities(&logs, Level::Warning).len(), 4, "{logs:?}");
     }
 
     #[test]
@@ -964,9 +949,9 @@ mod tests {
         lock.execute_batch("ROLLBACK").unwrap();
         until(&mut r, "recovery", |r| r.health().is_current());
         let logs = r.take_logs();
-        assert_eq!(severities(&logs, Severity::Error).len(), 1, "{logs:?}");
-        assert!(severities(&logs, Severity::Error)[0].contains("locked by another connection"));
-        assert_eq!(severities(&logs, Severity::Notice).len(), 1, "{logs:?}");
+        assert_eq!(severities(&logs, Level::Error).len(), 1, "{logs:?}");
+        assert!(severities(&logs, Level::Error)[0].contains("locked by another connection"));
+        assert_eq!(severities(&logs, Level::Notice).len(), 1, "{logs:?}");
     }
 
     #[test]
@@ -1033,7 +1018,7 @@ mod tests {
         assert!(r.get("sensor_001").is_ok());
         let logs = r.take_logs();
         assert_eq!(logs.len(), 1, "{logs:?}");
-        assert_eq!(logs[0].severity, Severity::Error);
+        assert_eq!(logs[0].level, Level::Error);
         assert!(logs[0].text.starts_with("registry unreadable: "), "{}", logs[0].text);
         assert!(logs[0].text.contains("NOT seen"), "{}", logs[0].text);
         // Gone altogether: the same state, no new line.
@@ -1052,7 +1037,7 @@ mod tests {
         assert_eq!(r.get("sensor_001").unwrap_err(), Miss::NotFound);
         let logs = r.take_logs();
         assert_eq!(logs.len(), 1, "{logs:?}");
-        assert_eq!(logs[0].severity, Severity::Notice);
+        assert_eq!(logs[0].level, Level::Notice);
         assert!(logs[0].text.starts_with("registry readable again"), "{}", logs[0].text);
     }
 
