@@ -6,13 +6,11 @@
 //! here, so it must be writable only by the operator. `iotgw device revoke` writes it, signed by
 //! the gateway's CA, for brokers and tools that do check.
 
+use crate::background::Background;
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 /// How often the watcher looks at the file.
@@ -85,10 +83,9 @@ pub fn load(path: &Path) -> Result<Revoked, CrlError> {
 /// What the watcher hands the broker thread: a new CRL, or why a changed file was not used.
 pub type Update = Result<Revoked, CrlError>;
 
-/// Background poller of the CRL file.
+/// Background poller of the CRL file (stopped and joined when dropped).
 pub struct Watcher {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
+    _thread: Background,
 }
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
@@ -102,11 +99,9 @@ impl Watcher {
     /// Watches `path` (already loaded once by the caller) and sends an [`Update`] per change.
     pub fn start(path: PathBuf) -> std::io::Result<(Watcher, Receiver<Update>)> {
         let (tx, rx): (Sender<Update>, Receiver<Update>) = std::sync::mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let handle = std::thread::Builder::new().name("iotgw-crl".into()).spawn(move || {
+        let thread = Background::spawn("iotgw-crl", move |stop| {
             let mut seen = stamp(&path);
-            while !stop2.load(Ordering::Relaxed) {
+            while !stop.is_set() {
                 std::thread::park_timeout(POLL_INTERVAL);
                 let now = stamp(&path);
                 if now == seen {
@@ -118,20 +113,6 @@ impl Watcher {
                 }
             }
         })?;
-        Ok((Watcher { stop, handle: Some(handle) }, rx))
-    }
-
-    pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            h.thread().unpark();
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.stop();
+        Ok((Watcher { _thread: thread }, rx))
     }
 }

@@ -29,6 +29,7 @@
 #![deny(unsafe_code)]
 
 pub mod acl;
+pub mod background;
 pub mod config;
 pub mod crl;
 pub mod delivery;

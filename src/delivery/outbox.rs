@@ -33,15 +33,15 @@
 //! its replay window, oldest first. A message still pending keeps its segment (and the newer ones)
 //! on disk; `spool_max_bytes` counts the bytes of pending messages.
 
+use crate::background::Background;
 use crate::replay::{self, IdDigest};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
@@ -1054,17 +1054,12 @@ impl Store {
     }
 }
 
-/// fdatasyncs the outbox off the broker thread.
-pub struct Syncer {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
+/// fdatasyncs the outbox off the broker thread (a last pass when stopped).
+pub struct Syncer(Background);
 
 impl Syncer {
     fn start(shared: Arc<SyncShared>, dir: PathBuf) -> io::Result<Syncer> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let handle = std::thread::Builder::new().name("iotgw-sync".into()).spawn(move || {
+        let thread = Background::spawn("iotgw-sync", move |stop| {
             let mut synced_dir_for = 0usize;
             loop {
                 std::thread::park_timeout(SYNC_INTERVAL);
@@ -1083,27 +1078,17 @@ impl Syncer {
                     }
                 }
                 shared.passes.fetch_add(1, Ordering::Relaxed);
-                if stop2.load(Ordering::Relaxed) {
+                if stop.is_set() {
                     break;
                 }
             }
         })?;
-        Ok(Syncer { stop, handle: Some(handle) })
+        Ok(Syncer(thread))
     }
 
     /// Runs a last sync and joins the thread.
     pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            h.thread().unpark();
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for Syncer {
-    fn drop(&mut self) {
-        self.stop();
+        self.0.stop();
     }
 }
 
@@ -1585,7 +1570,7 @@ mod tests {
         y.stop();
         assert_eq!(before, 0);
         assert_eq!(s.sync.passes.load(Ordering::Relaxed), 1, "stop() runs one last sync");
-        assert!(y.handle.is_none(), "the thread was joined");
+        assert!(y.0.is_joined(), "the thread was joined");
         // The syncer only ever syncs the files the store told it about.
         assert_eq!(s.sync.files.lock().unwrap().len(), 1);
     }
