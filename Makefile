@@ -7,10 +7,11 @@ DOC_DIR    ?= $(PREFIX)/share/doc/secure-iot-gateway
 CARGO      ?= cargo
 # Debian packages the build, the tests and the demo need.
 APT_PKGS   := mosquitto mosquitto-clients mosquitto-dev libmosquitto-dev libclang-dev clang \
-              libssl-dev libsqlite3-dev pkg-config ca-certificates dpkg-dev python3
+              libssl-dev libsqlite3-dev pkg-config ca-certificates dpkg-dev python3 \
+              cmake libcjson-dev curl
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps build test lint demo install uninstall deb deb-test bench clean
+.PHONY: all deps build test lint demo install uninstall deb deb-test bench clean brokers test-brokers
 
 all: build
 
@@ -35,8 +36,24 @@ lint: deps
 # installed into the system mosquitto (root only; it removes itself afterwards).
 test: deps lint
 	$(CARGO) build --all-targets
-	$(CARGO) test --all-targets
+	@s=$$(date +%s); $(CARGO) test --all-targets && echo "== all tests against the system mosquitto: $$(( $$(date +%s) - s )) s"
+	$(MAKE) --no-print-directory test-brokers
 	./scripts/test-deb.sh
+
+# Mosquitto 2.0.18, 2.1.2 and 2.1.2 without websockets under target/brokers/ (built once, then
+# cached; skipped with one line when neither ../shared/vendor nor the download is available).
+brokers:
+	@./scripts/brokers.sh --list
+
+# The real-broker integration suite against each broker from `make brokers`; the build without
+# websockets (whose idle loop sleeps up to 24 h) runs the version tests that concern it.
+test-brokers:
+	@./scripts/brokers.sh --list | while read -r name bin; do \
+		case $$name in *-nows) filter=versions:: ;; *) filter= ;; esac; \
+		s=$$(date +%s); \
+		MOSQUITTO_BIN=$$bin $(CARGO) test --test it $$filter || exit 1; \
+		echo "== integration tests$${filter:+ ($$filter)} against mosquitto $$name: $$(( $$(date +%s) - s )) s"; \
+	done
 
 demo: deps
 	$(CARGO) build --release

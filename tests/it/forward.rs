@@ -151,7 +151,7 @@ fn start_on(env: &Env, port: u16, opts: &[(&'static str, String)]) -> Broker {
     Broker::start_on(env, port, &o)
 }
 
-fn verify_downlink(payload: &[u8], device: &str) -> serde_json::Value {
+pub fn verify_downlink(payload: &[u8], device: &str) -> serde_json::Value {
     let env = Envelope::parse(payload, 65536).expect("downlink parses as an envelope");
     assert!(
         envelope::verify(secret_of(device).as_bytes(), &env.canonical(), &env.signature),

@@ -3,3 +3,4 @@ mod cli;
 mod core;
 mod forward;
 mod support;
+mod versions;

@@ -1,0 +1,163 @@
+//! Behaviour that must hold on every Mosquitto the plugin supports (2.0.11 to 2.1.x), whatever the
+//! broker's main loop does between passes. Run against each broker with `MOSQUITTO_BIN`
+//! (`make test` does: the system 2.0.11, 2.0.18, 2.1.2, and 2.1.2 without websockets).
+//!
+//! What differs: 2.0 ticks after a 100 ms network wait; 2.1 ticks before it, sends what a tick
+//! published only at the next pass, and without websockets may wait up to 24 h. The plugin's own
+//! clock (src/plugin/wake.rs) must make responses and housekeeping independent of that.
+
+use crate::forward::{verify_downlink, Sink};
+use crate::support::*;
+use std::time::{Duration, Instant};
+
+/// Options for a backend on `port` that may take `timeout_ms` to answer.
+fn backend(port: u16, timeout_ms: &str) -> Vec<(&'static str, String)> {
+    vec![("backend_url", Sink::url(port)), ("http_timeout_ms", timeout_ms.to_string())]
+}
+
+fn start(env: &Env, opts: &[(&'static str, String)]) -> Broker {
+    let o: Vec<(&str, &str)> = opts.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Broker::start(env, &o)
+}
+
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+/// Publish -> signed response at the device, 100 messages at 20 msg/s over mutual TLS with
+/// `set_tcp_nodelay true` (as in write_conf). Each response is verified before it counts.
+#[test]
+fn response_latency_is_a_few_ms_on_every_broker() {
+    let env = Env::new();
+    let sink = Sink::start(free_port());
+    let broker = start(&env, &backend(sink.port, "1000"));
+    let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
+    dev.subscribe("device/sensor_001/response", 1);
+    let t0 = Instant::now();
+    let mut lat = Vec::with_capacity(100);
+    for i in 0..100u32 {
+        // A fixed 20 msg/s schedule, so the broker is idle between messages.
+        let slot = t0 + Duration::from_millis(50) * i;
+        if let Some(d) = slot.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+        let mid = format!("lat-{i:03}-{}", uid());
+        let m = signed("sensor_001", now(), &mid, &format!(r#"{{"seq":{i}}}"#));
+        let sent = Instant::now();
+        assert!(dev.publish("device/sensor_001/data", 1, false, &m).is_ok());
+        let (topic, payload) = dev
+            .next_message(Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("no response to message {i}; log:\n{}", broker.log()));
+        lat.push(sent.elapsed());
+        assert_eq!(topic, "device/sensor_001/response");
+        let v = verify_downlink(&payload, "sensor_001");
+        assert_eq!(
+            (v["in_reply_to"].as_str(), v["status"].as_u64()),
+            (Some(mid.as_str()), Some(200))
+        );
+    }
+    assert_eq!(sink.wait_for(100, Duration::from_secs(5)).len(), 100);
+    lat.sort();
+    let (p50, p99) = (percentile(&lat, 50), percentile(&lat, 99));
+    eprintln!(
+        "{}: publish -> verified signed response, 100 at 20 msg/s: p50 {p50:?} p99 {p99:?} max {:?}",
+        mosquitto_bin(),
+        lat[99]
+    );
+    assert!(
+        p50 < Duration::from_millis(5) && p99 < Duration::from_millis(25),
+        "p50 {p50:?} (limit 5 ms), p99 {p99:?} (limit 25 ms) on {}; sorted: {lat:?}",
+        mosquitto_bin()
+    );
+}
+
+/// Publishes one signed message while the backend holds its answer, stays silent for 3 s (no
+/// client sends anything, so only the plugin's clock can make the broker go round), releases
+/// the backend and returns (release time, message id, device, broker).
+fn silent_backend(env: &Env, sink: &Sink) -> (Broker, Mqtt, String) {
+    sink.set_hang(true);
+    let broker = start(env, &backend(sink.port, "10000"));
+    let mut dev = Mqtt::connect(env, broker.port, "sensor_001");
+    dev.subscribe("device/sensor_001/response", 1);
+    let mid = uid();
+    assert!(dev
+        .publish("device/sensor_001/data", 1, false, &signed("sensor_001", now(), &mid, "{}"))
+        .is_ok());
+    // 3 s without any client traffic (keep-alive is 30 s). Nothing may arrive meanwhile.
+    assert_eq!(dev.next_message(Duration::from_secs(3)), None, "answered before the backend did");
+    (broker, dev, mid)
+}
+
+/// Within `limit` of `from`, the device gets the verified response to `mid` with `status`.
+fn expect_response(
+    dev: &mut Mqtt,
+    broker: &Broker,
+    mid: &str,
+    status: u64,
+    from: Instant,
+    limit: Duration,
+) -> Duration {
+    let (_, payload) = dev.next_message(Duration::from_secs(10)).unwrap_or_else(|| {
+        panic!("no response within 10 s on {}; log:\n{}", mosquitto_bin(), broker.log())
+    });
+    let took = from.elapsed();
+    let v = verify_downlink(&payload, "sensor_001");
+    assert_eq!((v["in_reply_to"].as_str(), v["status"].as_u64()), (Some(mid), Some(status)));
+    assert!(
+        took < limit,
+        "response {took:?} after the backend answered (limit {limit:?}) on {}; log:\n{}",
+        mosquitto_bin(),
+        broker.log()
+    );
+    took
+}
+
+/// The sink polls its hang flag every 20 ms, so a release answers within 20 ms of `released`;
+/// measuring from the release is the stricter bound.
+const SINK_POLL: Duration = Duration::from_millis(20);
+
+#[test]
+fn idle_broker_delivers_a_late_backend_answer_at_once() {
+    let env = Env::new();
+    let sink = Sink::start(free_port());
+    let (broker, mut dev, mid) = silent_backend(&env, &sink);
+    let released = Instant::now();
+    sink.set_hang(false);
+    let took = expect_response(
+        &mut dev,
+        &broker,
+        &mid,
+        200,
+        released,
+        Duration::from_millis(50) + SINK_POLL,
+    );
+    let got = sink.wait_for(1, Duration::from_secs(5));
+    assert_eq!(got.len(), 1);
+    eprintln!("{}: late answer -> device {took:?} after release", mosquitto_bin());
+}
+
+#[test]
+fn idle_broker_retries_after_a_503_on_time_and_responds() {
+    let env = Env::new();
+    let sink = Sink::start(free_port());
+    sink.script(&[503]);
+    let (broker, mut dev, mid) = silent_backend(&env, &sink);
+    let released = Instant::now();
+    sink.set_hang(false);
+    // The 503 goes out within SINK_POLL; the first retry waits backoff(1) <= 100 ms.
+    let got = sink.wait_for(1, Duration::from_secs(5));
+    assert_eq!(got.len(), 1, "no retry after the 503; log:\n{}", broker.log());
+    assert_eq!(got[0].message_id, mid);
+    let retry_at = got[0].at - released;
+    assert!(
+        retry_at < SINK_POLL + Duration::from_millis(100) + Duration::from_millis(50),
+        "retry {retry_at:?} after the 503 (backoff ceiling 100 ms) on {}; log:\n{}",
+        mosquitto_bin(),
+        broker.log()
+    );
+    let took = expect_response(&mut dev, &broker, &mid, 200, got[0].at, Duration::from_millis(50));
+    eprintln!(
+        "{}: retry {retry_at:?} after release, response {took:?} after the 200",
+        mosquitto_bin()
+    );
+}
