@@ -161,3 +161,36 @@ fn idle_broker_retries_after_a_503_on_time_and_responds() {
         mosquitto_bin()
     );
 }
+
+/// Registry snapshots are applied on the tick. 2.1 ticks *before* its network wait, so on an idle
+/// broker the pass that reads a publish ticked before the sleep: only the plugin's own clock
+/// gets a change made during the silence applied before the next message is judged.
+#[test]
+fn idle_broker_applies_a_registry_change_before_the_next_message() {
+    let env = Env::new();
+    let broker = Broker::start(&env, &[]);
+    let mut old = Mqtt::connect(&env, broker.port, "sensor_001");
+    let mut new = Mqtt::connect(&env, broker.port, "sensor_777");
+    // Positive controls before the change.
+    assert!(old
+        .publish("device/sensor_001/data", 1, false, &signed("sensor_001", now(), &uid(), "{}"))
+        .is_ok());
+    let m = signed_with("fresh-secret", "sensor_777", now(), &uid(), "{}");
+    assert!(new.publish("device/sensor_777/data", 1, false, &m).is_not_authorized());
+    env.db().execute("INSERT INTO devices VALUES ('sensor_777','fresh-secret',0)", []).unwrap();
+    // Silence: no client sends anything. The watcher polls every 200 ms and the plugin ticks at
+    // least every 100 ms; an idle 2.1 without websockets may sleep 5 s with clients connected.
+    std::thread::sleep(Duration::from_millis(600));
+    let m = signed_with("fresh-secret", "sensor_777", now(), &uid(), "{}");
+    let ack = new.publish("device/sensor_777/data", 1, false, &m);
+    assert!(ack.is_ok(), "added device refused after 600 ms idle: {ack:?}; log:\n{}", broker.log());
+    env.db().execute("DELETE FROM devices WHERE device_id = 'sensor_001'", []).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    let ack =
+        old.publish("device/sensor_001/data", 1, false, &signed("sensor_001", now(), &uid(), "{}"));
+    assert!(
+        ack.is_not_authorized(),
+        "removed device accepted after 600 ms idle: {ack:?}; log:\n{}",
+        broker.log()
+    );
+}
