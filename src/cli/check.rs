@@ -60,13 +60,48 @@ pub fn check(conf_path: &Path) -> Result<String, String> {
             cfg.db_path.display().to_string()
         )
     })?;
-    Ok(format!(
+    let mut summary = format!(
         "OK: plugin {}, {} devices, data topic {}, backend {}",
         plugin.display(),
         reg.len(),
         cfg.data_topic,
         cfg.backend.as_ref().map_or("none".to_string(), |b| b.url_template.clone())
-    ))
+    );
+    let bin = std::env::var("MOSQUITTO_BIN").unwrap_or_else(|_| "/usr/sbin/mosquitto".into());
+    if let Some(w) = queue_warning(&text, broker_version(&bin)) {
+        summary.push_str("\nwarning: ");
+        summary.push_str(&w);
+    }
+    Ok(summary)
+}
+
+/// `(major, minor)` from `mosquitto -h`'s first line ("mosquitto version 2.0.11").
+fn broker_version(bin: &str) -> Option<(u32, u32)> {
+    let out = std::process::Command::new(bin).arg("-h").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text.lines().next()?.strip_prefix("mosquitto version ")?;
+    let mut parts = v.trim().split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??))
+}
+
+/// Mosquitto 2.0.x with `max_queued_messages 0` disconnects every client whose publish is
+/// refused (by this plugin or an acl_file), so a device with one bad message loses its
+/// connection. 2.1 does not. Warns when the broker is 2.0 or its version is unknown.
+fn queue_warning(conf: &str, version: Option<(u32, u32)>) -> Option<String> {
+    let zero = conf.lines().any(|l| {
+        let mut w = l.split_whitespace();
+        w.next() == Some("max_queued_messages") && w.next() == Some("0")
+    });
+    match version {
+        _ if !zero => None,
+        Some((2, 0)) => Some(
+            "max_queued_messages 0: Mosquitto 2.0 disconnects every client whose publish is refused; leave it at its default (1000)".into(),
+        ),
+        Some(_) => None,
+        None => Some(
+            "max_queued_messages 0: if the broker is Mosquitto 2.0, it disconnects every client whose publish is refused; leave it at its default (1000)".into(),
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -81,5 +116,22 @@ mod tests {
         assert_eq!(o, vec![("db_path".into(), "/d.db".into()), ("workers".into(), "2 ".into())]);
         assert!(plugin_options("plugin_opt_x 1\n").is_err());
         assert!(plugin_options("plugin /x/other.so\n").is_err());
+    }
+
+    #[test]
+    fn max_queued_messages_0_is_flagged_on_2_0_only() {
+        let conf = "listener 1883\nmax_queued_messages 0\n";
+        assert!(queue_warning(conf, Some((2, 0))).is_some_and(|w| w.contains("2.0 disconnects")));
+        assert!(queue_warning(conf, None).is_some());
+        assert_eq!(queue_warning(conf, Some((2, 1))), None);
+        assert_eq!(queue_warning("max_queued_messages 10\n", Some((2, 0))), None);
+        assert_eq!(queue_warning("#max_queued_messages 0\n", Some((2, 0))), None);
+    }
+
+    #[test]
+    fn the_system_broker_reports_its_version() {
+        // Debian 12's mosquitto (installed by `make deps`) says "mosquitto version 2.0.11".
+        assert_eq!(broker_version("/usr/sbin/mosquitto"), Some((2, 0)));
+        assert_eq!(broker_version("/nonexistent/mosquitto"), None);
     }
 }
