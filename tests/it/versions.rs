@@ -219,3 +219,31 @@ fn idle_broker_applies_a_registry_change_before_the_next_message() {
         broker.log()
     );
 }
+
+/// `(major, minor)` of the broker under test, from `mosquitto -h`.
+fn broker_version() -> (u32, u32) {
+    let out = std::process::Command::new(mosquitto_bin()).arg("-h").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let v = text.lines().next().and_then(|l| l.strip_prefix("mosquitto version ")).unwrap_or("");
+    let mut it = v.trim().split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// The same .so loads everywhere (2.1-only functions are looked up at run time, never imported)
+/// and names itself to 2.1 brokers through mosquitto_plugin_set_info, which only they log.
+#[test]
+fn plugin_loads_and_names_itself_where_the_broker_can_say_it() {
+    let env = Env::new();
+    let mut broker = Broker::start(&env, &[]);
+    let named = format!("Plugin secure-iot-gateway version {} loaded.", env!("CARGO_PKG_VERSION"));
+    let version = broker_version();
+    assert!(version >= (2, 0), "cannot read the version of {}", mosquitto_bin());
+    // The line is written during start-up, before the listener opens.
+    assert_eq!(
+        broker.log().contains(&named),
+        version >= (2, 1),
+        "{version:?}; log:\n{}",
+        broker.log()
+    );
+    assert_eq!(broker.stop(), Some(0), "{}", broker.log());
+}
