@@ -32,7 +32,11 @@ fn response_latency_is_a_few_ms_on_every_broker() {
     let sink = Sink::start(free_port());
     let broker = start(&env, &backend(sink.port, "1000"));
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
-    dev.subscribe("device/sensor_001/response", 1);
+    // QoS 0 downlink: the test's MQTT client (rumqttc 0.24) cannot set TCP_NODELAY, so with a
+    // QoS 1 subscription its PUBACK for each response holds its *next* PUBLISH under Nagle until
+    // the broker's delayed ACK (~40 ms, measured on every version). That is the test client, not
+    // the gateway; a device should set TCP_NODELAY as the broker does.
+    dev.subscribe("device/sensor_001/response", 0);
     let t0 = Instant::now();
     let mut lat = Vec::with_capacity(100);
     let mut sent_at = Vec::with_capacity(100);
