@@ -20,8 +20,10 @@ fn start(env: &Env, opts: &[(&'static str, String)]) -> Broker {
     Broker::start(env, &o)
 }
 
+/// Nearest-rank percentile: the smallest value with at least p % of the samples at or below it
+/// (p99 of 100 samples is the 99th smallest, p50 the 50th).
 fn percentile(sorted: &[Duration], p: usize) -> Duration {
-    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+    sorted[(sorted.len() * p).div_ceil(100).clamp(1, sorted.len()) - 1]
 }
 
 /// Publish -> signed response at the device, 100 messages at 20 msg/s over mutual TLS with
