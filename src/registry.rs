@@ -240,7 +240,10 @@ impl Watcher {
                     let Some(c) = &conn else { continue };
                     let v: Option<i64> = c.query_row("PRAGMA data_version", [], |r| r.get(0)).ok();
                     if v.is_none() {
+                        // data_version is per connection: the next one's values are not
+                        // comparable with this one's, so its first reading must reload.
                         conn = None;
+                        version = None;
                         continue;
                     }
                     if version.is_some() && v == version {
@@ -380,6 +383,29 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(r.cached("sensor_001").is_none());
+        w.stop();
+    }
+
+    #[test]
+    fn watcher_sees_a_change_committed_while_it_was_locked_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = base_db(dir.path());
+        let mut r = Registry::open(&p).unwrap();
+        let mut w = r.watch().unwrap();
+        std::thread::sleep(POLL_INTERVAL * 2);
+        while r.apply_updates() {}
+        // A writer holds the lock across several polls (the watcher times out and reopens its
+        // connection), then commits: the new connection's data_version must not be compared
+        // with the old one's.
+        let c = Connection::open(&p).unwrap();
+        c.execute_batch("BEGIN EXCLUSIVE; DELETE FROM devices;").unwrap();
+        std::thread::sleep(POLL_INTERVAL * 3);
+        c.execute_batch("COMMIT").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !r.apply_updates() || !r.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "no snapshot within 5 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         w.stop();
     }
 }
