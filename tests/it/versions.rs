@@ -204,9 +204,10 @@ fn idle_broker_applies_a_registry_change_before_the_next_message() {
     assert!(new.publish("device/sensor_777/data", 1, false, &m).is_not_authorized());
     env.db().execute("INSERT INTO devices VALUES ('sensor_777','fresh-secret',0)", []).unwrap();
     // Silence: no client sends anything. The watcher polls every 200 ms and the plugin ticks at
-    // least every 100 ms (the rest is slack for a loaded machine); an idle 2.1 without
-    // websockets sleeps up to 5 s with clients connected.
-    const IDLE: Duration = Duration::from_secs(1);
+    // least every 100 ms; the requirement is 1 s, with the same slack for a loaded machine as
+    // core::registry_changes_apply_without_a_restart. An idle 2.1 without websockets sleeps up
+    // to 5 s with clients connected.
+    const IDLE: Duration = Duration::from_secs(2);
     std::thread::sleep(IDLE);
     let m = signed_with("fresh-secret", "sensor_777", now(), &uid(), "{}");
     let ack = new.publish("device/sensor_777/data", 1, false, &m);
@@ -217,13 +218,24 @@ fn idle_broker_applies_a_registry_change_before_the_next_message() {
     );
     env.db().execute("DELETE FROM devices WHERE device_id = 'sensor_001'", []).unwrap();
     std::thread::sleep(IDLE);
-    let ack =
-        old.publish("device/sensor_001/data", 1, false, &signed("sensor_001", now(), &uid(), "{}"));
-    assert!(
-        ack.is_not_authorized(),
-        "removed device accepted after {IDLE:?} idle: {ack:?}; log:\n{}",
-        broker.log()
-    );
+    let removed = Instant::now();
+    let mut publish = || {
+        old.publish("device/sensor_001/data", 1, false, &signed("sensor_001", now(), &uid(), "{}"))
+    };
+    let ack = publish();
+    if !ack.is_not_authorized() {
+        // For the failure message only: how long until the removal did apply, with traffic.
+        let mut until = None;
+        while until.is_none() && removed.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+            until = publish().is_not_authorized().then(|| removed.elapsed());
+        }
+        panic!(
+            "removed device accepted after {IDLE:?} idle: {ack:?}; refused {until:?} after the idle \
+             period once messages flowed; log:\n{}",
+            broker.log()
+        );
+    }
 }
 
 /// `(major, minor)` of the broker under test, from `mosquitto -h`.
