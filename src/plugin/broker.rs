@@ -8,7 +8,7 @@ use openssl::nid::Nid;
 use openssl::x509::X509;
 use std::ffi::{CStr, CString};
 use std::marker::PhantomData;
-use std::os::raw::{c_int, c_void};
+use std::os::raw::{c_char, c_int, c_void};
 
 /// Writes one line to the broker log.
 pub fn log_raw(level: c_int, msg: &str) {
@@ -19,6 +19,8 @@ pub fn log_raw(level: c_int, msg: &str) {
 
 /// The broker as the core sees it. Constructed only inside callbacks.
 pub struct BrokerHost {
+    /// Messages this host handed to the broker (so the tick knows a flush is owed).
+    pub published: usize,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -26,8 +28,39 @@ impl BrokerHost {
     /// # Safety
     /// Only on the broker thread, inside a broker callback.
     pub unsafe fn new() -> Self {
-        BrokerHost { _not_send: PhantomData }
+        BrokerHost { published: 0, _not_send: PhantomData }
     }
+}
+
+/// Looks a broker function up at run time. Functions newer than 2.0 must never be imported: an
+/// undefined symbol makes the whole .so fail to load on 2.0.x. The broker executable exports its
+/// API, so the global namespace (RTLD_DEFAULT) finds them where they exist.
+fn lookup(name: &CStr) -> Option<*mut c_void> {
+    // SAFETY: RTLD_DEFAULT with a NUL-terminated name; dlsym only reads the name.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+    (!p.is_null()).then_some(p)
+}
+
+/// 2.1+: `int mosquitto_plugin_set_info(mosquitto_plugin_id_t *, const char *name, const char
+/// *version)`; the broker copies both strings.
+type SetInfo =
+    unsafe extern "C" fn(*mut sys::mosquitto_plugin_id_t, *const c_char, *const c_char) -> c_int;
+
+/// Gives the broker our name and version for its log, where the broker has the function (2.1+).
+/// Returns None on brokers without it (2.0.x), else the broker's return code.
+///
+/// # Safety
+/// `identifier` is the one passed to init; call on the broker thread.
+pub unsafe fn set_plugin_info(
+    identifier: *mut sys::mosquitto_plugin_id_t,
+    name: &CStr,
+    version: &CStr,
+) -> Option<c_int> {
+    let f = lookup(c"mosquitto_plugin_set_info")?;
+    // SAFETY: the symbol has this signature in every broker that exports it (2.1 broker.h).
+    let f: SetInfo = unsafe { std::mem::transmute::<*mut c_void, SetInfo>(f) };
+    // SAFETY: valid identifier and NUL-terminated strings, copied by the broker.
+    Some(unsafe { f(identifier, name.as_ptr(), version.as_ptr()) })
 }
 
 impl Host for BrokerHost {
@@ -58,7 +91,9 @@ impl Host for BrokerHost {
                 std::ptr::null_mut(),
             )
         };
-        rc == sys::MOSQ_ERR_SUCCESS as c_int
+        let ok = rc == sys::MOSQ_ERR_SUCCESS as c_int;
+        self.published += usize::from(ok);
+        ok
     }
 
     fn kick(&mut self, username: &str) {

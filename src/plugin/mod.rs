@@ -140,13 +140,27 @@ pub unsafe extern "C" fn mosquitto_plugin_init(
             }
         };
         let w = waker.clone();
-        let gw = match Gateway::start(cfg.clone(), Arc::new(move || w.wake()), &mut host) {
+        let gw = match Gateway::start(cfg.clone(), Arc::new(move || w.request()), &mut host) {
             Ok(g) => g,
             Err(e) => {
                 host.log(Level::Error, &format!("secure-iot-gateway: configuration error: {e}"));
                 return ERR_INVAL;
             }
         };
+        // SAFETY: the identifier from the broker, inside init.
+        let named = unsafe {
+            broker::set_plugin_info(
+                identifier,
+                c"secure-iot-gateway",
+                const { c_str(concat!(env!("CARGO_PKG_VERSION"), "\0")) },
+            )
+        };
+        if let Some(rc) = named.filter(|rc| *rc != ERR_SUCCESS) {
+            host.log(
+                Level::Warning,
+                &format!("secure-iot-gateway: mosquitto_plugin_set_info failed (rc {rc})"),
+            );
+        }
         host.log(
             Level::Notice,
             &format!("secure-iot-gateway {} loaded: {}", env!("CARGO_PKG_VERSION"), gw.describe()),
@@ -208,6 +222,8 @@ unsafe fn teardown(inst: *mut Instance) {
     if let Ok(mut gw) = instance.gateway.try_borrow_mut() {
         gw.shutdown(&mut host);
     }
+    // After the workers are joined nobody requests a tick any more; no signal after this.
+    instance.waker.stop();
     host.log(Level::Notice, "secure-iot-gateway: stopped; every worker joined");
     drop(instance);
 }
@@ -227,6 +243,14 @@ pub unsafe extern "C" fn mosquitto_plugin_cleanup(
         }
         ERR_SUCCESS
     })
+}
+
+/// A `&'static CStr` from a literal with its own trailing NUL (checked at compile time).
+const fn c_str(s: &'static str) -> &'static std::ffi::CStr {
+    match std::ffi::CStr::from_bytes_with_nul(s.as_bytes()) {
+        Ok(c) => c,
+        Err(_) => panic!("not a C string"),
+    }
 }
 
 /// Maps a verdict to the broker's return codes.
@@ -329,12 +353,20 @@ unsafe extern "C" fn on_tick(
         }
         // SAFETY: registered with an Instance pointer that lives until cleanup.
         let inst = unsafe { &*(userdata as *const Instance) };
-        inst.waker.clear();
+        inst.waker.tick_started();
         if let Ok(mut gw) = inst.gateway.try_borrow_mut() {
             // SAFETY: inside the tick callback, on the broker thread.
             let mut host = unsafe { BrokerHost::new() };
             gw.on_tick(&mut host, unix_now());
+            if host.published > 0 {
+                // 2.1 sends what a tick published only at the next pass, after its network wait
+                // (100 ms with websockets, up to 24 h without): make that pass come now.
+                inst.waker.request_next_pass();
+            }
         }
+        // `next_ms` stays 0 (the broker zeroes the event): 2.1 then calls us on every pass and
+        // never skips us; a skipped tick would not reschedule itself. Our own clock (wake.rs)
+        // bounds the gap between passes.
         ERR_SUCCESS
     })
 }

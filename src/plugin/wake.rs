@@ -1,14 +1,39 @@
-//! Waking the broker's main loop from a worker thread.
+//! The plugin's own clock: it makes the broker run our tick when we need it, on every Mosquitto.
 //!
-//! An idle Mosquitto 2.0 sleeps in `epoll_wait(..., 100 ms)` and runs the tick only after it
-//! returns, so a backend answer handed over by a worker could wait up to 100 ms. A signal
-//! delivered to the broker thread interrupts `epoll_wait` (which is never restarted after a
-//! handler, whatever `SA_RESTART` says), the loop goes round, and the tick drains the answer at
-//! once. The handler does nothing; `SA_RESTART` keeps every other interrupted syscall transparent.
-//! One real-time signal, never used by Mosquitto, is installed while any instance is loaded.
+//! The broker's idea of when to tick differs between versions:
+//! - 2.0.x sleeps in `epoll_wait(..., 100 ms)` and ticks at the *end* of each pass; a publish from
+//!   the tick goes out at the top of the next pass, at once.
+//! - 2.1.x ticks *before* the network wait, and a publish from the tick goes out only at the top of
+//!   the *next* pass; that wait is a fixed 100 ms with websockets compiled in, and up to 24 h
+//!   without them (it only shrinks for `next_ms` set by a tick, and a skipped tick does not
+//!   reschedule itself). An idle 2.1 broker may thus never tick again on its own.
+//!
+//! So nothing here relies on the broker's wait. A real-time signal sent to the broker thread
+//! interrupts `epoll_wait`/`poll` (never restarted after a handler, whatever `SA_RESTART` says)
+//! and the loop goes round. A signal that lands while the broker is *not* waiting is simply
+//! absorbed, so one signal is not enough: a [`Waker::request`] means "a tick must *start* after
+//! this point", and the kicker thread repeats the signal every [`KICK_EVERY`] until the tick
+//! counter ([`Waker::tick_started`]) moves past the request. Requests come from:
+//! - workers, when a result is queued (the tick drains it);
+//! - the tick itself, after it published (2.1: only the next pass sends it);
+//! - the kicker's own period, when no tick ran for [`PERIOD`] (registry snapshots, refilling the
+//!   lanes, pruning, stats), so housekeeping runs on every version, idle or not.
+//!
+//! `SA_RESTART` keeps every other interrupted syscall of the broker transparent. One real-time
+//! signal, never used by Mosquitto, is installed while any instance is loaded.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Housekeeping period: the longest the broker goes without our tick (2.0's idle tick rate).
+pub const PERIOD: Duration = Duration::from_millis(100);
+/// Re-send interval while a requested tick has not started yet.
+pub const KICK_EVERY: Duration = Duration::from_micros(200);
+/// Kicking at full rate stops after this long without a tick (e.g. 2.0.11 never ticks with
+/// `per_listener_settings true`); it then continues at [`PERIOD`].
+const KICK_GIVE_UP: Duration = Duration::from_millis(20);
 
 static USERS: AtomicUsize = AtomicUsize::new(0);
 
@@ -20,22 +45,93 @@ fn signo() -> libc::c_int {
     libc::SIGRTMIN() + 7
 }
 
-/// Wakes one broker thread; coalesces bursts into one signal per tick.
-pub struct Waker {
+struct Shared {
     main: libc::pthread_t,
-    pending: AtomicBool,
-    /// `IOTGW_NO_WAKE=1` in the broker's environment turns the signal off (to measure its effect).
+    /// Ticks started so far.
+    ticks: AtomicU64,
+    /// A tick numbered above this is owed (`ticks < owed` means a request is outstanding).
+    owed: AtomicU64,
+    /// Nanoseconds since `epoch` at the last tick start.
+    last_tick_ns: AtomicU64,
+    epoch: Instant,
+    stop: AtomicBool,
+    lock: Mutex<()>,
+    cv: Condvar,
+    /// `IOTGW_NO_WAKE=1` turns the signal off (to measure its effect).
     enabled: bool,
 }
 
-// SAFETY: pthread_t is a plain thread id; pthread_kill may be called from any thread.
-unsafe impl Send for Waker {}
-// SAFETY: as above; the only mutable state is atomic.
-unsafe impl Sync for Waker {}
+// SAFETY: pthread_t is a plain thread id; pthread_kill may be called from any thread. Everything
+// else is atomics and std sync types.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn kick(&self) {
+        if self.enabled {
+            // SAFETY: `main` is the broker thread, alive until cleanup, which stops the kicker and
+            // joins every worker before the Waker is dropped.
+            unsafe { libc::pthread_kill(self.main, signo()) };
+        }
+    }
+
+    fn since_epoch(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn owing(&self) -> bool {
+        self.ticks.load(Ordering::Acquire) < self.owed.load(Ordering::Acquire)
+    }
+
+    fn run(&self) {
+        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        while !self.stop.load(Ordering::Acquire) {
+            if self.owing() {
+                // Kick until the tick starts; give up the fast rate if the broker never ticks.
+                let since = Instant::now();
+                while self.owing() && !self.stop.load(Ordering::Acquire) {
+                    self.kick();
+                    let wait = if since.elapsed() < KICK_GIVE_UP { KICK_EVERY } else { PERIOD };
+                    g = self.cv.wait_timeout(g, wait).unwrap_or_else(|p| p.into_inner()).0;
+                }
+                continue;
+            }
+            let idle = Duration::from_nanos(
+                self.since_epoch().saturating_sub(self.last_tick_ns.load(Ordering::Acquire)),
+            );
+            if idle >= PERIOD {
+                // Not request(): that takes the lock this thread already holds.
+                self.owed.fetch_max(self.ticks.load(Ordering::Acquire) + 1, Ordering::AcqRel);
+                continue;
+            }
+            g = self.cv.wait_timeout(g, PERIOD - idle).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    fn request(&self, kick_now: bool) {
+        let want = self.ticks.load(Ordering::Acquire) + 1;
+        if self.owed.fetch_max(want, Ordering::AcqRel) < want {
+            if kick_now {
+                // The first signal straight from the caller saves the kicker's wake-up time.
+                self.kick();
+            }
+            // Lock so the notification cannot slip between the kicker's check and its wait.
+            drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()));
+            self.cv.notify_one();
+        }
+    }
+}
+
+/// Wakes one broker thread on request and on the plugin's own period; owns the kicker thread.
+pub struct Waker {
+    shared: Arc<Shared>,
+    kicker: Mutex<Option<JoinHandle<()>>>,
+}
 
 impl Waker {
-    /// Installs the handler (first instance) and targets the calling thread: call from init,
-    /// which runs on the broker thread.
+    /// Installs the handler (first instance), targets the calling thread and starts the kicker:
+    /// call from init, which runs on the broker thread.
     pub fn install() -> std::io::Result<Waker> {
         if USERS.fetch_add(1, Ordering::SeqCst) == 0 {
             // SAFETY: zeroed sigaction is a valid starting value; we set handler, mask, flags.
@@ -53,33 +149,64 @@ impl Waker {
             }
             *OLD_ACTION.lock().unwrap_or_else(|p| p.into_inner()) = Some(old);
         }
-        let enabled = std::env::var_os("IOTGW_NO_WAKE").is_none();
-        // SAFETY: pthread_self has no preconditions.
-        Ok(Waker {
+        let shared = Arc::new(Shared {
             // SAFETY: pthread_self has no preconditions.
             main: unsafe { libc::pthread_self() },
-            pending: AtomicBool::new(false),
-            enabled,
-        })
-    }
-
-    /// Called by workers after queueing a result.
-    pub fn wake(&self) {
-        if self.enabled && !self.pending.swap(true, Ordering::AcqRel) {
-            // SAFETY: `main` is the broker thread, alive until cleanup, which joins every worker
-            // before the Waker is dropped.
-            unsafe { libc::pthread_kill(self.main, signo()) };
+            ticks: AtomicU64::new(0),
+            owed: AtomicU64::new(0),
+            last_tick_ns: AtomicU64::new(0),
+            epoch: Instant::now(),
+            stop: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            cv: Condvar::new(),
+            enabled: std::env::var_os("IOTGW_NO_WAKE").is_none(),
+        });
+        let s = shared.clone();
+        let kicker = std::thread::Builder::new().name("iotgw-clock".into()).spawn(move || s.run());
+        match kicker {
+            // The Waker's Drop releases the handler if the thread could not start.
+            Ok(h) => Ok(Waker { shared, kicker: Mutex::new(Some(h)) }),
+            Err(e) => {
+                drop(Waker { shared, kicker: Mutex::new(None) });
+                Err(e)
+            }
         }
     }
 
-    /// Called by the tick before it drains, so a result queued after this point wakes again.
-    pub fn clear(&self) {
-        self.pending.store(false, Ordering::Release);
+    /// From a worker: asks for a tick that starts after this call. Cheap when one is already owed.
+    pub fn request(&self) {
+        self.shared.request(true);
+    }
+
+    /// From a callback on the broker thread: asks for another pass of the loop. A signal sent
+    /// now would land before the broker waits, so only the kicker sends them.
+    pub fn request_next_pass(&self) {
+        self.shared.request(false);
+    }
+
+    /// Called by the tick before it drains anything: a request made after this point is owed
+    /// the *next* tick.
+    pub fn tick_started(&self) {
+        let s = &self.shared;
+        s.last_tick_ns.store(s.since_epoch(), Ordering::Release);
+        s.ticks.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Stops and joins the kicker; no signal is sent afterwards. Idempotent.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        drop(self.shared.lock.lock().unwrap_or_else(|p| p.into_inner()));
+        self.shared.cv.notify_all();
+        let handle = self.kicker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
     }
 }
 
 impl Drop for Waker {
     fn drop(&mut self) {
+        self.stop();
         if USERS.fetch_sub(1, Ordering::SeqCst) == 1 {
             if let Some(old) = OLD_ACTION.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 // SAFETY: restores the disposition saved at install; our handler's code is about to

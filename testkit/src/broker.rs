@@ -116,7 +116,11 @@ pub struct Broker {
 pub fn write_conf(env: &Env, port: u16, opts: &PluginOpts) -> PathBuf {
     let p = env.path();
     let conf = format!(
+        // max_packet_size: 2.1 lowered the default from 256 MB to 2,000,000 bytes and drops a
+        // client that exceeds it before any plugin sees the message; pinning 2.0's value keeps
+        // the plugin under test with large payloads on every version.
         "per_listener_settings false\nset_tcp_nodelay true\npersistence false\nuser root\nlog_dest stderr\nlog_type all\n\
+         max_packet_size 268435455\n\
          listener {port} 127.0.0.1\ncafile {ca}\ncertfile {crt}\nkeyfile {key}\nrequire_certificate true\n\
          use_identity_as_username true\nacl_file {acl}\nplugin {so}\n{opts}",
         ca = p.join("ca.pem").display(),

@@ -8,7 +8,7 @@ fn backend_opts(port: u16) -> PluginOpts {
     PluginOpts::new().set("backend_url", sink_url(port)).set("http_timeout_ms", 1000)
 }
 
-fn verify_downlink(payload: &[u8], device: &str) -> serde_json::Value {
+pub fn verify_downlink(payload: &[u8], device: &str) -> serde_json::Value {
     let env = Envelope::parse(payload, 65536).expect("downlink parses as an envelope");
     assert!(
         envelope::verify(secret_of(device).as_bytes(), &env.canonical(), &env.signature),

@@ -5,3 +5,4 @@ mod forward;
 mod hostile;
 mod outbox;
 mod registry;
+mod versions;
