@@ -16,9 +16,11 @@ use crate::delivery::{self, Delivery};
 use crate::envelope::{self, Reason};
 use crate::host::{printable, unix_now, Host, Level, LogLine};
 use crate::json::{self, Json};
+use crate::metrics::{self, Monitor, Snapshot};
 use crate::registry::{Registry, Watcher};
 use crate::validate::{Rejected, Validator};
 use std::fmt;
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +41,24 @@ impl Refusal {
         match self {
             Refusal::Check(r) => r.as_str(),
             Refusal::OutboxFull | Refusal::Internal => "outbox",
+        }
+    }
+
+    /// The refusals besides the checks. With [`Reason::ALL`], the one list every per-reason
+    /// counter (metrics, `$SYS`) iterates, so a new reason appears there by itself.
+    pub const OPERATIONAL: [Refusal; 2] = [Refusal::OutboxFull, Refusal::Internal];
+
+    /// Every refusal: the checks in order, then the operational ones.
+    pub fn all() -> impl Iterator<Item = Refusal> {
+        Reason::ALL.into_iter().map(Refusal::Check).chain(Refusal::OPERATIONAL)
+    }
+
+    /// The `reason` label of the metrics (outbox refusals told apart, unlike in the log).
+    pub fn metric_name(self) -> &'static str {
+        match self {
+            Refusal::Check(r) => r.as_str(),
+            Refusal::OutboxFull => "outbox_full",
+            Refusal::Internal => "outbox_error",
         }
     }
 }
@@ -88,6 +108,9 @@ pub enum StartError {
     Registry(PathBuf, rusqlite::Error),
     Watcher(std::io::Error),
     Delivery(delivery::StartError),
+    /// `plugin_opt_metrics_listen`: cannot listen there (taken, not a local address) or cannot
+    /// start the exporter thread.
+    Metrics(SocketAddr, std::io::Error),
 }
 
 impl fmt::Display for StartError {
@@ -100,6 +123,9 @@ impl fmt::Display for StartError {
             ),
             StartError::Watcher(e) => write!(f, "cannot start the registry watcher: {e}"),
             StartError::Delivery(e) => e.fmt(f),
+            StartError::Metrics(a, e) => {
+                write!(f, "plugin_opt_metrics_listen \"{a}\": cannot serve metrics there: {e}")
+            }
         }
     }
 }
@@ -132,6 +158,15 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// The count of one refusal.
+    pub fn refused(&self, r: Refusal) -> u64 {
+        match r {
+            Refusal::Check(r) => self.rejected[r.index()],
+            Refusal::OutboxFull => self.outbox_full,
+            Refusal::Internal => self.internal_errors,
+        }
+    }
+
     pub fn summary(&self) -> String {
         let mut s = format!("accepted={}", self.accepted);
         for r in Reason::ALL {
@@ -162,6 +197,8 @@ pub struct Gateway {
     watcher: Watcher,
     verdicts: Verdicts,
     logged: Stats,
+    /// Per-device counts, snapshots for the exporter, `$SYS`.
+    monitor: Monitor,
     last_prune: Instant,
     last_stats: Instant,
 }
@@ -180,6 +217,11 @@ impl Gateway {
         wake: Arc<dyn Fn() + Send + Sync>,
         host: &mut dyn Host,
     ) -> Result<Gateway, StartError> {
+        // Bound first, so a bad or taken address refuses the start before anything runs.
+        let listener = match cfg.metrics_listen {
+            Some(a) => Some((a, TcpListener::bind(a).map_err(|e| StartError::Metrics(a, e))?)),
+            None => None,
+        };
         let registry = Registry::open(&cfg.db_path)
             .map_err(|e| StartError::Registry(cfg.db_path.clone(), e))?;
         let (delivery, recovered) = Delivery::start(&cfg, wake).map_err(StartError::Delivery)?;
@@ -188,6 +230,17 @@ impl Gateway {
         }
         let mut validator = Validator::new(&cfg, registry, recovered.seen);
         let watcher = validator.registry().watch().map_err(StartError::Watcher)?;
+        let exporter = match listener {
+            Some((a, l)) => Some(
+                metrics::server::Exporter::start(l, cfg.spool_path.clone())
+                    .map_err(|e| StartError::Metrics(a, e))?,
+            ),
+            None => None,
+        };
+        let mut monitor = Monitor::new(exporter, cfg.sys_interval);
+        for d in &recovered.pending_devices {
+            monitor.devices.recovered_pending(d);
+        }
         let now = Instant::now();
         Ok(Gateway {
             cfg,
@@ -196,6 +249,7 @@ impl Gateway {
             watcher,
             verdicts: Verdicts::default(),
             logged: Stats::default(),
+            monitor,
             last_prune: now,
             last_stats: now,
         })
@@ -255,9 +309,13 @@ impl Gateway {
         let topic_str = std::str::from_utf8(topic).ok();
         if let Some((t, dev)) = topic_str.and_then(|t| Some((t, self.cfg.data_topic.device_of(t)?)))
         {
-            return match self.accept(who, dev, payload, now) {
+            let timer = self.monitor.start_timer();
+            let result = self.accept(who, dev, payload, now);
+            self.monitor.stop_timer(timer);
+            return match result {
                 Ok(()) => {
                     self.verdicts.accepted += 1;
+                    self.monitor.devices.accepted(dev, now, self.delivery.forwarding());
                     Outcome::Accepted
                 }
                 Err(Refused { refusal, detail, message_id }) => {
@@ -266,6 +324,7 @@ impl Gateway {
                         Refusal::OutboxFull => self.verdicts.outbox_full += 1,
                         Refusal::Internal => self.verdicts.internal_errors += 1,
                     }
+                    self.monitor_refusal(who, refusal, &detail, now);
                     host.log(
                         if matches!(refusal, Refusal::Check(_)) { Level::Notice } else { Level::Error },
                         &format!(
@@ -301,6 +360,19 @@ impl Gateway {
         Outcome::Denied(denial)
     }
 
+    /// Per-device and health bookkeeping of a refusal. Registered publishers only (a memory
+    /// lookup, no SQL), so a flood of unknown certificate names grows nothing.
+    fn monitor_refusal(&mut self, who: Identity<'_>, refusal: Refusal, detail: &str, now: i64) {
+        if let Identity::Device(d) = who {
+            if self.validator.registry().contains(d) {
+                self.monitor.devices.rejected(d, refusal.metric_name(), now);
+            }
+        }
+        if refusal == Refusal::Internal {
+            self.monitor.last_append_error = Some((now, detail.to_string()));
+        }
+    }
+
     /// The checks, then the durable hand-off; the id is remembered only once it is stored.
     fn accept(
         &mut self,
@@ -331,12 +403,16 @@ impl Gateway {
     /// Periodic work on the broker thread: registry snapshots, the backend's answers and the
     /// responses to devices, pruning, stats.
     pub fn on_tick(&mut self, host: &mut dyn Host, now: i64) {
-        self.validator.registry().apply_updates();
+        if self.validator.registry().apply_updates() {
+            self.monitor.registry_changed();
+        }
         let polled = self.delivery.poll(now);
         log_all(host, polled.logs);
         for d in &polled.answers {
+            self.monitor.devices.settled(&d.message.device_id);
             self.respond(host, d, now);
         }
+        self.report(host, now);
         if self.last_prune.elapsed() >= PRUNE_INTERVAL {
             self.last_prune = Instant::now();
             self.validator.prune(now);
@@ -345,6 +421,61 @@ impl Gateway {
         if self.last_stats.elapsed() >= STATS_INTERVAL {
             self.last_stats = Instant::now();
             self.log_stats(host);
+        }
+    }
+
+    /// Hands a snapshot to the exporter (at most every 250 ms) and publishes `$SYS` (every
+    /// `sys_interval`); nothing when neither is due.
+    fn report(&mut self, host: &mut dyn Host, now: i64) {
+        let (to_exporter, to_sys) = (self.monitor.snapshot_due(), self.monitor.sys_due());
+        if !to_exporter && !to_sys {
+            return;
+        }
+        let s = self.snapshot(now);
+        if to_sys {
+            for (topic, value) in metrics::sys_messages(&s) {
+                // $SYS values are best effort, like the broker's own: a refusal is not logged
+                // every interval.
+                let _ = host.publish(&topic, value.as_bytes());
+            }
+            self.monitor.sys_done();
+        }
+        if to_exporter {
+            self.monitor.publish(s);
+        }
+    }
+
+    /// Every count and gauge, for the exporter and `$SYS`.
+    pub fn snapshot(&mut self, now: i64) -> Snapshot {
+        let st = self.stats();
+        let registry: &crate::registry::Registry = self.validator.registry();
+        let registry_devices = registry.len() as u64;
+        let devices = self.monitor.device_rows(registry.ids());
+        Snapshot {
+            taken: Instant::now(),
+            unix: now,
+            accepted: st.accepted,
+            rejected: Refusal::all().map(|r| (r.metric_name(), st.refused(r))).collect(),
+            acl_denied: st.acl_denied,
+            delivered: st.delivered,
+            retries: st.retries,
+            dead_letters: st.dead_lettered,
+            responses: st.responses,
+            forwarding: self.delivery.forwarding(),
+            pending_messages: self.delivery.pending() as u64,
+            pending_bytes: self.delivery.pending_bytes(),
+            oldest_pending_age: self
+                .delivery
+                .oldest_pending_at()
+                .map_or(0, |t| u64::try_from(now - t).unwrap_or(0)),
+            registry_devices,
+            replay_ids: self.validator.replay_ids() as u64,
+            tracked_devices: self.monitor.devices.len() as u64,
+            backend_durations: self.delivery.request_durations(),
+            validation_durations: self.monitor.validation_durations(),
+            last_append_error: self.monitor.last_append_error.clone(),
+            spool_path: self.cfg.spool_path.display().to_string(),
+            devices,
         }
     }
 
@@ -390,6 +521,7 @@ impl Gateway {
     pub fn shutdown(&mut self, host: &mut dyn Host) {
         log_all(host, self.delivery.shutdown(unix_now()).logs);
         self.watcher.stop();
+        self.monitor.stop();
         self.log_stats(host);
     }
 }

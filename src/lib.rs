@@ -17,6 +17,8 @@
 //! - [`envelope`]: the signed envelope of `docs/envelope.md`; the rejection reasons; signing.
 //! - [`json`]: strict JSON (no duplicate members, bounded depth) and RFC 8785 canonical form.
 //! - [`http`]: the minimal keep-alive HTTP/1.1 client for `http://` backends.
+//! - [`metrics`]: the Prometheus exporter thread (`/metrics`, `/healthz`, `/devices`), `$SYS`
+//!   values and per-device counts; fed snapshots by the gateway, a leaf otherwise.
 //! - [`config`]: `plugin_opt_*` parsing and validation.
 //! - [`host`]: the [`host::Host`] trait, log levels and small helpers every part may use.
 //! - [`pki`]: certificates for the CLI and the tests (not used by the plugin itself).
@@ -34,6 +36,7 @@ pub mod gateway;
 pub mod host;
 pub mod http;
 pub mod json;
+pub mod metrics;
 pub mod pki;
 #[allow(unsafe_code)]
 mod plugin;

@@ -153,6 +153,16 @@ impl Registry {
         self.devices.is_empty()
     }
 
+    /// Whether `id` is in memory (no SQL: cheap enough for every refused message).
+    pub fn contains(&self, id: &str) -> bool {
+        self.devices.contains_key(id)
+    }
+
+    /// The ids in memory.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.devices.keys().map(|k| &**k)
+    }
+
     /// The keys of `id` if it is an enabled device. Memory first; on a miss, one indexed query.
     pub fn get(&mut self, id: &str) -> Result<Option<&DeviceKeys>, rusqlite::Error> {
         if !self.devices.contains_key(id) {
