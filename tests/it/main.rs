@@ -2,4 +2,5 @@
 mod cli;
 mod core;
 mod forward;
+mod metrics;
 mod support;
