@@ -450,7 +450,7 @@ impl Gateway {
         let st = self.stats();
         let registry: &crate::registry::Registry = self.validator.registry();
         let registry_devices = registry.len() as u64;
-        let devices = self.monitor.device_rows(registry.ids());
+        let (devices, devices_at) = self.monitor.device_rows(registry.ids());
         Snapshot {
             taken: Instant::now(),
             unix: now,
@@ -476,6 +476,7 @@ impl Gateway {
             last_append_error: self.monitor.last_append_error.clone(),
             spool_path: self.cfg.spool_path.display().to_string(),
             devices,
+            devices_at,
         }
     }
 

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 /// How often at most the broker thread builds a snapshot for the exporter.
 pub const SNAPSHOT_EVERY: Duration = Duration::from_millis(250);
-/// How often at most the per-device table is copied (it is O(registered devices)).
+/// How often at most the per-device table is copied for `/devices`. Copying is O(registered
+/// devices) on the broker thread, so it is done only when `/devices` is asked for.
 pub const DEVICES_EVERY: Duration = Duration::from_secs(1);
 /// One message in this many is timed for the validation histogram (two clock reads each).
 pub const VALIDATION_SAMPLE: u32 = 16;
@@ -48,6 +49,8 @@ pub struct DeviceRow {
 pub struct DeviceTable {
     map: HashMap<Box<str>, Counts>,
     dirty: bool,
+    /// Off without an exporter: nothing reads the table then, so nothing is counted.
+    off: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -69,7 +72,11 @@ impl DeviceTable {
     }
 
     /// A message from a registered device was accepted (`forwarded`: it now waits in the outbox).
+    #[inline]
     pub fn accepted(&mut self, device: &str, now: i64, forwarded: bool) {
+        if self.off {
+            return;
+        }
         let c = self.entry(device);
         c.last_seen = Some(now);
         c.accepted += 1;
@@ -78,6 +85,9 @@ impl DeviceTable {
 
     /// A message from a registered device was refused for `reason`.
     pub fn rejected(&mut self, device: &str, reason: &'static str, now: i64) {
+        if self.off {
+            return;
+        }
         let c = self.entry(device);
         c.last_seen = Some(now);
         c.last_rejection = Some((reason, now));
@@ -89,6 +99,9 @@ impl DeviceTable {
 
     /// A message of `device` recovered pending from the last run.
     pub fn recovered_pending(&mut self, device: &str) {
+        if self.off {
+            return;
+        }
         self.entry(device).pending += 1;
     }
 
@@ -163,6 +176,8 @@ pub struct Snapshot {
     pub last_append_error: Option<(i64, String)>,
     pub spool_path: String,
     pub devices: Arc<Vec<DeviceRow>>,
+    /// When `devices` was last known current (None: never built).
+    pub devices_at: Option<Instant>,
 }
 
 /// The broker-thread half: per-device counts, the sampled validation timer, and when to
@@ -174,7 +189,10 @@ pub struct Monitor {
     validation: Histogram,
     sample: u32,
     last_snapshot: Option<Instant>,
+    /// When the rows were last made current (rebuilt, or found unchanged).
     last_devices: Option<Instant>,
+    /// When the rows were last rebuilt.
+    devices_built: Option<Instant>,
     rows: Arc<Vec<DeviceRow>>,
     /// The registry changed since the rows were last built.
     registry_changed: bool,
@@ -186,14 +204,16 @@ pub struct Monitor {
 impl Monitor {
     /// `exporter`: the running HTTP thread, if `metrics_listen` is set; `sys_interval` 0 = off.
     pub fn new(exporter: Option<server::Exporter>, sys_interval: u64) -> Monitor {
+        let devices = DeviceTable { off: exporter.is_none(), ..DeviceTable::default() };
         Monitor {
             exporter,
             sys_interval: (sys_interval > 0).then(|| Duration::from_secs(sys_interval)),
-            devices: DeviceTable::default(),
+            devices,
             validation: Histogram::new(VALIDATION_BOUNDS),
             sample: 0,
             last_snapshot: None,
             last_devices: None,
+            devices_built: None,
             rows: Arc::new(Vec::new()),
             registry_changed: false,
             last_sys: Instant::now(),
@@ -234,25 +254,30 @@ impl Monitor {
         self.registry_changed = true;
     }
 
-    /// The per-device rows, rebuilt at most every [`DEVICES_EVERY`] and only when something
-    /// changed, since that is O(registered devices) on the broker thread.
+    /// The per-device rows and when they were last current. They are rebuilt only when the
+    /// exporter was asked for `/devices`, at most every [`DEVICES_EVERY`], and only if
+    /// something changed: the copy is O(registered devices) on the broker thread.
     pub fn device_rows<'a>(
         &mut self,
         registered: impl Iterator<Item = &'a str>,
-    ) -> Arc<Vec<DeviceRow>> {
-        let (first, stale) = match self.last_devices {
-            None => (true, true),
-            Some(t) => (false, t.elapsed() >= DEVICES_EVERY),
-        };
-        if self.exporter.is_some()
-            && stale
-            && (first || self.devices.dirty() || self.registry_changed)
-        {
-            self.rows = Arc::new(self.devices.rows(registered));
-            self.last_devices = Some(Instant::now());
-            self.registry_changed = false;
+    ) -> (Arc<Vec<DeviceRow>>, Option<Instant>) {
+        let Some(e) = &self.exporter else { return (self.rows.clone(), None) };
+        if e.take_devices_request() {
+            let due = self.last_devices.is_none_or(|t| t.elapsed() >= DEVICES_EVERY);
+            if !due {
+                // Answered by a later tick; the exporter waits for it.
+                e.request_devices();
+            } else {
+                if self.devices_built.is_none() || self.devices.dirty() || self.registry_changed {
+                    self.rows = Arc::new(self.devices.rows(registered));
+                    self.devices_built = Some(Instant::now());
+                    self.registry_changed = false;
+                }
+                // Unchanged rows are as current as rebuilt ones.
+                self.last_devices = Some(Instant::now());
+            }
         }
-        self.rows.clone()
+        (self.rows.clone(), self.last_devices)
     }
 
     /// Hands a snapshot to the exporter.
@@ -448,7 +473,10 @@ pub fn render_devices(s: &Snapshot) -> String {
             })
         })
         .collect();
-    let mut text = serde_json::json!({ "generated_at": s.unix, "devices": devices }).to_string();
+    // The rows may be older than the snapshot (a request that timed out waiting for them).
+    let age = s.devices_at.map_or(0, |t| s.taken.saturating_duration_since(t).as_secs() as i64);
+    let mut text =
+        serde_json::json!({ "generated_at": s.unix - age, "devices": devices }).to_string();
     text.push('\n');
     text
 }
@@ -512,6 +540,7 @@ mod tests {
             last_append_error: None,
             spool_path: "/x".into(),
             devices: Arc::new(Vec::new()),
+            devices_at: None,
         }
     }
 

@@ -28,6 +28,14 @@ pub const PROBE_FILE: &str = ".healthz-probe";
 struct Shared {
     snapshot: Mutex<Option<Arc<Snapshot>>>,
     stop: AtomicBool,
+    /// Set by a `/devices` request; the broker thread then copies the per-device table.
+    devices_wanted: AtomicBool,
+}
+
+impl Shared {
+    fn latest(&self) -> Option<Arc<Snapshot>> {
+        self.snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// The running exporter thread; joined by [`Exporter::stop`] (and on drop).
@@ -40,7 +48,11 @@ impl Exporter {
     /// Serves on `listener` (already bound, so a bad or taken address fails at start-up).
     pub fn start(listener: TcpListener, spool: PathBuf) -> io::Result<Exporter> {
         listener.set_nonblocking(true)?;
-        let shared = Arc::new(Shared { snapshot: Mutex::new(None), stop: AtomicBool::new(false) });
+        let shared = Arc::new(Shared {
+            snapshot: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            devices_wanted: AtomicBool::new(false),
+        });
         let s = shared.clone();
         let handle = std::thread::Builder::new()
             .name("iotgw-metrics".into())
@@ -52,6 +64,16 @@ impl Exporter {
     pub fn publish(&self, s: Snapshot) {
         let s = Arc::new(s);
         *self.shared.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+    }
+
+    /// Whether `/devices` was asked for since the last call (broker thread).
+    pub fn take_devices_request(&self) -> bool {
+        self.shared.devices_wanted.swap(false, Ordering::Relaxed)
+    }
+
+    /// Asks (again) for the per-device rows.
+    pub fn request_devices(&self) {
+        self.shared.devices_wanted.store(true, Ordering::Relaxed);
     }
 
     /// Stops the thread and joins it (at most one poll interval plus one request deadline).
@@ -94,10 +116,9 @@ fn run(listener: TcpListener, shared: Arc<Shared>, spool: PathBuf) {
         }
         match listener.accept() {
             Ok((stream, _)) => {
-                let snap = shared.snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 // A panic while serving one request must not end the exporter.
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let _ = serve(stream, snap.as_deref(), &probe_result);
+                    let _ = serve(stream, &shared, &probe_result);
                 }));
             }
             Err(_) => std::thread::sleep(POLL),
@@ -153,11 +174,23 @@ fn respond(stream: &mut TcpStream, status: u16, ctype: &str, body: &str, head_on
     let _ = stream.write_all(out.as_bytes());
 }
 
-fn serve(
-    mut stream: TcpStream,
-    snap: Option<&Snapshot>,
-    probe: &Result<(), String>,
-) -> io::Result<()> {
+/// Asks the broker thread for current per-device rows and waits (bounded) for a snapshot that
+/// has them; on timeout, the last rows (their `generated_at` says how old).
+fn fresh_devices(shared: &Shared) -> Option<Arc<Snapshot>> {
+    let asked = Instant::now();
+    shared.devices_wanted.store(true, Ordering::Relaxed);
+    let deadline = asked + REQUEST_DEADLINE;
+    loop {
+        let s = shared.latest();
+        let fresh = s.as_ref().is_some_and(|s| s.devices_at.is_some_and(|t| t >= asked));
+        if fresh || Instant::now() >= deadline || shared.stop.load(Ordering::SeqCst) {
+            return s;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn serve(mut stream: TcpStream, shared: &Shared, probe: &Result<(), String>) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_write_timeout(Some(REQUEST_DEADLINE))?;
     let Some(line) = read_head(&mut stream)? else { return Ok(()) };
@@ -173,6 +206,8 @@ fn serve(
         return Ok(());
     }
     let path = target.split('?').next().unwrap_or("");
+    let snap = if path == "/devices" { fresh_devices(shared) } else { shared.latest() };
+    let snap = snap.as_deref();
     match (path, snap) {
         ("/healthz", _) => {
             let (code, why) = health(snap, probe);

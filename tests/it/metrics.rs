@@ -400,8 +400,11 @@ fn a_bad_or_taken_metrics_listen_refuses_to_start_with_one_line_naming_it() {
     }
     drop(taken);
     // Positive control: a free address starts, and serves.
-    let (broker, mport) = start_with(&env, &[]);
+    let (mut broker, mport) = start_with(&env, &[]);
     wait_health(&broker, mport, 200);
+    // SIGTERM joins the exporter thread: a clean exit, and the address is free again.
+    assert_eq!(broker.stop(), Some(0), "{}", broker.log());
+    std::net::TcpListener::bind(("127.0.0.1", mport)).expect("metrics port released at shutdown");
 }
 
 /// Runs promtool (Debian's `prometheus` package) if it is installed.
