@@ -477,3 +477,40 @@ fn dashboard_and_alert_rules_reference_only_served_metrics() {
         );
     }
 }
+
+#[test]
+fn outbox_refusals_are_counted_under_their_own_reason() {
+    let env = Env::new();
+    // Nothing listens on the backend port: every accepted message stays pending until the cap.
+    let (broker, mport) = start_with(
+        &env,
+        &[("backend_url", Sink::url(free_port())), ("spool_max_bytes", "1048576".into())],
+    );
+    let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
+    let big = format!(r#"{{"blob":"{}"}}"#, "x".repeat(60_000));
+    let t = now();
+    let (mut accepted, mut refused) = (0.0, 0.0);
+    for _ in 0..25 {
+        let ack =
+            dev.publish("device/sensor_001/data", 1, false, &signed("sensor_001", t, &uid(), &big));
+        if ack.is_ok() {
+            accepted += 1.0;
+        } else {
+            assert!(ack.is_not_authorized(), "{ack:?}");
+            refused += 1.0;
+        }
+    }
+    assert!(refused > 0.0 && accepted > 0.0, "accepted {accepted} refused {refused}");
+    let m = scrape_until(&broker, mport, "every publish counted", |m| {
+        m.get("iotgw_messages_accepted_total") == Some(&accepted)
+            && m.get("iotgw_messages_rejected_total{reason=\"outbox_full\"}") == Some(&refused)
+    });
+    assert_eq!(m["iotgw_outbox_pending_messages"], accepted);
+    let bytes = m["iotgw_outbox_pending_bytes"];
+    assert!(bytes > accepted * 60_000.0 && bytes <= 1_048_576.0, "{bytes}");
+    assert_eq!(m["iotgw_messages_rejected_total{reason=\"outbox_error\"}"], 0.0);
+    let (_, _, body) = get(mport, "/devices");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["devices"][0]["rejected"]["outbox_full"].as_f64(), Some(refused), "{v:#}");
+    assert_eq!(v["devices"][0]["pending"].as_f64(), Some(accepted), "{v:#}");
+}
