@@ -63,12 +63,19 @@ struct Counts {
 }
 
 impl DeviceTable {
-    fn entry(&mut self, device: &str) -> &mut Counts {
+    /// Applies `f` to the device's counts, creating them on its first message: one hash lookup
+    /// per message (a device's name is allocated once).
+    #[inline]
+    fn update(&mut self, device: &str, f: impl FnOnce(&mut Counts)) {
         self.dirty = true;
-        if !self.map.contains_key(device) {
-            self.map.insert(device.into(), Counts::default());
+        match self.map.get_mut(device) {
+            Some(c) => f(c),
+            None => {
+                let mut c = Counts::default();
+                f(&mut c);
+                self.map.insert(device.into(), c);
+            }
         }
-        self.map.get_mut(device).expect("just inserted")
     }
 
     /// A message from a registered device was accepted (`forwarded`: it now waits in the outbox).
@@ -77,10 +84,11 @@ impl DeviceTable {
         if self.off {
             return;
         }
-        let c = self.entry(device);
-        c.last_seen = Some(now);
-        c.accepted += 1;
-        c.pending += u64::from(forwarded);
+        self.update(device, |c| {
+            c.last_seen = Some(now);
+            c.accepted += 1;
+            c.pending += u64::from(forwarded);
+        });
     }
 
     /// A message from a registered device was refused for `reason`.
@@ -88,13 +96,14 @@ impl DeviceTable {
         if self.off {
             return;
         }
-        let c = self.entry(device);
-        c.last_seen = Some(now);
-        c.last_rejection = Some((reason, now));
-        match c.rejected.iter_mut().find(|(r, _)| *r == reason) {
-            Some((_, n)) => *n += 1,
-            None => c.rejected.push((reason, 1)),
-        }
+        self.update(device, |c| {
+            c.last_seen = Some(now);
+            c.last_rejection = Some((reason, now));
+            match c.rejected.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, n)) => *n += 1,
+                None => c.rejected.push((reason, 1)),
+            }
+        });
     }
 
     /// A message of `device` recovered pending from the last run.
@@ -102,7 +111,7 @@ impl DeviceTable {
         if self.off {
             return;
         }
-        self.entry(device).pending += 1;
+        self.update(device, |c| c.pending += 1);
     }
 
     /// The backend gave a final answer for one of its messages.
