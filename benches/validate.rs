@@ -4,6 +4,9 @@
 //!   record, the durable seen-id commit);
 //! - `accept_with_outbox`: the same with forwarding on (outbox row + seen id in one commit,
 //!   hand-off to a worker lane).
+//! - `accept_with_metrics`: `accept_validate_only` with the exporter on (per-device counts);
+//! - `metrics_hooks`: only what the metrics add per accepted message (sampled timer, per-device
+//!   count), which the accept figures are too noisy to resolve.
 //!
 //! Run: `cargo bench --bench validate`.
 
@@ -40,7 +43,7 @@ fn envelope_for(i: u64, now: i64) -> Vec<u8> {
     testkit::signed(&format!("secret-of-{d}"), &d, now, &mid, &payload)
 }
 
-fn gateway(dir: &std::path::Path, backend: &str) -> Gateway {
+fn gateway(dir: &std::path::Path, backend: &str, metrics: Option<String>) -> Gateway {
     let db = dir.join("devices.db");
     let c = rusqlite::Connection::open(&db).unwrap();
     secure_iot_gateway::registry::create(&c).unwrap();
@@ -52,12 +55,15 @@ fn gateway(dir: &std::path::Path, backend: &str) -> Gateway {
         )
         .unwrap();
     }
-    let opts = testkit::PluginOpts::new()
+    let mut opts = testkit::PluginOpts::new()
         .set("db_path", db.display())
         .set("spool_path", dir.join("outbox").display())
         .set("backend_url", backend)
         .set("replay_cache_size", 10_000_000)
         .set("spool_max_bytes", 64u64 << 30);
+    if let Some(m) = metrics {
+        opts = opts.set("metrics_listen", m);
+    }
     let cfg = Config::from_opts(opts.iter()).unwrap();
     Gateway::start(cfg, Arc::new(|| {}), &mut Quiet).unwrap()
 }
@@ -77,12 +83,14 @@ fn bench(c: &mut Criterion) {
     });
 
     let mut counter = 0u64;
-    for (name, backend) in [
-        ("accept_validate_only", "none"),
-        ("accept_with_outbox", "http://127.0.0.1:9/device/{device_id}/data"),
+    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    for (name, backend, metrics) in [
+        ("accept_validate_only", "none", None),
+        ("accept_with_outbox", "http://127.0.0.1:9/device/{device_id}/data", None),
+        ("accept_with_metrics", "none", Some(free_port().to_string())),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let mut gw = gateway(dir.path(), backend);
+        let mut gw = gateway(dir.path(), backend, metrics);
         let mut host = Quiet;
         c.bench_function(name, |b| {
             b.iter_custom(|iters| {
@@ -109,6 +117,20 @@ fn bench(c: &mut Criterion) {
         );
         gw.shutdown(&mut host);
     }
+
+    // The metrics' own per-message work, on 1000 registered devices.
+    let mut monitor = secure_iot_gateway::metrics::Monitor::new(None, 0);
+    let mut table = secure_iot_gateway::metrics::DeviceTable::default();
+    let names: Vec<String> = (0..DEVICES).map(device).collect();
+    let mut i = 0usize;
+    c.bench_function("metrics_hooks", |b| {
+        b.iter(|| {
+            i = (i + 1) % DEVICES;
+            let t = monitor.start_timer();
+            monitor.stop_timer(t);
+            table.accepted(&names[i], now, true);
+        })
+    });
 }
 
 criterion_group! {

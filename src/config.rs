@@ -3,6 +3,7 @@
 //! broker refuses to start.
 
 use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,11 +17,13 @@ pub const DEFAULT_WORKERS: usize = 4;
 pub const DEFAULT_SPOOL_PATH: &str = "/var/lib/secure-iot-gateway/outbox";
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
 pub const DEFAULT_HTTP_TIMEOUT_MS: u64 = 5000;
+/// Mosquitto's own default `sys_interval` (the plugin API cannot read the broker's value).
+pub const DEFAULT_SYS_INTERVAL_S: u64 = 10;
 /// Largest envelope the plugin will parse (Mosquitto's own `message_size_limit` may be lower).
 pub const MAX_PAYLOAD_LIMIT: usize = 16 << 20;
 
 /// Every option key the plugin understands, for the error message on a typo.
-pub const KEYS: [&str; 16] = [
+pub const KEYS: [&str; 18] = [
     "db_path",
     "data_topic",
     "response_topic",
@@ -37,6 +40,8 @@ pub const KEYS: [&str; 16] = [
     "rate_limit",
     "rate_burst",
     "crl_file",
+    "metrics_listen",
+    "sys_interval",
 ];
 
 /// A topic pattern with exactly one `+` level standing for the device id.
@@ -128,6 +133,10 @@ pub struct Config {
     pub rate_limit: Option<RateLimit>,
     /// A PEM CRL reloaded on change; clients whose certificate it revokes are disconnected.
     pub crl_file: Option<PathBuf>,
+    /// Where the Prometheus exporter listens (None: off).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Seconds between `$SYS` publications (0: off).
+    pub sys_interval: u64,
 }
 
 /// `rate_limit` messages per second per device, with bursts of up to `burst` messages.
@@ -217,6 +226,16 @@ pub fn check_backend_url(v: &str) -> Result<(), BadUrl> {
     Ok(())
 }
 
+/// `IP:PORT`, `[IPv6]:PORT` or `localhost:PORT` (no name lookup at start-up); port 0 is refused
+/// because the operator could not know where to scrape.
+pub fn parse_listen(v: &str) -> Option<SocketAddr> {
+    let addr = match v.strip_prefix("localhost:") {
+        Some(port) => SocketAddr::from((Ipv4Addr::LOCALHOST, port.parse::<u16>().ok()?)),
+        None => v.parse().ok()?,
+    };
+    (addr.port() != 0).then_some(addr)
+}
+
 impl Config {
     /// Builds the configuration from the broker's `(key, value)` option pairs.
     pub fn from_opts<'a>(
@@ -240,6 +259,8 @@ impl Config {
         let mut rate_limit: Option<f64> = None;
         let mut rate_burst: Option<u32> = None;
         let mut crl_file = None;
+        let mut metrics_listen = None;
+        let mut sys_interval = DEFAULT_SYS_INTERVAL_S;
 
         for (key, raw) in opts {
             // Mosquitto keeps trailing blanks in option values; they are never meaningful here.
@@ -331,6 +352,16 @@ impl Config {
                     crate::crl::load(&p).map_err(|e| err(key, Some(v), e.to_string()))?;
                     crl_file = Some(p);
                 }
+                "metrics_listen" => {
+                    metrics_listen = if v == "none" {
+                        None
+                    } else {
+                        Some(parse_listen(v).ok_or_else(|| {
+                            err(key, Some(v), "must be IP:PORT, [IPv6]:PORT or localhost:PORT with a port from 1 to 65535 (or none)")
+                        })?)
+                    }
+                }
+                "sys_interval" => sys_interval = number(key, v, 0, 86_400)?,
                 _ => unreachable!("every key in KEYS is handled"),
             }
         }
@@ -382,6 +413,8 @@ impl Config {
             spool_max_bytes,
             rate_limit,
             crl_file,
+            metrics_listen,
+            sys_interval,
         })
     }
 
@@ -577,5 +610,33 @@ mod tests {
         assert_eq!(p.device_of("device//data"), Some(""));
         assert!(p.is_topic_of("device/s1/data", "s1"));
         assert!(!p.is_topic_of("device/s2/data", "s1"));
+    }
+
+    #[test]
+    fn config_metrics_listen_and_sys_interval() {
+        let c = with_db(&[]).unwrap();
+        assert_eq!(
+            (c.metrics_listen, c.sys_interval),
+            (None, 10),
+            "off by default; Mosquitto's 10 s"
+        );
+        let c = with_db(&[("metrics_listen", "127.0.0.1:9234"), ("sys_interval", "0")]).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9234".parse().unwrap()));
+        assert_eq!(c.sys_interval, 0);
+        assert_eq!(
+            with_db(&[("metrics_listen", "localhost:9")]).unwrap().metrics_listen,
+            Some("127.0.0.1:9".parse().unwrap())
+        );
+        assert_eq!(
+            with_db(&[("metrics_listen", "[::1]:9")]).unwrap().metrics_listen,
+            Some("[::1]:9".parse().unwrap())
+        );
+        for bad in
+            ["9234", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "example.com:80", "1.2.3:4"]
+        {
+            let e = with_db(&[("metrics_listen", bad)]).unwrap_err();
+            assert_eq!((e.key.as_str(), e.value.as_deref()), ("metrics_listen", Some(bad)));
+        }
+        assert_eq!(with_db(&[("sys_interval", "-1")]).unwrap_err().key, "sys_interval");
     }
 }

@@ -18,9 +18,11 @@ use crate::envelope::{self, Reason};
 use crate::host::{printable, unix_now, Host, Level, LogLine};
 use crate::json::{self, Json};
 use crate::loglimit::LogLimiter;
+use crate::metrics::{self, Monitor, Snapshot};
 use crate::registry::{Registry, RegistryError, Watcher};
 use crate::validate::{Rejected, Validator};
 use std::fmt;
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,6 +43,24 @@ impl Refusal {
         match self {
             Refusal::Check(r) => r.as_str(),
             Refusal::OutboxFull | Refusal::Internal => "outbox",
+        }
+    }
+
+    /// The refusals besides the checks. With [`Reason::ALL`], the one list every per-reason
+    /// counter (metrics, `$SYS`) iterates, so a new reason appears there by itself.
+    pub const OPERATIONAL: [Refusal; 2] = [Refusal::OutboxFull, Refusal::Internal];
+
+    /// Every refusal: the checks in order, then the operational ones.
+    pub fn all() -> impl Iterator<Item = Refusal> {
+        Reason::ALL.into_iter().map(Refusal::Check).chain(Refusal::OPERATIONAL)
+    }
+
+    /// The `reason` label of the metrics (outbox refusals told apart, unlike in the log).
+    pub fn metric_name(self) -> &'static str {
+        match self {
+            Refusal::Check(r) => r.as_str(),
+            Refusal::OutboxFull => "outbox_full",
+            Refusal::Internal => "outbox_error",
         }
     }
 }
@@ -106,6 +126,9 @@ pub enum StartError {
     Delivery(delivery::StartError),
     ServiceIsDevice(String),
     Crl(crl::CrlError),
+    /// `plugin_opt_metrics_listen`: cannot listen there (taken, not a local address) or cannot
+    /// start the exporter thread.
+    Metrics(SocketAddr, std::io::Error),
 }
 
 impl fmt::Display for StartError {
@@ -123,6 +146,9 @@ impl fmt::Display for StartError {
                 f,
                 "plugin_opt_service_identities {s:?}: also a registered device; a name must be one or the other"
             ),
+            StartError::Metrics(a, e) => {
+                write!(f, "plugin_opt_metrics_listen \"{a}\": cannot serve metrics there: {e}")
+            }
         }
     }
 }
@@ -156,6 +182,15 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// The count of one refusal.
+    pub fn refused(&self, r: Refusal) -> u64 {
+        match r {
+            Refusal::Check(r) => self.rejected[r.index()],
+            Refusal::OutboxFull => self.outbox_full,
+            Refusal::Internal => self.internal_errors,
+        }
+    }
+
     pub fn summary(&self) -> String {
         let mut s = format!("accepted={}", self.accepted);
         for r in Reason::ALL {
@@ -202,6 +237,8 @@ pub struct Gateway {
     crl: Option<CrlState>,
     last_log_flush: Instant,
     logged: Stats,
+    /// Per-device counts, snapshots for the exporter, `$SYS`.
+    monitor: Monitor,
     last_prune: Instant,
     last_stats: Instant,
 }
@@ -220,6 +257,11 @@ impl Gateway {
         wake: Arc<dyn Fn() + Send + Sync>,
         host: &mut dyn Host,
     ) -> Result<Gateway, StartError> {
+        // Bound first, so a bad or taken address refuses the start before anything runs.
+        let listener = match cfg.metrics_listen {
+            Some(a) => Some((a, TcpListener::bind(a).map_err(|e| StartError::Metrics(a, e))?)),
+            None => None,
+        };
         let registry = Registry::open(&cfg.db_path)
             .map_err(|e| StartError::Registry(cfg.db_path.clone(), e))?;
         let (delivery, recovered) =
@@ -243,6 +285,17 @@ impl Gateway {
             }
             None => None,
         };
+        let exporter = match listener {
+            Some((a, l)) => Some(
+                metrics::server::Exporter::start(l, cfg.spool_path.clone())
+                    .map_err(|e| StartError::Metrics(a, e))?,
+            ),
+            None => None,
+        };
+        let mut monitor = Monitor::new(exporter, cfg.sys_interval);
+        for d in &recovered.pending_devices {
+            monitor.devices.recovered_pending(d);
+        }
         let now = Instant::now();
         Ok(Gateway {
             cfg,
@@ -257,6 +310,7 @@ impl Gateway {
             crl,
             last_log_flush: now,
             logged: Stats::default(),
+            monitor,
             last_prune: now,
             last_stats: now,
         })
@@ -317,9 +371,13 @@ impl Gateway {
         let topic_str = std::str::from_utf8(topic).ok();
         if let Some((t, dev)) = topic_str.and_then(|t| Some((t, self.cfg.data_topic.device_of(t)?)))
         {
-            return match self.accept(who, dev, payload, now) {
+            let timer = self.monitor.start_timer();
+            let result = self.accept(who, dev, payload, now);
+            self.monitor.stop_timer(timer);
+            return match result {
                 Ok(()) => {
                     self.verdicts.accepted += 1;
+                    self.monitor.devices.accepted(dev, now, self.delivery.forwarding());
                     Outcome::Accepted
                 }
                 Err(Refused { refusal, detail, message_id }) => {
@@ -332,6 +390,7 @@ impl Gateway {
                         Refusal::OutboxFull => self.verdicts.outbox_full += 1,
                         Refusal::Internal => self.verdicts.internal_errors += 1,
                     }
+                    self.monitor_refusal(who, refusal, &detail, now);
                     if !self.rejection_log.admit(who.name(), refusal.as_str(), Instant::now()) {
                         return Outcome::Refused(refusal);
                     }
@@ -488,6 +547,19 @@ impl Gateway {
         }
     }
 
+    /// Per-device and health bookkeeping of a refusal. Registered publishers only (a memory
+    /// lookup, no SQL), so a flood of unknown certificate names grows nothing.
+    fn monitor_refusal(&mut self, who: Identity<'_>, refusal: Refusal, detail: &str, now: i64) {
+        if let Identity::Device(d) = who {
+            if self.validator.registry().contains(d) {
+                self.monitor.devices.rejected(d, refusal.metric_name(), now);
+            }
+        }
+        if refusal == Refusal::Internal {
+            self.monitor.last_append_error = Some((now, detail.to_string()));
+        }
+    }
+
     /// The checks, then the durable hand-off; the id is remembered only once it is stored.
     fn accept(
         &mut self,
@@ -521,6 +593,9 @@ impl Gateway {
         self.apply_crl_updates(host);
         let revoked = self.validator.apply_registry_updates();
         log_all(host, self.validator.registry().take_logs());
+        if self.validator.registry_changed() {
+            self.monitor.registry_changed();
+        }
         if !revoked.is_empty() || self.validator.registry_changed() {
             self.check_service_conflicts(host);
         }
@@ -548,6 +623,7 @@ impl Gateway {
         let polled = self.delivery.poll(now);
         log_all(host, polled.logs);
         for d in &polled.answers {
+            self.monitor.devices.settled(&d.message.device_id);
             self.respond(host, d, now);
         }
         if self.last_log_flush.elapsed() >= LOG_FLUSH_INTERVAL {
@@ -556,6 +632,7 @@ impl Gateway {
                 host.log(Level::Notice, &format!("secure-iot-gateway: {line}"));
             }
         }
+        self.report(host, now);
         if self.last_prune.elapsed() >= PRUNE_INTERVAL {
             self.last_prune = Instant::now();
             self.validator.prune(now);
@@ -564,6 +641,69 @@ impl Gateway {
         if self.last_stats.elapsed() >= STATS_INTERVAL {
             self.last_stats = Instant::now();
             self.log_stats(host);
+        }
+    }
+
+    /// Hands a snapshot to the exporter (at most every 250 ms) and publishes `$SYS` (every
+    /// `sys_interval`); nothing when neither is due.
+    fn report(&mut self, host: &mut dyn Host, now: i64) {
+        let (to_exporter, to_sys) = (self.monitor.snapshot_due(), self.monitor.sys_due());
+        if !to_exporter && !to_sys {
+            return;
+        }
+        let s = self.snapshot(now);
+        if to_sys {
+            for (topic, value) in metrics::sys_messages(&s) {
+                // $SYS values are best effort, like the broker's own: a refusal is not logged
+                // every interval.
+                let _ = host.publish(&topic, value.as_bytes());
+            }
+            self.monitor.sys_done();
+        }
+        if to_exporter {
+            self.monitor.publish(s);
+        }
+    }
+
+    /// Every count and gauge, for the exporter and `$SYS`.
+    pub fn snapshot(&mut self, now: i64) -> Snapshot {
+        let st = self.stats();
+        let registry: &crate::registry::Registry = self.validator.registry();
+        let registry_devices = registry.len() as u64;
+        let (devices, devices_at) = self.monitor.device_rows(registry.ids());
+        Snapshot {
+            taken: Instant::now(),
+            unix: now,
+            accepted: st.accepted,
+            rejected: Refusal::all().map(|r| (r.metric_name(), st.refused(r))).collect(),
+            acl_denied: st.acl_denied,
+            delivered: st.delivered,
+            retries: st.retries,
+            dead_letters: st.dead_lettered,
+            responses: st.responses,
+            forwarding: self.delivery.forwarding(),
+            pending_messages: self.delivery.pending() as u64,
+            pending_bytes: self.delivery.pending_bytes(),
+            oldest_pending_age: self
+                .delivery
+                .oldest_pending_at()
+                .map_or(0, |t| u64::try_from(now - t).unwrap_or(0)),
+            registry_devices,
+            registry_stale: match registry.health() {
+                crate::registry::Health::Current => None,
+                crate::registry::Health::Stale { error, since } => Some((
+                    since.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64),
+                    error.to_string(),
+                )),
+            },
+            replay_ids: self.validator.replay_ids() as u64,
+            tracked_devices: self.monitor.devices.len() as u64,
+            backend_durations: self.delivery.request_durations(),
+            validation_durations: self.monitor.validation_durations(),
+            last_append_error: self.monitor.last_append_error.clone(),
+            spool_path: self.cfg.spool_path.display().to_string(),
+            devices,
+            devices_at,
         }
     }
 
@@ -609,6 +749,7 @@ impl Gateway {
     pub fn shutdown(&mut self, host: &mut dyn Host) {
         log_all(host, self.delivery.shutdown(unix_now()).logs);
         self.watcher.stop();
+        self.monitor.stop();
         self.log_stats(host);
     }
 }

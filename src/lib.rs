@@ -17,6 +17,8 @@
 //! - [`envelope`]: the signed envelope of `docs/envelope.md`; the rejection reasons; signing.
 //! - [`json`]: strict JSON (no duplicate members, bounded depth) and RFC 8785 canonical form.
 //! - [`http`]: the minimal keep-alive HTTP/1.1 client for `http://` backends.
+//! - [`metrics`]: the Prometheus exporter thread (`/metrics`, `/healthz`, `/devices`), `$SYS`
+//!   values and per-device counts; fed snapshots by the gateway, a leaf otherwise.
 //! - [`config`]: `plugin_opt_*` parsing and validation.
 //! - [`host`]: the [`host::Host`] trait, log levels and small helpers every part may use.
 //! - [`pki`]: certificates for the CLI and the tests (not used by the plugin itself).
@@ -39,6 +41,7 @@ pub mod host;
 pub mod http;
 pub mod json;
 pub mod loglimit;
+pub mod metrics;
 pub mod pki;
 // Not in the unit-test build: that build is a second copy of this crate, linked beside the
 // normal one whenever a unit test uses `testkit` (which depends on the normal one), and only one

@@ -487,6 +487,11 @@ impl Registry {
         Some(old)
     }
 
+    /// The ids of the usable enabled devices in the in-memory snapshot. (No SQL.)
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.snap.devices.keys().map(|k| &**k)
+    }
+
     /// Is `id` a usable enabled device of the in-memory snapshot? (No SQL.)
     pub fn contains(&self, id: &str) -> bool {
         self.snap.devices.contains_key(id)

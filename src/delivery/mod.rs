@@ -12,6 +12,7 @@ pub mod workers;
 
 use crate::config::Config;
 use crate::host::{printable, Level, LogLine};
+use crate::metrics::histogram::{Histogram, HistogramSnapshot, BACKEND_BOUNDS};
 use crate::replay::IdDigest;
 use outbox::{AppendError, Done, QueuedMessage, Store, Syncer};
 use std::collections::hash_map::DefaultHasher;
@@ -55,6 +56,8 @@ pub struct Recovered {
     /// What recovery found damaged (and any backlog record that could not be read back), one
     /// line each, for the start-up log.
     pub warnings: Vec<String>,
+    /// The device of each message left pending by the last run (for per-device counts).
+    pub pending_devices: Vec<String>,
 }
 
 /// Delivery counts, kept by the broker thread (which sees every answer) except the retries,
@@ -114,6 +117,7 @@ impl Delivery {
         let mut recovered = Recovered {
             seen: outbox.take_live_seen(crate::host::unix_now()),
             warnings: std::mem::take(&mut outbox.warnings).iter().map(|w| w.to_string()).collect(),
+            pending_devices: Vec::new(),
         };
         let syncer = outbox.start_syncer().map_err(StartError::Syncer)?;
         let backlog = outbox.take_recovered_pending();
@@ -125,6 +129,7 @@ impl Delivery {
                 for (id, device) in backlog {
                     let lane = f.lane(&device);
                     f.spilled[lane].push_back(id);
+                    recovered.pending_devices.push(device);
                 }
                 Some(f)
             }
@@ -276,6 +281,24 @@ impl Delivery {
     /// Messages waiting for delivery.
     pub fn pending(&self) -> usize {
         self.outbox.pending_count().unwrap_or(0) as usize
+    }
+
+    /// Bytes of pending messages, as counted against `spool_max_bytes`.
+    pub fn pending_bytes(&self) -> u64 {
+        self.outbox.queued_bytes()
+    }
+
+    /// Unix time the oldest pending message was stored (None: nothing pending).
+    pub fn oldest_pending_at(&self) -> Option<i64> {
+        self.outbox.oldest_pending_at()
+    }
+
+    /// The workers' request durations (empty without a backend).
+    pub fn request_durations(&self) -> HistogramSnapshot {
+        match &self.forward {
+            Some(f) => f.pool.stats().request_duration.snapshot(),
+            None => Histogram::new(BACKEND_BOUNDS).snapshot(),
+        }
     }
 
     /// Stops the workers and the syncer (joins them all) and settles the answers that arrived

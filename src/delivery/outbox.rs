@@ -114,6 +114,9 @@ struct Loc {
     segment: u64,
     offset: u64,
     cost: u64,
+    /// Unix time it was appended (for a message recovered at start: the start), for the
+    /// oldest-pending-age metric.
+    at: i64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -738,12 +741,13 @@ impl Store {
         let mut queued_bytes = 0;
         let mut recovered_seen = Vec::with_capacity(accepts.len());
         let mut recovered_pending = Vec::new();
+        let opened_at = crate::host::unix_now();
         for (id, (seg, offset, a)) in accepts {
             recovered_seen.push((a.device.clone(), replay::digest(&a.message_id), a.expires_at));
             if a.forwarded && !settled.contains(&id) {
                 let cost = spool_cost(&a.device, &a.message_id, a.payload.len());
                 queued_bytes += cost;
-                pending.insert(id, Loc { segment: seg, offset, cost });
+                pending.insert(id, Loc { segment: seg, offset, cost, at: opened_at });
                 recovered_pending.push((id as i64, a.device.clone()));
                 if let Some(m) = segments.get_mut(&seg) {
                     m.pending += 1;
@@ -897,7 +901,8 @@ impl Store {
         if let Some(p) = payload {
             let cost = spool_cost(device, message_id, p.len());
             self.queued_bytes += cost;
-            self.pending.insert(id, Loc { segment: seg, offset, cost });
+            let at = crate::host::unix_now();
+            self.pending.insert(id, Loc { segment: seg, offset, cost, at });
         }
         Ok(id as i64)
     }
@@ -947,6 +952,11 @@ impl Store {
     /// first: enough to queue them per lane without reading them back.
     pub fn take_recovered_pending(&mut self) -> Vec<(i64, String)> {
         std::mem::take(&mut self.recovered_pending)
+    }
+
+    /// When the oldest pending message was appended (ids grow with time, so it is the first).
+    pub fn oldest_pending_at(&self) -> Option<i64> {
+        self.pending.first_key_value().map(|(_, l)| l.at)
     }
 
     /// Number of messages waiting for delivery.

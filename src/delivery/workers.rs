@@ -12,6 +12,7 @@
 use super::outbox::{Done, QueuedMessage};
 use crate::config::BackendConfig;
 use crate::host::{Level, LogLine};
+use crate::metrics::histogram::{Histogram, BACKEND_BOUNDS};
 use std::fmt;
 use std::io::Read;
 use std::path::PathBuf;
@@ -31,10 +32,22 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
 
 /// Counters only the workers can keep (the broker thread sees final answers, not attempts).
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct WorkerStats {
     pub attempts: AtomicU64,
     pub retries: AtomicU64,
+    /// Duration of every POST attempt, successful or not.
+    pub request_duration: Histogram,
+}
+
+impl Default for WorkerStats {
+    fn default() -> Self {
+        WorkerStats {
+            attempts: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            request_duration: Histogram::new(BACKEND_BOUNDS),
+        }
+    }
 }
 
 /// Why a backend could not be set up (at start-up, so the broker refuses to start).
@@ -429,7 +442,10 @@ impl Worker {
             }
             n += 1;
             self.shared.stats.attempts.fetch_add(1, Ordering::Relaxed);
-            match self.backend.attempt(&m) {
+            let started = Instant::now();
+            let attempt = self.backend.attempt(&m);
+            self.shared.stats.request_duration.observe(started.elapsed());
+            match attempt {
                 Attempt::Final { status, body, truncated } => {
                     let delivered = (200..300).contains(&status);
                     let done = Done {

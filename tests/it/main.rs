@@ -3,6 +3,7 @@
 mod core;
 mod forward;
 mod hostile;
+mod metrics;
 mod outbox;
 mod registry;
 mod versions;
