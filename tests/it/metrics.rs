@@ -314,6 +314,26 @@ fn wait_health(broker: &Broker, port: u16, code: u16) -> String {
 }
 
 #[test]
+fn healthz_turns_503_while_the_registry_is_unreadable() {
+    let env = Env::new();
+    let (broker, mport) = start_with(&env, &[]);
+    wait_health(&broker, mport, 200);
+    let db = env.path().join("devices.db");
+    let saved = env.path().join("devices.db.good");
+    std::fs::rename(&db, &saved).unwrap();
+    std::fs::write(&db, b"this is not an SQLite database").unwrap();
+    let body = wait_health(&broker, mport, 503);
+    assert!(body.contains("registry unreadable"), "{body}");
+    let m = samples(&get(mport, "/metrics").2);
+    assert_eq!(m.get("iotgw_registry_stale"), Some(&1.0));
+    // Readable again: healthy again, and the metric says so.
+    std::fs::rename(&saved, &db).unwrap();
+    wait_health(&broker, mport, 200);
+    let m = samples(&get(mport, "/metrics").2);
+    assert_eq!(m.get("iotgw_registry_stale"), Some(&0.0));
+}
+
+#[test]
 fn healthz_turns_503_while_the_outbox_directory_is_unwritable() {
     let env = Env::new();
     let (broker, mport) = start_with(&env, &[]);
