@@ -11,6 +11,14 @@ use std::fmt;
 /// Deepest nesting accepted (the envelope object itself is level 1).
 pub const MAX_DEPTH: usize = 64;
 
+/// Largest integer magnitude RFC 8785 can write exactly: it prints numbers as IEEE doubles, and
+/// I-JSON (RFC 7493 §2.2) bounds integers to ±(2^53 − 1).
+pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
+/// Longest piece of the input (member name, number) quoted back in an error: details are logged
+/// per message, so they must stay short whatever the sender wrote.
+const QUOTE_MAX: usize = 40;
+
 /// A JSON value that keeps object members in wire order (duplicates already refused).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Json {
@@ -57,15 +65,41 @@ pub enum JsonError {
     DuplicateMember(String),
     /// Nested deeper than [`MAX_DEPTH`].
     TooDeep,
+    /// A number RFC 8785 cannot write back exactly: an integer beyond ±[`MAX_SAFE_INTEGER`] or a
+    /// value that overflows a double. Holds the number as written (shortened).
+    Number(NumberProblem, String),
+}
+
+/// What is wrong with a number (see [`JsonError::Number`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumberProblem {
+    /// An integer literal beyond ±(2^53 − 1): a signer printing it as a double would change it.
+    UnsafeInteger,
+    /// Larger in magnitude than the largest finite double (e.g. `1e400`).
+    Overflow,
 }
 
 impl fmt::Display for JsonError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             JsonError::Syntax(s) => write!(f, "invalid JSON: {s}"),
-            JsonError::DuplicateMember(k) => write!(f, "duplicate member {k:?}"),
+            JsonError::DuplicateMember(k) => write!(f, "duplicate member {:?}", shorten(k)),
             JsonError::TooDeep => write!(f, "nested deeper than {MAX_DEPTH} levels"),
+            JsonError::Number(NumberProblem::UnsafeInteger, n) => {
+                write!(f, "number {n} is beyond ±(2^53-1), which RFC 8785 cannot represent exactly")
+            }
+            JsonError::Number(NumberProblem::Overflow, n) => {
+                write!(f, "number {n} overflows a double (RFC 8785 cannot represent it)")
+            }
         }
+    }
+}
+
+/// `s` cut to [`QUOTE_MAX`] characters, marked with `...` when cut.
+fn shorten(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(QUOTE_MAX) {
+        None => s.into(),
+        Some((at, _)) => format!("{}...", &s[..at]).into(),
     }
 }
 
@@ -73,12 +107,63 @@ const DUP_PREFIX: &str = "\u{0}dup:";
 const DEEP_MARK: &str = "\u{0}deep";
 
 /// Parses `bytes` as one strict JSON value: UTF-8, no duplicate members, at most
-/// [`MAX_DEPTH`] levels of arrays/objects.
+/// [`MAX_DEPTH`] levels of arrays/objects, only numbers RFC 8785 represents exactly.
 pub fn parse_strict(bytes: &[u8]) -> Result<Json, JsonError> {
+    check_numbers(bytes)?;
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = Seed { depth: 0 }.deserialize(&mut de).map_err(classify)?;
     de.end().map_err(classify)?;
     Ok(value)
+}
+
+/// Refuses the numbers RFC 8785 cannot write back exactly, judged on their text: serde_json
+/// hands integers beyond u64 to the visitor as doubles (so `2^64` and `1.8e19` look alike there)
+/// and reports `1e400` only as a generic syntax error. One linear pass over the bytes; on valid
+/// JSON every token it sees outside a string is a number. On invalid JSON it may name a number
+/// problem where the syntax error comes first: the input is malformed either way.
+fn check_numbers(bytes: &[u8]) -> Result<(), JsonError> {
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < bytes.len()
+                    && matches!(bytes[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                check_number(&bytes[start..i])?;
+            }
+            _ => i += 1,
+        }
+    }
+    Ok(())
+}
+
+fn check_number(token: &[u8]) -> Result<(), JsonError> {
+    // Only ASCII digits, signs, '.', 'e' reach here.
+    let text = std::str::from_utf8(token).unwrap_or_default();
+    let problem = if token.iter().any(|b| matches!(b, b'.' | b'e' | b'E')) {
+        // A syntax error (say `1.e5`) is left to the parser.
+        text.parse::<f64>().is_ok_and(f64::is_infinite).then_some(NumberProblem::Overflow)
+    } else {
+        let digits = text.strip_prefix('-').unwrap_or(text);
+        // 2^53 - 1 has 16 digits; JSON allows no leading zeros.
+        let unsafe_int =
+            digits.len() > 16 || digits.parse::<u64>().is_ok_and(|n| n > MAX_SAFE_INTEGER);
+        unsafe_int.then_some(NumberProblem::UnsafeInteger)
+    };
+    match problem {
+        Some(p) => Err(JsonError::Number(p, shorten(text).into_owned())),
+        None => Ok(()),
+    }
 }
 
 fn classify(e: serde_json::Error) -> JsonError {
@@ -343,6 +428,50 @@ mod tests {
     }
 
     #[test]
+    fn integers_are_limited_to_plus_minus_2_53_minus_1() {
+        // Positive controls: the edges themselves, and integer-valued numbers written as doubles.
+        for ok in ["9007199254740991", "-9007199254740991", "[0,-0,1e21,1.5e300,123456789012.0]"] {
+            assert!(parse_strict(ok.as_bytes()).is_ok(), "{ok}");
+        }
+        for bad in [
+            "9007199254740992",
+            "-9007199254740992",
+            "18446744073709551616",
+            "{\"a\":[1,{\"b\":123456789012345678901234567890}]}",
+        ] {
+            assert!(
+                matches!(
+                    parse_strict(bad.as_bytes()),
+                    Err(JsonError::Number(NumberProblem::UnsafeInteger, _))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn numbers_overflowing_a_double_are_refused_by_name() {
+        for ok in ["1.7976931348623157e308", "-1e308", "1e-400", "[\"1e400\"]"] {
+            assert!(parse_strict(ok.as_bytes()).is_ok(), "{ok}");
+        }
+        for bad in ["1e400", "-1e400", "[1.0E+999]", "{\"x\\\"\":2e308}"] {
+            let e = parse_strict(bad.as_bytes()).unwrap_err();
+            assert!(matches!(e, JsonError::Number(NumberProblem::Overflow, _)), "{bad}: {e:?}");
+            assert!(e.to_string().contains("overflows a double"), "{e}");
+        }
+    }
+
+    #[test]
+    fn error_details_quote_at_most_a_short_prefix() {
+        let name = "k".repeat(10_000);
+        let e = parse_strict(format!("{{\"{name}\":1,\"{name}\":2}}").as_bytes()).unwrap_err();
+        assert!(matches!(e, JsonError::DuplicateMember(_)));
+        assert!(e.to_string().len() < 100, "{e}");
+        let e = parse_strict(format!("1{}", "0".repeat(10_000)).as_bytes()).unwrap_err();
+        assert!(e.to_string().len() < 150, "{e}");
+    }
+
+    #[test]
     fn canonical_sorts_members_at_every_depth_and_strips_whitespace() {
         assert_eq!(
             canon(r#"{ "b": [ {"z":1, "y":2} ], "a": null }"#),
@@ -376,8 +505,9 @@ mod tests {
             ("0.000001", "0.000001"),
             ("-0.0", "0"),
             ("1.5e300", "1.5e+300"),
-            ("123456789012345678901234", "1.2345678901234569e+23"),
-            ("9007199254740993", "9007199254740992"),
+            // Written as doubles: as integers these are beyond 2^53 - 1 and refused (see below).
+            ("123456789012345678901234.0", "1.2345678901234569e+23"),
+            ("9007199254740993.0", "9007199254740992"),
             ("-42", "-42"),
             // Expectations above were checked against Node.js String(x).
             ("0.1", "0.1"),
