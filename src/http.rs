@@ -294,7 +294,8 @@ fn read_chunked(s: &mut impl Read, rest: &mut Vec<u8>) -> io::Result<Vec<u8>> {
                 }
             }
         }
-        if body.len() + size > DRAIN_MAX {
+        // Not `body.len() + size`: a chunk size near usize::MAX (found by fuzzing) overflowed it.
+        if size > DRAIN_MAX - body.len() {
             return Err(bad("chunked body too large"));
         }
         while rest.len() < at + size + 2 {
@@ -355,6 +356,19 @@ mod tests {
         assert!(parse(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
         assert!(parse(b"").is_err());
         assert!(parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err());
+    }
+
+    #[test]
+    fn a_chunk_size_near_usize_max_is_an_error_not_a_panic() {
+        let e =
+            parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab")
+                .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        // Positive control: the same framing with a small size is read.
+        let (r, _) =
+            parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n")
+                .unwrap();
+        assert_eq!(r.body, b"ab");
     }
 
     #[test]

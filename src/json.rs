@@ -73,7 +73,8 @@ pub enum JsonError {
 /// What is wrong with a number (see [`JsonError::Number`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NumberProblem {
-    /// An integer literal beyond ±(2^53 − 1): a signer printing it as a double would change it.
+    /// An integer beyond ±(2^53 − 1) that RFC 8785 would write as an integer: written as one
+    /// (`9007199254740992`), or as a double whose value is one below 1e21 (`1e20`, `2e16`).
     UnsafeInteger,
     /// Larger in magnitude than the largest finite double (e.g. `1e400`).
     Overflow,
@@ -86,7 +87,7 @@ impl fmt::Display for JsonError {
             JsonError::DuplicateMember(k) => write!(f, "duplicate member {:?}", shorten(k)),
             JsonError::TooDeep => write!(f, "nested deeper than {MAX_DEPTH} levels"),
             JsonError::Number(NumberProblem::UnsafeInteger, n) => {
-                write!(f, "number {n} is beyond ±(2^53-1), which RFC 8785 cannot represent exactly")
+                write!(f, "number {n} is an integer beyond ±(2^53-1), which RFC 8785 cannot represent exactly")
             }
             JsonError::Number(NumberProblem::Overflow, n) => {
                 write!(f, "number {n} overflows a double (RFC 8785 cannot represent it)")
@@ -152,7 +153,16 @@ fn check_number(token: &[u8]) -> Result<(), JsonError> {
     let text = std::str::from_utf8(token).unwrap_or_default();
     let problem = if token.iter().any(|b| matches!(b, b'.' | b'e' | b'E')) {
         // A syntax error (say `1.e5`) is left to the parser.
-        text.parse::<f64>().is_ok_and(f64::is_infinite).then_some(NumberProblem::Overflow)
+        match text.parse::<f64>() {
+            Ok(f) if f.is_infinite() => Some(NumberProblem::Overflow),
+            // RFC 8785 writes integral values below 1e21 as integers (1e20 is
+            // "100000000000000000000"): beyond 2^53 - 1 its output would be refused when read
+            // back, so such a value is refused however it is spelled.
+            Ok(f) if f.trunc() == f && f.abs() > MAX_SAFE_INTEGER as f64 && f.abs() < 1e21 => {
+                Some(NumberProblem::UnsafeInteger)
+            }
+            _ => None,
+        }
     } else {
         let digits = text.strip_prefix('-').unwrap_or(text);
         // 2^53 - 1 has 16 digits; JSON allows no leading zeros.
@@ -430,7 +440,11 @@ mod tests {
     #[test]
     fn integers_are_limited_to_plus_minus_2_53_minus_1() {
         // Positive controls: the edges themselves, and integer-valued numbers written as doubles.
-        for ok in ["9007199254740991", "-9007199254740991", "[0,-0,1e21,1.5e300,123456789012.0]"] {
+        for ok in [
+            "9007199254740991",
+            "-9007199254740991",
+            "[0,-0,1e21,-1e21,1.5e300,123456789012.0,2e53]",
+        ] {
             assert!(parse_strict(ok.as_bytes()).is_ok(), "{ok}");
         }
         for bad in [
@@ -438,6 +452,12 @@ mod tests {
             "-9007199254740992",
             "18446744073709551616",
             "{\"a\":[1,{\"b\":123456789012345678901234567890}]}",
+            // Doubles whose canonical form would be such an integer (found by fuzzing: the
+            // canonical form of 1e20 did not parse back).
+            "1e20",
+            "-9007199254740992.0",
+            "9007199254740993.5",
+            "123456789012345678.0",
         ] {
             assert!(
                 matches!(
@@ -500,14 +520,12 @@ mod tests {
             ("-0.5", "-0.5"),
             ("100.0", "100"),
             ("1e21", "1e+21"),
-            ("1e20", "100000000000000000000"),
             ("1e-7", "1e-7"),
             ("0.000001", "0.000001"),
             ("-0.0", "0"),
             ("1.5e300", "1.5e+300"),
-            // Written as doubles: as integers these are beyond 2^53 - 1 and refused (see below).
+            // Written as a double: as an integer it is beyond 2^53 - 1 and refused (see below).
             ("123456789012345678901234.0", "1.2345678901234569e+23"),
-            ("9007199254740993.0", "9007199254740992"),
             ("-42", "-42"),
             // Expectations above were checked against Node.js String(x).
             ("0.1", "0.1"),
@@ -516,5 +534,9 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(canon(input), want, "input {input}");
         }
+        // Integral doubles from 2^53 to 1e21 print as integers; the parser refuses them (see
+        // integers_are_limited_to_plus_minus_2_53_minus_1), the writer still prints them right.
+        assert_eq!(es_number(1e20), "100000000000000000000");
+        assert_eq!(es_number(9007199254740992.0), "9007199254740992");
     }
 }

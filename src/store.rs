@@ -266,11 +266,14 @@ impl Store {
                 }
             }
             let mut meta = SegMeta { bytes: valid_end, ..Default::default() };
+            // The segment's name is the id of its first record, readable or not; a later
+            // rotation must not reuse the name.
+            next_id = next_id.max(first.saturating_add(1));
             for (offset, body) in records {
                 match body.first() {
                     Some(&ACCEPT) => {
                         if let Some(a) = decode_accept(&body) {
-                            next_id = next_id.max(a.id + 1);
+                            next_id = next_id.max(a.id.saturating_add(1));
                             meta.max_expiry = meta.max_expiry.max(a.expires_at);
                             accepts.insert(a.id, (*first, offset, a));
                         }
@@ -280,7 +283,13 @@ impl Store {
                         let n = c.u32().unwrap_or(0);
                         for _ in 0..n {
                             match (c.u64(), c.u8()) {
-                                (Some(id), Some(_state)) => settled.push(id),
+                                (Some(id), Some(_state)) => {
+                                    // An id settled here must never be handed out again, even
+                                    // when its ACCEPT record is lost: the next start would take
+                                    // the new message as settled (found by fuzzing).
+                                    next_id = next_id.max(id.saturating_add(1));
+                                    settled.push(id);
+                                }
                                 _ => break,
                             }
                         }
