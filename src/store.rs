@@ -41,6 +41,11 @@ const ROW_OVERHEAD: u64 = 64;
 /// Largest record accepted when reading back (guards against a corrupt length).
 const MAX_RECORD: u32 = 64 << 20;
 
+/// Ids are issued from 1 upwards, one per message: none gets near this in practice, so a larger
+/// one read back is damage that happened to pass the CRC (or a crafted file). Ignoring it keeps
+/// `next_id + 1` from overflowing (found by fuzzing) and ids positive as `i64`.
+const MAX_ID: u64 = 1 << 62;
+
 const ACCEPT: u8 = 1;
 const SETTLE: u8 = 2;
 const DELIVERED: u8 = 1;
@@ -186,7 +191,7 @@ impl Cursor<'_> {
 
 fn decode_accept(body: &[u8]) -> Option<Accept> {
     let mut c = Cursor { b: body, at: 1 };
-    let id = c.u64()?;
+    let id = c.u64().filter(|id| *id <= MAX_ID)?;
     let expires_at = c.u64()? as i64;
     let forwarded = c.u8()? == 1;
     let device = c.string()?;
@@ -268,12 +273,14 @@ impl Store {
             let mut meta = SegMeta { bytes: valid_end, ..Default::default() };
             // The segment's name is the id of its first record, readable or not; a later
             // rotation must not reuse the name.
-            next_id = next_id.max(first.saturating_add(1));
+            if *first <= MAX_ID {
+                next_id = next_id.max(first + 1);
+            }
             for (offset, body) in records {
                 match body.first() {
                     Some(&ACCEPT) => {
                         if let Some(a) = decode_accept(&body) {
-                            next_id = next_id.max(a.id.saturating_add(1));
+                            next_id = next_id.max(a.id + 1);
                             meta.max_expiry = meta.max_expiry.max(a.expires_at);
                             accepts.insert(a.id, (*first, offset, a));
                         }
@@ -287,8 +294,10 @@ impl Store {
                                     // An id settled here must never be handed out again, even
                                     // when its ACCEPT record is lost: the next start would take
                                     // the new message as settled (found by fuzzing).
-                                    next_id = next_id.max(id.saturating_add(1));
-                                    settled.push(id);
+                                    if id <= MAX_ID {
+                                        next_id = next_id.max(id + 1);
+                                        settled.push(id);
+                                    }
                                 }
                                 _ => break,
                             }
