@@ -355,17 +355,50 @@ fn write_number(n: &serde_json::Number, out: &mut Vec<u8>) {
     out.extend_from_slice(es_number(f).as_bytes());
 }
 
+/// The shortest digits that read back as `f` (positive, finite), and the decimal exponent of the
+/// first one, chosen as ECMAScript does (Number::toString, note 2: the closest, and the even one
+/// of two equally close; V8 and Python's repr agree).
+fn shortest_digits(f: f64) -> (String, i32) {
+    // `{:e}` prints the shortest digits that round-trip and the closest of them, but breaks an
+    // exact tie upward: 900719925474099.25 came out as ...099.3 where ECMAScript prints ...099.2
+    // (found by fuzzing against serde_json's printer; checked with Node.js).
+    let sci = format!("{f:e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let mut digits: Vec<u8> = mantissa.bytes().filter(|c| *c != b'.').collect();
+    let exp = exp.parse::<i32>().unwrap_or(0);
+    let last = digits.len() - 1;
+    // ASCII digits have the parity of their value. Only an odd last digit can be a tie broken
+    // the wrong way, and only if the even one below reads back as `f` too (rare).
+    if digits[last] % 2 == 1 {
+        let mut lower = digits.clone();
+        lower[last] -= 1;
+        let text = format!("{}.{}e{exp}", lower[0] as char, String::from_utf8_lossy(&lower[1..]));
+        if text.parse::<f64>() == Ok(f) {
+            // A tie means `f` is exactly the lower digits followed by 5. A double's exact
+            // expansion has at most 767 significant digits, so this precision is exact.
+            let full = format!("{f:.767e}");
+            let (m, e) = full.split_once('e').unwrap_or((&full, "0"));
+            let exact: Vec<u8> = m.bytes().filter(|c| *c != b'.').collect();
+            let tie = e.parse::<i32>() == Ok(exp)
+                && exact.starts_with(&lower)
+                && exact.get(lower.len()) == Some(&b'5')
+                && exact[lower.len() + 1..].iter().all(|d| *d == b'0');
+            if tie {
+                digits = lower;
+            }
+        }
+    }
+    (String::from_utf8(digits).unwrap_or_default(), exp)
+}
+
 /// ECMAScript Number::toString(10) for a finite double.
 pub fn es_number(f: f64) -> String {
     if f == 0.0 {
         return "0".into();
     }
-    // Rust's `{:e}` prints the shortest digits that round-trip, like ECMAScript requires.
-    let sci = format!("{:e}", f.abs());
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let (digits, exp) = shortest_digits(f.abs());
     let k = digits.len() as i32;
-    let n = exp.parse::<i32>().unwrap_or(0) + 1;
+    let n = exp + 1;
     let mut s = String::new();
     if f < 0.0 {
         s.push('-');
@@ -533,6 +566,23 @@ mod tests {
         ];
         for (input, want) in cases {
             assert_eq!(canon(input), want, "input {input}");
+        }
+        // Exact ties between two shortest candidates go to the even one (checked with Node.js;
+        // found by fuzzing: `{:e}` rounds them up).
+        for (f, want) in [
+            (900719925474099.25, "900719925474099.2"),
+            (184467407370551.625, "184467407370551.62"),
+            (1844674407370955.25, "1844674407370955.2"),
+            (563333333338314.25, "563333333338314.2"),
+            (184467440737095.625, "184467440737095.62"),
+            (-900719925474099.25, "-900719925474099.2"),
+            // Positive controls: not ties, the odd digit is the closest.
+            (900719925474099.125, "900719925474099.1"),
+            (184467407370551.875, "184467407370551.88"),
+            (0.3, "0.3"),
+            (5e-324, "5e-324"),
+        ] {
+            assert_eq!(es_number(f), want, "{f:e}");
         }
         // Integral doubles from 2^53 to 1e21 print as integers; the parser refuses them (see
         // integers_are_limited_to_plus_minus_2_53_minus_1), the writer still prints them right.
