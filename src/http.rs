@@ -360,9 +360,11 @@ mod tests {
 
     #[test]
     fn a_chunk_size_near_usize_max_is_an_error_not_a_panic() {
-        let e =
-            parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab")
-                .unwrap_err();
+        // After a first chunk, so `body.len() + size` would overflow.
+        let e = parse(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\nffffffffffffffff\r\nab",
+        )
+        .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
         // Positive control: the same framing with a small size is read.
         let (r, _) =
