@@ -190,14 +190,16 @@ fn timestamp_tolerance_is_inclusive_in_both_directions() {
     assert_eq!(last_reason(&h), "timestamp");
     assert_eq!(send1(&mut gw, &mut h, NOW + 301, "d", NOW), Verdict::Deny);
     assert_eq!(last_reason(&h), "timestamp");
-    // Extreme values must not overflow the arithmetic (checked before the signature).
-    let extreme = format!(
-        r#"{{"device_id":"sensor_001","timestamp":{},"message_id":"e","payload":1,"signature":"{}"}}"#,
-        i64::MIN,
-        "0".repeat(64)
-    );
-    assert_eq!(send(&mut gw, &mut h, "sensor_001", t, extreme.as_bytes(), NOW), Verdict::Deny);
-    assert_eq!(last_reason(&h), "timestamp");
+    // Extreme values must not overflow the arithmetic (checked before the signature). The
+    // most extreme that reaches it is -(2^53 - 1): beyond that the number is malformed.
+    for (ts, reason) in [(i64::MIN, "malformed"), (-((1i64 << 53) - 1), "timestamp")] {
+        let extreme = format!(
+            r#"{{"device_id":"sensor_001","timestamp":{ts},"message_id":"e","payload":1,"signature":"{}"}}"#,
+            "0".repeat(64)
+        );
+        assert_eq!(send(&mut gw, &mut h, "sensor_001", t, extreme.as_bytes(), NOW), Verdict::Deny);
+        assert_eq!(last_reason(&h), reason, "{ts}");
+    }
 }
 
 #[test]
