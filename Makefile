@@ -11,7 +11,7 @@ APT_PKGS   := mosquitto mosquitto-clients mosquitto-dev libmosquitto-dev libclan
               cmake libcjson-dev curl
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps build test lint demo install uninstall deb deb-test bench clean brokers test-brokers
+.PHONY: all deps build test lint demo install uninstall deb deb-test bench fuzz clean brokers test-brokers
 
 all: build
 
@@ -92,6 +92,21 @@ bench: deps
 	$(CARGO) bench --bench validate
 	$(CARGO) run --release --example registry_scale
 	./scripts/bench-e2e.sh 16 2500
+
+# Coverage-guided fuzzing with cargo-fuzz (libFuzzer) on a nightly toolchain; on stable only, run
+# with FUZZ_TOOLCHAIN= RUSTC_BOOTSTRAP=1. FUZZ_SECONDS per target. Findings land in
+# fuzz/artifacts/<target>/; copy them to fuzz/regressions/<target>/ (replayed by `cargo test`).
+FUZZ_SECONDS   ?= 600
+FUZZ_TARGETS   ?= envelope canonical http_response store_recovery config
+FUZZ_TOOLCHAIN ?= +nightly
+fuzz:
+	cd fuzz && $(CARGO) $(FUZZ_TOOLCHAIN) fuzz build -s none -a
+	for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t; \
+		dict=""; [ -f fuzz/dicts/$$t.dict ] && dict="-dict=fuzz/dicts/$$t.dict"; \
+		nice -n 15 $(CARGO) $(FUZZ_TOOLCHAIN) fuzz run -s none -a $$t fuzz/corpus/$$t fuzz/regressions/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 $$dict || exit 1; \
+	done
 
 clean:
 	$(CARGO) clean

@@ -382,6 +382,38 @@ mod tests {
         assert!(!verify(b"k2", &e.canonical(), &e.signature));
     }
 
+    /// An envelope whose payload is `{"n":<number>}`, signed by a signer that writes the number
+    /// as given (what a device would send).
+    fn signed_with_number(number: &str) -> String {
+        let canonical = format!(
+            r#"{{"device_id":"d1","message_id":"m","payload":{{"n":{number}}},"timestamp":5}}"#
+        );
+        let sig = hex(&hmac(b"k", canonical.as_bytes()));
+        format!(
+            r#"{{"device_id":"d1","timestamp":5,"message_id":"m","payload":{{"n":{number}}},"signature":"{sig}"}}"#
+        )
+    }
+
+    #[test]
+    fn numbers_rfc8785_cannot_represent_are_malformed_not_a_bad_signature() {
+        // Positive controls: the largest exact integers and a large but finite double verify.
+        for ok in ["9007199254740991", "-9007199254740991", "1.5e+300"] {
+            let e = env(&signed_with_number(ok)).unwrap_or_else(|r| panic!("{ok}: {r}"));
+            assert!(verify(b"k", &e.canonical(), &e.signature), "{ok}");
+        }
+        for (bad, says) in [
+            ("9007199254740992", "beyond"),
+            ("-9007199254740992", "beyond"),
+            ("18446744073709551616", "beyond"),
+            ("1e400", "overflows a double"),
+            ("-1e400", "overflows a double"),
+        ] {
+            let r = env(&signed_with_number(bad)).unwrap_err();
+            assert_eq!(r.reason, Reason::Malformed, "{bad}");
+            assert!(r.detail.contains(says) && r.detail.contains(bad), "{bad}: {}", r.detail);
+        }
+    }
+
     #[test]
     fn uuid_v4_has_the_right_shape() {
         let u = uuid_v4();

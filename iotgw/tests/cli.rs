@@ -234,6 +234,13 @@ fn sign_and_verify_reproduce_every_vector() {
     }
     fails(&["sign", "--device", "a/b", "--secret", "s", "--payload", "{}"], "invalid device id");
     fails(&["sign", "--device", "d", "--secret", "s", "--payload", "{nope"], "not JSON");
+    // The signer refuses what the verifier would call malformed; the edge itself is signed.
+    fails(&["sign", "--device", "d", "--secret", "s", "--payload", "9007199254740992"], "2^53");
+    fails(
+        &["sign", "--device", "d", "--secret", "s", "--payload", "{\"a\":1,\"a\":2}"],
+        "duplicate",
+    );
+    ok(&["sign", "--device", "d", "--secret", "s", "--payload=-9007199254740991"]);
 }
 
 #[test]

@@ -52,6 +52,12 @@ const ROW_OVERHEAD: u64 = 64;
 /// Largest record accepted when reading back (guards against a corrupt length).
 const MAX_RECORD: u32 = 64 << 20;
 
+/// Ids are issued from 1 upwards, one per message: none gets near this in practice (2^62 at a
+/// million a second is 146,000 years), so a larger one read back is damage that passed the
+/// checksum (or a crafted file). Not taking it keeps `next_id + 1` from overflowing (found by
+/// fuzzing) and ids positive as `i64`; `append` never issues one.
+const MAX_ID: u64 = 1 << 62;
+
 const ACCEPT: u8 = 1;
 const SETTLE: u8 = 2;
 const DELIVERED: u8 = 1;
@@ -409,7 +415,7 @@ fn parse_accept(body: &[u8]) -> Option<AcceptRef<'_>> {
     if c.u8()? != ACCEPT {
         return None;
     }
-    let id = c.u64()?;
+    let id = c.u64().filter(|id| *id <= MAX_ID)?;
     let expires_at = c.u64()? as i64;
     let forwarded = match c.u8()? {
         0 => false,
@@ -447,7 +453,7 @@ fn parse_settle(body: &[u8]) -> Option<Vec<u64>> {
     }
     let mut ids = Vec::with_capacity(n);
     for _ in 0..n {
-        let id = c.u64()?;
+        let id = c.u64().filter(|id| *id <= MAX_ID)?;
         if !matches!(c.u8()?, DELIVERED | DEAD) {
             return None;
         }
@@ -875,6 +881,14 @@ impl Store {
     ) -> Result<i64, AppendError> {
         if let Some(p) = payload {
             self.check_room(device, message_id, p.len())?;
+        }
+        if self.next_id > MAX_ID {
+            // Only reachable from a damaged or crafted outbox; an id past MAX_ID would not be
+            // read back at the next start, so the message would be lost after its PUBACK.
+            return Err(AppendError::Io(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "outbox message ids exhausted (the outbox holds an id near 2^62: damaged data)",
+            )));
         }
         self.rotate_if_full().map_err(AppendError::Io)?;
         let id = self.next_id;

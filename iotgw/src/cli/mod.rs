@@ -400,8 +400,9 @@ pub fn run(cli: Cli) -> Result<i32, String> {
                 return Err(format!("invalid device id {device:?}"));
             }
             let secret = secret_for(&dir, &device, secret)?;
-            let p: serde_json::Value = serde_json::from_str(&payload)
-                .map_err(|e| format!("--payload is not JSON: {e}"))?;
+            // The verifier's strict reading: what it would refuse is never signed.
+            let p = secure_iot_gateway::json::parse_strict(payload.as_bytes())
+                .map_err(|e| format!("--payload is not JSON the gateway accepts: {e}"))?;
             let mut members = vec![
                 ("device_id".to_string(), Json::String(device)),
                 (
@@ -414,7 +415,7 @@ pub fn run(cli: Cli) -> Result<i32, String> {
                     "message_id".to_string(),
                     Json::String(message_id.unwrap_or_else(envelope::uuid_v4)),
                 ),
-                ("payload".to_string(), Json::from_value(p)),
+                ("payload".to_string(), p),
             ];
             for e in extras {
                 let (k, v) = e
@@ -423,9 +424,9 @@ pub fn run(cli: Cli) -> Result<i32, String> {
                 if members.iter().any(|(m, _)| m == k) || k == "signature" {
                     return Err(format!("--extra {k:?}: that member is already set"));
                 }
-                let v: serde_json::Value = serde_json::from_str(v)
-                    .map_err(|err| format!("--extra {k}: not JSON: {err}"))?;
-                members.push((k.to_string(), Json::from_value(v)));
+                let v = secure_iot_gateway::json::parse_strict(v.as_bytes())
+                    .map_err(|err| format!("--extra {k}: not JSON the gateway accepts: {err}"))?;
+                members.push((k.to_string(), v));
             }
             println!("{}", envelope::sign_members(secret.as_bytes(), &members));
             Ok(0)
