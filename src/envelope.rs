@@ -1,4 +1,4 @@
-//! The signed device envelope of `spec/envelope.md`: parsing, canonical form, HMAC.
+//! The signed device envelope of `docs/envelope.md`: parsing, canonical form, HMAC.
 //!
 //! Used by every signer and verifier in the project (plugin, CLI `sign`/`verify`, simulator,
 //! downlink responses), so they cannot drift apart.
