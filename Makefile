@@ -62,7 +62,9 @@ deb-test: deps
 	./scripts/test-deb.sh
 	./scripts/test-deb-trixie.sh
 
+# Side by side: plain Mosquitto vs validating vs forwarding (ROUNDS=5 MESSAGES=60000 settable).
 bench: deps
+	./scripts/bench.py
 	$(CARGO) bench --bench validate
 	$(CARGO) run --release --example registry_scale
 	./scripts/bench-e2e.sh 16 2500
