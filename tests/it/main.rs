@@ -3,5 +3,6 @@
 mod core;
 mod forward;
 mod hostile;
+mod identity;
 mod outbox;
 mod registry;
