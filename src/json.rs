@@ -244,60 +244,100 @@ pub fn write_string(s: &str, out: &mut Vec<u8>) {
 }
 
 /// Numbers as ECMAScript's `Number.prototype.toString` prints the IEEE double (RFC 8785 §3.2.2.3).
+/// Written straight into `out` (this runs for every number of every message: no allocation).
 fn write_number(n: &serde_json::Number, out: &mut Vec<u8>) {
+    use std::io::Write;
     const EXACT: u64 = 1 << 53;
     if let Some(u) = n.as_u64() {
         if u <= EXACT {
-            out.extend_from_slice(u.to_string().as_bytes());
+            let _ = write!(out, "{u}");
             return;
         }
     } else if let Some(i) = n.as_i64() {
         if i.unsigned_abs() <= EXACT {
-            out.extend_from_slice(i.to_string().as_bytes());
+            let _ = write!(out, "{i}");
             return;
         }
     }
-    let f = n.as_f64().unwrap_or(0.0);
-    out.extend_from_slice(es_number(f).as_bytes());
+    write_es_number(n.as_f64().unwrap_or(0.0), out);
+}
+
+/// A fixed buffer for one `{:e}` rendering of a double (at most 17 digits, a point, `e-324`).
+struct Sci {
+    buf: [u8; 40],
+    len: usize,
+}
+
+impl std::fmt::Write for Sci {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        if end > self.buf.len() {
+            return Err(std::fmt::Error);
+        }
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
 }
 
 /// ECMAScript Number::toString(10) for a finite double.
 pub fn es_number(f: f64) -> String {
+    let mut out = Vec::new();
+    write_es_number(f, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// [`es_number`], appended to `out`.
+fn write_es_number(f: f64, out: &mut Vec<u8>) {
+    use std::fmt::Write as _;
+    use std::io::Write as _;
     if f == 0.0 {
-        return "0".into();
+        out.push(b'0');
+        return;
     }
     // Rust's `{:e}` prints the shortest digits that round-trip, like ECMAScript requires.
-    let sci = format!("{:e}", f.abs());
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
-    let k = digits.len() as i32;
-    let n = exp.parse::<i32>().unwrap_or(0) + 1;
-    let mut s = String::new();
+    let mut sci = Sci { buf: [0; 40], len: 0 };
+    if write!(sci, "{:e}", f.abs()).is_err() {
+        // Cannot happen for a finite double (at most 24 bytes); keep the exact value anyway.
+        let _ = write!(out, "{f:e}");
+        return;
+    }
+    let text = &sci.buf[..sci.len];
+    let epos = text.iter().position(|&c| c == b'e').unwrap_or(text.len());
+    let (mantissa, exp) = (&text[..epos], text.get(epos + 1..).unwrap_or(b"0"));
+    let mut digits = [0u8; 40];
+    let mut k = 0usize;
+    for &c in mantissa.iter().filter(|c| **c != b'.') {
+        digits[k] = c;
+        k += 1;
+    }
+    let digits = &digits[..k];
+    let k = k as i32;
+    let n = std::str::from_utf8(exp).ok().and_then(|e| e.parse::<i32>().ok()).unwrap_or(0) + 1;
     if f < 0.0 {
-        s.push('-');
+        out.push(b'-');
     }
     if k <= n && n <= 21 {
-        s.push_str(&digits);
-        s.extend(std::iter::repeat_n('0', (n - k) as usize));
+        out.extend_from_slice(digits);
+        out.extend(std::iter::repeat_n(b'0', (n - k) as usize));
     } else if 0 < n && n <= 21 {
-        s.push_str(&digits[..n as usize]);
-        s.push('.');
-        s.push_str(&digits[n as usize..]);
+        out.extend_from_slice(&digits[..n as usize]);
+        out.push(b'.');
+        out.extend_from_slice(&digits[n as usize..]);
     } else if -6 < n && n <= 0 {
-        s.push_str("0.");
-        s.extend(std::iter::repeat_n('0', (-n) as usize));
-        s.push_str(&digits);
+        out.extend_from_slice(b"0.");
+        out.extend(std::iter::repeat_n(b'0', (-n) as usize));
+        out.extend_from_slice(digits);
     } else {
-        s.push_str(&digits[..1]);
+        out.push(digits[0]);
         if k > 1 {
-            s.push('.');
-            s.push_str(&digits[1..]);
+            out.push(b'.');
+            out.extend_from_slice(&digits[1..]);
         }
-        s.push('e');
-        s.push(if n > 0 { '+' } else { '-' });
-        s.push_str(&(n - 1).abs().to_string());
+        out.push(b'e');
+        out.push(if n > 0 { b'+' } else { b'-' });
+        let _ = write!(out, "{}", (n - 1).abs());
     }
-    s
 }
 
 #[cfg(test)]
