@@ -113,7 +113,10 @@ def bench(d, nginx, env):
     gw = os.path.join(d, "gw")
     plugin = os.path.join(REL, "libsecure_iot_gateway.so")
     iotgw = os.path.join(REL, "iotgw")
-    ports = {k: free_port() for k in ("plain", "valid", "fwd", "nginx")}
+    # BASE_PLUGIN=/path/old.so: also run that build validating ("base"), for before/after
+    # figures from the same run.
+    base_so = os.environ.get("BASE_PLUGIN")
+    ports = {k: free_port() for k in ("plain", "valid", "fwd", "nginx", "base")}
     run(iotgw, "init", gw, "--port", "1", "--bind", "127.0.0.1", "--plugin", plugin,
         "--backend-url", "http://127.0.0.1:1/x", stdout=subprocess.DEVNULL)
     run(iotgw, "device", "add", DEVICE, "--dir", gw, "--secret", SECRET, stdout=subprocess.DEVNULL)
@@ -138,6 +141,8 @@ def bench(d, nginx, env):
         "valid": [f"acl_file {gw}/acl", f"plugin {plugin}", "plugin_opt_backend_url none"],
         "fwd": [f"acl_file {gw}/acl", f"plugin {plugin}", f"plugin_opt_backend_url {backend}"],
     }
+    if base_so:
+        confs["base"] = [f"acl_file {gw}/acl", f"plugin {base_so}", "plugin_opt_backend_url none"]
     brokers = {}
     for name, extra in confs.items():
         lines = common + extra
@@ -188,12 +193,26 @@ http {{
         """One timed run: returns (msg/s, received, broker µs/msg, backend-side msg/s or None)."""
         port = str(ports[name])
         got = os.path.join(d, "sub.out")
-        s = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", port, *sub, "-t",
+        # -d: the SUBACK line says the subscription is in place (readiness), and each message
+        # is counted by its "received PUBLISH" line.
+        s = subprocess.Popen(["mosquitto_sub", "-d", "-h", "127.0.0.1", "-p", port, *sub, "-t",
                               f"device/{DEVICE}/data", "-q", str(qos), "-C", str(N), "-W",
                               str(int(TIMEOUT))], stdout=open(got, "w"))
         procs.append(s)
-        time.sleep(0.5)  # let the subscription land (no readiness signal from mosquitto_sub)
+        deadline = time.time() + 10
+        while "received SUBACK" not in open(got).read():
+            if time.time() > deadline or s.poll() is not None:
+                sys.exit(f"subscriber not subscribed in 10 s:\n{open(got).read()}")
+            time.sleep(0.02)
         pid = brokers[name].pid
+        # PERF=DIR: profile the broker thread during each run (perf record -g) into DIR.
+        rec = None
+        if os.environ.get("PERF"):
+            rec = subprocess.Popen(["perf", "record", "-q", "-g", "-t", str(pid), "-o",
+                                    os.path.join(os.environ["PERF"], f"{name}-qos{qos}.data")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(rec)
+            time.sleep(0.3)
         c0, t0 = thread_cpu(pid), time.time()
         with open(path) as inp:
             subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, *dev, "-t",
@@ -201,7 +220,7 @@ http {{
                            check=True, timeout=TIMEOUT)
         s.wait(TIMEOUT + 5)
         t1 = time.time()
-        received = sum(1 for _ in open(got))
+        received = sum(1 for l in open(got) if "received PUBLISH" in l)
         end = t1
         be_rate = None
         if backend_before is not None:
@@ -214,6 +233,9 @@ http {{
                 end = max(t1, last)
                 be_rate = N / (last - t0)
         c1 = thread_cpu(pid)
+        if rec is not None:
+            rec.send_signal(signal.SIGINT)
+            rec.wait(30)
         return received / (end - t0), received, (c1 - c0) * 1e6 / N, be_rate
 
     print(f"bench: {ROUNDS} rounds x {N} messages, one device, envelopes "
@@ -228,7 +250,7 @@ http {{
                 run(os.path.join(REL, "examples", "bench_envelopes"), SECRET, DEVICE, str(N),
                     str(int(time.time())), f"{r:02x}{qos:02x}{os.getpid() & 0xffff:04x}", stdout=f)
             res = {}
-            for name in ("plain", "valid", "fwd"):
+            for name in ("plain", "valid", "fwd") + (("base",) if base_so else ()):
                 before = len(access_lines(access)) if name == "fwd" else None
                 res[name] = load(name, qos, path, before)
             row = (r + 1, qos, res)
@@ -238,6 +260,8 @@ http {{
             print(f"round {r+1} QoS {qos}: plain {pl[0]:8.0f} | valid {va[0]:8.0f} ({va[0]/pl[0]:.2f}x) "
                   f"| fwd {fw[0]:8.0f} ({fw[0]/pl[0]:.2f}x, backend {fw[3] or 0:7.0f}) | CPU "
                   f"{pl[2]:5.1f} / {va[2]:5.1f} / {fw[2]:5.1f} µs"
+                  + (f" | base build validating {res['base'][0]:8.0f} ({res['base'][0]/pl[0]:.2f}x, "
+                     f"{res['base'][2]:5.1f} µs)" if base_so else "")
                   + (f" | LOST {lost}" if lost else ""), flush=True)
         # Drain: nginx down, a QoS 0 burst accepted into the outbox, then nginx up.
         path = os.path.join(d, "env.txt")
@@ -270,6 +294,12 @@ http {{
               f"| **{med(lambda x: x['valid'][0]/x['plain'][0]):.2f}x** | {med(lambda x: x['fwd'][0]):.0f} "
               f"| **{med(lambda x: x['fwd'][0]/x['plain'][0]):.2f}x** | {med(lambda x: x['fwd'][3] or 0):.0f} "
               f"| {med(lambda x: x['plain'][2]):.1f} / {med(lambda x: x['valid'][2]):.1f} / {med(lambda x: x['fwd'][2]):.1f} |")
+    if base_so:
+        for qos in (0, 1):
+            rs = [row[2] for row in rows if row[1] == qos]
+            print(f"base build ({base_so}) validating, QoS {qos}: median ratio "
+                  f"{statistics.median(x['base'][0]/x['plain'][0] for x in rs):.2f}x, CPU "
+                  f"{statistics.median(x['base'][2] for x in rs):.1f} µs/msg")
     if drains:
         print(f"backlog drain: median {statistics.median(drains):.0f} msg/s "
               f"(min {min(drains):.0f}, max {max(drains):.0f}) over {len(drains)} rounds")
