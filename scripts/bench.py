@@ -10,7 +10,8 @@ examples/bench_envelopes.rs before each round, never inside the timed region) an
 Rate = messages / (publisher start -> subscriber got all N); for forwarding also until nginx
 logged all N requests. Broker CPU per message = broker thread's utime+stime delta
 (/proc/PID/task/PID/stat) / N. Drain: a QoS 0 burst of N queued while nginx is down, then
-nginx started: N / (first -> last request time in nginx's access log, $msec). Everything on
+nginx started: N / (first -> last request time in nginx's access log, $msec). Latency:
+LAT_MESSAGES (5000) paced at LAT_RATE (1000) msg/s, publish -> nginx log. Everything on
 loopback, bounded (timeouts on every wait), every process it starts is stopped at exit.
 """
 import os
@@ -195,7 +196,7 @@ http {{
         got = os.path.join(d, "sub.out")
         # -d: the SUBACK line says the subscription is in place (readiness), and each message
         # is counted by its "received PUBLISH" line.
-        s = subprocess.Popen(["mosquitto_sub", "-d", "-h", "127.0.0.1", "-p", port, *sub, "-t",
+        s = subprocess.Popen(["stdbuf", "-oL", "mosquitto_sub", "-d", "-h", "127.0.0.1", "-p", port, *sub, "-t",
                               f"device/{DEVICE}/data", "-q", str(qos), "-C", str(N), "-W",
                               str(int(TIMEOUT))], stdout=open(got, "w"))
         procs.append(s)
@@ -283,6 +284,45 @@ http {{
                   f"{drains[-1]:8.0f} msg/s ({last-first:.2f} s)", flush=True)
         else:
             print(f"round {r+1} drain: only {len(lines)} of {N} delivered in {TIMEOUT} s", flush=True)
+
+    # Latency: publish -> backend at a paced LAT_RATE msg/s (QoS 1, forwarding broker). The
+    # pacer notes when it hands each line to mosquitto_pub; nginx logs when each request ended
+    # ($msec, millisecond resolution); one device = one lane, so the order is the same.
+    rate, count = int(os.environ.get("LAT_RATE", "1000")), int(os.environ.get("LAT_MESSAGES", "5000"))
+    path = os.path.join(d, "env.txt")
+    with open(path, "w") as f:
+        run(os.path.join(REL, "examples", "bench_envelopes"), SECRET, DEVICE, str(count),
+            str(int(time.time())), f"1a7e{os.getpid() & 0xffff:04x}", stdout=f)
+    lines_in = open(path).read().splitlines()
+    before = len(access_lines(access))
+    pub = subprocess.Popen(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(ports["fwd"]), *dev,
+                            "-t", f"device/{DEVICE}/data", "-q", "1", "-l"],
+                           stdin=subprocess.PIPE, text=True)
+    procs.append(pub)
+    time.sleep(1.0)  # TLS handshake and CONNECT before the first timed line
+    sent = []
+    t0 = time.time()
+    for i, line in enumerate(lines_in):
+        delay = t0 + i / rate - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        sent.append(time.time())
+        pub.stdin.write(line + "\n")
+        pub.stdin.flush()
+    pub.stdin.close()
+    pub.wait(TIMEOUT)
+    deadline = time.time() + TIMEOUT
+    while len(access_lines(access)) < before + count and time.time() < deadline:
+        time.sleep(0.05)
+    got = access_lines(access)[before:before + count]
+    # $msec is truncated to the millisecond: adding 1 ms makes each figure an upper bound.
+    lat = sorted(float(g) + 0.001 - s for g, s in zip(got, sent))
+    if len(got) == count:
+        q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000
+        print(f"latency publish -> backend at {rate} msg/s, {count} messages (QoS 1), upper bounds: "
+              f"p50 <= {q(0.50):.2f} ms, p99 <= {q(0.99):.2f} ms, max <= {lat[-1]*1000:.2f} ms", flush=True)
+    else:
+        print(f"latency: only {len(got)} of {count} reached the backend", flush=True)
 
     print("\nmedians over rounds:")
     print("| | plain | validating | ratio | forwarding (pub->sub) | ratio | backend rate | CPU µs/msg plain / valid / fwd |")
