@@ -88,7 +88,10 @@ deb-test: deps
 	./scripts/test-deb.sh
 	./scripts/test-deb-trixie.sh
 
+# Side by side: plain Mosquitto vs validating vs forwarding (ROUNDS=5 MESSAGES=60000 settable).
 bench: deps
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nginx-light; }
+	./scripts/bench.py
 	$(CARGO) bench --bench validate
 	$(CARGO) run --release --example registry_scale
 	./scripts/bench-e2e.sh 16 2500

@@ -3,17 +3,21 @@
 //! - `accept_validate_only`: the whole ACL WRITE path with forwarding off (checks, replay
 //!   record, the durable seen-id commit);
 //! - `accept_with_outbox`: the same with forwarding on (outbox row + seen id in one commit,
-//!   hand-off to a worker lane).
+//!   hand-off to a worker lane);
 //! - `accept_with_metrics`: `accept_validate_only` with the exporter on (per-device counts);
 //! - `metrics_hooks`: only what the metrics add per accepted message (sampled timer, per-device
 //!   count), which the accept figures are too noisy to resolve.
+//! - `reject_<reason>`: the ACL WRITE path for a message refused for each reason (forwarding
+//!   off), `reject_unknown_device` being the registry miss (a valid envelope from a device that
+//!   is not registered).
 //!
 //! Run: `cargo bench --bench validate`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use secure_iot_gateway::acl::Identity;
 use secure_iot_gateway::config::Config;
-use secure_iot_gateway::envelope::{self, Envelope};
+use secure_iot_gateway::envelope::{self, Envelope, Reason};
+use secure_iot_gateway::gateway::Refusal;
 use secure_iot_gateway::gateway::{Gateway, Outcome};
 use secure_iot_gateway::host::{unix_now, Host, Level};
 use std::sync::Arc;
@@ -44,6 +48,15 @@ fn envelope_for(i: u64, now: i64) -> Vec<u8> {
 }
 
 fn gateway(dir: &std::path::Path, backend: &str, metrics: Option<String>) -> Gateway {
+    gateway_with(dir, backend, metrics, &[])
+}
+
+fn gateway_with(
+    dir: &std::path::Path,
+    backend: &str,
+    metrics: Option<String>,
+    extra: &[(&str, &str)],
+) -> Gateway {
     let db = dir.join("devices.db");
     let c = rusqlite::Connection::open(&db).unwrap();
     secure_iot_gateway::registry::create(&c).unwrap();
@@ -64,6 +77,7 @@ fn gateway(dir: &std::path::Path, backend: &str, metrics: Option<String>) -> Gat
     if let Some(m) = metrics {
         opts = opts.set("metrics_listen", m);
     }
+    let opts = extra.iter().fold(opts, |o, (k, v)| o.set(k, v));
     let cfg = Config::from_opts(opts.iter()).unwrap();
     Gateway::start(cfg, Arc::new(|| {}), &mut Quiet).unwrap()
 }
@@ -131,6 +145,59 @@ fn bench(c: &mut Criterion) {
             table.accepted(&names[i], now, true);
         })
     });
+
+    // Each refusal: one message that fails exactly that check, repeated (a refusal records
+    // nothing, so the same message is refused the same way every time).
+    let dev = device(7);
+    let other = device(8);
+    let secret = format!("secret-of-{dev}");
+    let mid = "550e8400-e29b-41d4-a716-000000000001";
+    let p =
+        r#"{"temperature": 22.5, "humidity": 60, "pressure": 1013.25, "battery": 87, "seq": 1}"#;
+    let cases: Vec<(Reason, &str, String, Vec<u8>)> = vec![
+        (Reason::Malformed, "", dev.clone(), b"{\"device_id\": \"sensor_00007\", ".to_vec()),
+        (
+            Reason::RequiredFields,
+            "",
+            dev.clone(),
+            br#"{"device_id":"sensor_00007","timestamp":1}"#.to_vec(),
+        ),
+        (Reason::Identity, "", other.clone(), testkit::signed(&secret, &dev, now, mid, p)),
+        (
+            Reason::UnknownDevice,
+            "",
+            "sensor_99999".into(),
+            testkit::signed("secret-of-sensor_99999", "sensor_99999", now, mid, p),
+        ),
+        (Reason::RateLimited, "rate", dev.clone(), testkit::signed(&secret, &dev, now, mid, p)),
+        (Reason::Timestamp, "", dev.clone(), testkit::signed(&secret, &dev, now - 10_000, mid, p)),
+        (Reason::Replay, "replay", dev.clone(), testkit::signed(&secret, &dev, now, mid, p)),
+        (
+            Reason::Signature,
+            "",
+            dev.clone(),
+            testkit::signed("not-the-secret-0123", &dev, now, mid, p),
+        ),
+    ];
+    for (reason, setup, who, m) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let extra: &[(&str, &str)] =
+            if setup == "rate" { &[("rate_limit", "1"), ("rate_burst", "1")] } else { &[] };
+        let mut gw = gateway_with(dir.path(), "none", None, extra);
+        let mut host = Quiet;
+        let topic = format!("device/{who}/data");
+        if setup == "rate" || setup == "replay" {
+            // Spend the one token / record the id: accepted once, refused from then on.
+            let first = gw.on_write(&mut host, Identity::Device(&who), topic.as_bytes(), &m, now);
+            assert_eq!(first, Outcome::Accepted, "{reason:?} setup");
+        }
+        let v = gw.on_write(&mut host, Identity::Device(&who), topic.as_bytes(), &m, now);
+        assert_eq!(v, Outcome::Refused(Refusal::Check(reason)), "the {reason:?} case");
+        c.bench_function(&format!("reject_{}", reason.as_str()), |b| {
+            b.iter(|| gw.on_write(&mut host, Identity::Device(&who), topic.as_bytes(), &m, now))
+        });
+        gw.shutdown(&mut host);
+    }
 }
 
 criterion_group! {

@@ -339,21 +339,22 @@ pub fn write_string(s: &str, out: &mut Vec<u8>) {
 }
 
 /// Numbers as ECMAScript's `Number.prototype.toString` prints the IEEE double (RFC 8785 §3.2.2.3).
+/// Written straight into `out` (this runs for every number of every message: no allocation).
 fn write_number(n: &serde_json::Number, out: &mut Vec<u8>) {
+    use std::io::Write;
     const EXACT: u64 = 1 << 53;
     if let Some(u) = n.as_u64() {
         if u <= EXACT {
-            out.extend_from_slice(u.to_string().as_bytes());
+            let _ = write!(out, "{u}");
             return;
         }
     } else if let Some(i) = n.as_i64() {
         if i.unsigned_abs() <= EXACT {
-            out.extend_from_slice(i.to_string().as_bytes());
+            let _ = write!(out, "{i}");
             return;
         }
     }
-    let f = n.as_f64().unwrap_or(0.0);
-    out.extend_from_slice(es_number(f).as_bytes());
+    write_es_number(n.as_f64().unwrap_or(0.0), out);
 }
 
 /// The shortest digits that read back as `f` (positive, finite), and the decimal exponent of the
@@ -394,38 +395,48 @@ fn shortest_digits(f: f64) -> (String, i32) {
 
 /// ECMAScript Number::toString(10) for a finite double.
 pub fn es_number(f: f64) -> String {
+    let mut out = Vec::new();
+    write_es_number(f, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// [`es_number`], appended to `out`.
+fn write_es_number(f: f64, out: &mut Vec<u8>) {
+    use std::io::Write as _;
     if f == 0.0 {
-        return "0".into();
+        out.push(b'0');
+        return;
     }
+    // The shortest digits that round-trip, ties to even as ECMAScript prints them (see
+    // `shortest_digits`: Rust's `{:e}` rounds ties up).
     let (digits, exp) = shortest_digits(f.abs());
+    let digits = digits.as_bytes();
     let k = digits.len() as i32;
     let n = exp + 1;
-    let mut s = String::new();
     if f < 0.0 {
-        s.push('-');
+        out.push(b'-');
     }
     if k <= n && n <= 21 {
-        s.push_str(&digits);
-        s.extend(std::iter::repeat_n('0', (n - k) as usize));
+        out.extend_from_slice(digits);
+        out.extend(std::iter::repeat_n(b'0', (n - k) as usize));
     } else if 0 < n && n <= 21 {
-        s.push_str(&digits[..n as usize]);
-        s.push('.');
-        s.push_str(&digits[n as usize..]);
+        out.extend_from_slice(&digits[..n as usize]);
+        out.push(b'.');
+        out.extend_from_slice(&digits[n as usize..]);
     } else if -6 < n && n <= 0 {
-        s.push_str("0.");
-        s.extend(std::iter::repeat_n('0', (-n) as usize));
-        s.push_str(&digits);
+        out.extend_from_slice(b"0.");
+        out.extend(std::iter::repeat_n(b'0', (-n) as usize));
+        out.extend_from_slice(digits);
     } else {
-        s.push_str(&digits[..1]);
+        out.push(digits[0]);
         if k > 1 {
-            s.push('.');
-            s.push_str(&digits[1..]);
+            out.push(b'.');
+            out.extend_from_slice(&digits[1..]);
         }
-        s.push('e');
-        s.push(if n > 0 { '+' } else { '-' });
-        s.push_str(&(n - 1).abs().to_string());
+        out.push(b'e');
+        out.push(if n > 0 { b'+' } else { b'-' });
+        let _ = write!(out, "{}", (n - 1).abs());
     }
-    s
 }
 
 #[cfg(test)]

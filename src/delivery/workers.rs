@@ -22,8 +22,21 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Messages a lane holds in memory; the rest wait in the outbox.
-pub const LANE_CAPACITY: usize = 512;
+/// Messages all lanes together hold in memory (the rest wait in the outbox), split evenly,
+/// but never fewer than [`MIN_LANE_CAPACITY`] per lane. Why this many: the broker refills the
+/// lanes from its tick, and in a backlog drain with no other traffic a tick can be up to 100 ms
+/// away (Mosquitto's idle loop timeout; a wake-up signal that lands while the broker is busy does
+/// not shorten it). A lane must hold more than 100 ms of work, or the drain stalls: at 512 a lane
+/// drained at ~5k msg/s on this machine, a fraction of the steady rate. 16384 small messages
+/// are a few MiB.
+pub const LANES_CAPACITY: usize = 16_384;
+/// See [`LANES_CAPACITY`].
+pub const MIN_LANE_CAPACITY: usize = 512;
+
+/// The capacity of each lane with `workers` lanes.
+pub fn lane_capacity(workers: usize) -> usize {
+    (LANES_CAPACITY / workers.max(1)).max(MIN_LANE_CAPACITY)
+}
 /// Largest backend response body kept for the downlink.
 pub const MAX_RESPONSE_BODY: u64 = 64 * 1024;
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -90,6 +103,8 @@ pub struct Pool {
     lanes: Vec<SyncSender<QueuedMessage>>,
     /// Messages sitting in each lane (so the broker thread never reads the outbox for nothing).
     depth: Vec<Arc<AtomicUsize>>,
+    /// Messages each lane holds ([`lane_capacity`]).
+    capacity: usize,
     handles: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
 }
@@ -293,11 +308,12 @@ impl Pool {
         let mut pool = Pool {
             lanes: Vec::new(),
             depth: Vec::new(),
+            capacity: lane_capacity(cfg.workers),
             handles: Vec::new(),
             shared: shared.clone(),
         };
         for i in 0..cfg.workers {
-            let (tx, rx) = std::sync::mpsc::sync_channel(LANE_CAPACITY);
+            let (tx, rx) = std::sync::mpsc::sync_channel(pool.capacity);
             let d = Arc::new(AtomicUsize::new(0));
             let worker = Worker {
                 rx,
@@ -338,7 +354,7 @@ impl Pool {
 
     /// Free places in one lane.
     pub fn lane_free(&self, lane: usize) -> usize {
-        self.depth.get(lane).map_or(0, |d| LANE_CAPACITY.saturating_sub(d.load(Ordering::Relaxed)))
+        self.depth.get(lane).map_or(0, |d| self.capacity.saturating_sub(d.load(Ordering::Relaxed)))
     }
 
     /// Takes the finished results (broker thread).
@@ -488,6 +504,16 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lanes_hold_more_than_a_100_ms_tick_of_work_within_a_fixed_memory_budget() {
+        // The default 4 workers: 4096 per lane, over 100 ms of a single device's steady rate.
+        assert_eq!(lane_capacity(4), 4096);
+        assert_eq!(lane_capacity(1), LANES_CAPACITY);
+        // Many workers share the budget, never below the floor.
+        assert_eq!(lane_capacity(256), MIN_LANE_CAPACITY);
+        assert_eq!(lane_capacity(0), LANES_CAPACITY);
+    }
 
     #[test]
     fn status_classes_follow_the_spec() {

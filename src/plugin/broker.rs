@@ -3,9 +3,6 @@
 
 use super::sys;
 use crate::host::{Host, Level};
-use foreign_types::ForeignType;
-use openssl::nid::Nid;
-use openssl::x509::X509;
 use std::ffi::{CStr, CString};
 use std::marker::PhantomData;
 use std::os::raw::{c_char, c_int, c_void};
@@ -117,35 +114,4 @@ pub unsafe fn client_username<'a>(client: *const sys::mosquitto) -> Option<&'a [
         // SAFETY: non-NULL, NUL-terminated, valid during the callback (not necessarily UTF-8).
         Some(unsafe { CStr::from_ptr(p) }.to_bytes())
     }
-}
-
-/// What the gateway reads from a client's verified certificate.
-pub struct ClientCert {
-    /// The first CN (empty if none).
-    pub cn: Vec<u8>,
-    /// The serial number (big-endian), when asked for.
-    pub serial: Option<Vec<u8>>,
-}
-
-/// The client's verified certificate, if it presented one; the serial only `with_serial`.
-///
-/// # Safety
-/// `client` is the valid client pointer of the current callback.
-pub unsafe fn client_cert(client: *const sys::mosquitto, with_serial: bool) -> Option<ClientCert> {
-    // SAFETY: returns a new reference (or NULL) that we own and must free.
-    let cert = unsafe { sys::mosquitto_client_certificate(client) };
-    if cert.is_null() {
-        return None;
-    }
-    // SAFETY: a valid X509* from the same libcrypto; X509 takes ownership and frees it on drop.
-    let x509 = unsafe { X509::from_ptr(cert as *mut openssl_sys::X509) };
-    let cn = x509.subject_name().entries_by_nid(Nid::COMMONNAME).next();
-    let serial = if with_serial {
-        // A serial that cannot be read is treated as an unknown one: the empty serial, which no
-        // CRL lists, so only the rest of the policy applies.
-        Some(x509.serial_number().to_bn().map(|b| b.to_vec()).unwrap_or_default())
-    } else {
-        None
-    };
-    Some(ClientCert { cn: cn.map(|e| e.data().as_slice().to_vec()).unwrap_or_default(), serial })
 }

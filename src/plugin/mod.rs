@@ -12,6 +12,7 @@
 
 mod broker;
 mod guard;
+mod identity;
 mod sys;
 mod wake;
 
@@ -37,12 +38,15 @@ struct Instance {
     /// Immutable after init: the ACL read path needs only this, never the mutable state.
     cfg: Config,
     gateway: RefCell<Gateway>,
+    /// Certificate data per connection (see [`identity`]).
+    identities: identity::Identities,
     waker: Arc<wake::Waker>,
 }
 
 type Callback = unsafe extern "C" fn(c_int, *mut c_void, *mut c_void) -> c_int;
-const EVENTS: [(u32, Callback); 3] = [
+const EVENTS: [(u32, Callback); 4] = [
     (sys::MOSQ_EVT_ACL_CHECK, on_acl_check),
+    (sys::MOSQ_EVT_DISCONNECT, on_disconnect),
     (sys::MOSQ_EVT_TICK, on_tick),
     (sys::MOSQ_EVT_RELOAD, on_reload),
 ];
@@ -165,8 +169,13 @@ pub unsafe extern "C" fn mosquitto_plugin_init(
             Level::Notice,
             &format!("secure-iot-gateway {} loaded: {}", env!("CARGO_PKG_VERSION"), gw.describe()),
         );
-        let inst =
-            Box::into_raw(Box::new(Instance { identifier, cfg, gateway: RefCell::new(gw), waker }));
+        let inst = Box::into_raw(Box::new(Instance {
+            identifier,
+            cfg,
+            gateway: RefCell::new(gw),
+            identities: Default::default(),
+            waker,
+        }));
         for (event, cb) in EVENTS {
             // SAFETY: valid identifier from init; `inst` outlives the registration (freed in cleanup
             // after unregistering).
@@ -284,8 +293,8 @@ unsafe extern "C" fn on_acl_check(
         let with_serial = inst.cfg.crl_file.is_some();
         // The certificate is only consulted when there is a username it could vouch for.
         // SAFETY: as above.
-        let cert = username.and_then(|_| unsafe { broker::client_cert(ed.client, with_serial) });
-        let who = acl::identity(&inst.cfg, username, cert.as_ref().map(|c| c.cn.as_slice()));
+        let cert = username.and_then(|u| unsafe { inst.identities.get(ed.client, u, with_serial) });
+        let who = acl::identity(&inst.cfg, username, cert.as_ref().map(|c| &*c.cn));
         if let (Some(serial), Some(user)) =
             (cert.as_ref().and_then(|c| c.serial.as_ref()), username)
         {
@@ -328,6 +337,25 @@ unsafe extern "C" fn on_acl_check(
             Ok(mut gw) => rc(gw.on_access(who, access, topic)),
             Err(_) => rc(acl::acl_verdict(&inst.cfg, who, access, topic)),
         }
+    })
+}
+
+/// A connection ended: forget what its certificate said.
+unsafe extern "C" fn on_disconnect(
+    _event: c_int,
+    event_data: *mut c_void,
+    userdata: *mut c_void,
+) -> c_int {
+    guard("disconnect", ERR_SUCCESS, || {
+        if event_data.is_null() || userdata.is_null() {
+            return ERR_SUCCESS;
+        }
+        // SAFETY: registered with an Instance pointer that lives until cleanup.
+        let inst = unsafe { &*(userdata as *const Instance) };
+        // SAFETY: the broker passes a valid mosquitto_evt_disconnect for this event.
+        let ed = unsafe { &*(event_data as *const sys::mosquitto_evt_disconnect) };
+        inst.identities.forget(ed.client);
+        ERR_SUCCESS
     })
 }
 

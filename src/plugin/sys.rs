@@ -25,6 +25,8 @@ const _: () = {
     assert!(MOSQ_EVT_ACL_CHECK == 2);
     assert!(MOSQ_EVT_TICK == 9);
     assert!(MOSQ_EVT_RELOAD == 1);
+    assert!(MOSQ_EVT_DISCONNECT == 10);
+    assert!(offset_of!(mosquitto_evt_disconnect, client) == 8);
     assert!(MOSQ_ACL_READ == 1 && MOSQ_ACL_WRITE == 2);
     assert!(MOSQ_ACL_SUBSCRIBE == 4 && MOSQ_ACL_UNSUBSCRIBE == 8);
 };

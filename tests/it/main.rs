@@ -3,6 +3,7 @@
 mod core;
 mod forward;
 mod hostile;
+mod identity;
 mod metrics;
 mod outbox;
 mod registry;
