@@ -475,6 +475,27 @@ impl Gateway {
         self.service_conflicts = now;
     }
 
+    /// A client has connected (Mosquitto 2.1's CONNECT event; 2.0 has none). A device revoked while
+    /// running, a certificate the CRL revokes or an identity outside the grammar is queued to be
+    /// closed at the next tick; true if so.
+    pub fn on_connect(&mut self, who: Identity<'_>, username: &str, serial: Option<&[u8]>) -> bool {
+        if serial.is_some_and(|s| self.cert_revoked(username, s)) {
+            return true;
+        }
+        match who {
+            Identity::Device(d) if self.revoked.contains(d) => {
+                self.kick(who);
+                true
+            }
+            Identity::Invalid => {
+                self.to_kick
+                    .push((username.into(), "its identity is outside the device-id grammar"));
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Is a CRL configured (so the shim should hand over certificate serials)?
     pub fn checks_crl(&self) -> bool {
         self.crl.is_some()

@@ -41,6 +41,8 @@ struct Instance {
     /// Certificate data per connection (see [`identity`]).
     identities: identity::Identities,
     waker: Arc<wake::Waker>,
+    /// Whether the broker offers 2.1's CONNECT event (registered) or not (2.0).
+    connect_event: std::cell::Cell<bool>,
 }
 
 type Callback = unsafe extern "C" fn(c_int, *mut c_void, *mut c_void) -> c_int;
@@ -175,6 +177,7 @@ pub unsafe extern "C" fn mosquitto_plugin_init(
             gateway: RefCell::new(gw),
             identities: Default::default(),
             waker,
+            connect_event: std::cell::Cell::new(false),
         }));
         for (event, cb) in EVENTS {
             // SAFETY: valid identifier from init; `inst` outlives the registration (freed in cleanup
@@ -200,6 +203,21 @@ pub unsafe extern "C" fn mosquitto_plugin_init(
                 return ERR_UNKNOWN;
             }
         }
+        // 2.1 tells us when a client has connected: a revoked device is closed there, before it
+        // acts. 2.0 has no such event (it refuses the registration); there the first publish or
+        // subscribe does it.
+        // SAFETY: as for the events above.
+        let rc = unsafe {
+            sys::mosquitto_callback_register(
+                identifier,
+                sys::MOSQ_EVT_CONNECT_2_1 as c_int,
+                Some(on_connect),
+                std::ptr::null(),
+                inst as *mut c_void,
+            )
+        };
+        // SAFETY: `inst` is ours until cleanup.
+        unsafe { (*inst).connect_event.set(rc == ERR_SUCCESS) };
         if !userdata.is_null() {
             // SAFETY: the broker passes a valid out-pointer.
             unsafe { *userdata = inst as *mut c_void };
@@ -222,6 +240,17 @@ unsafe fn teardown(inst: *mut Instance) {
                 instance.identifier,
                 event as c_int,
                 Some(cb),
+                std::ptr::null(),
+            )
+        };
+    }
+    if instance.connect_event.get() {
+        // SAFETY: registered in init with this identifier and callback.
+        unsafe {
+            sys::mosquitto_callback_unregister(
+                instance.identifier,
+                sys::MOSQ_EVT_CONNECT_2_1 as c_int,
+                Some(on_connect),
                 std::ptr::null(),
             )
         };
@@ -337,6 +366,44 @@ unsafe extern "C" fn on_acl_check(
             Ok(mut gw) => rc(gw.on_access(who, access, topic)),
             Err(_) => rc(acl::acl_verdict(&inst.cfg, who, access, topic)),
         }
+    })
+}
+
+/// 2.1 only: a client has connected (CONNACK sent). A revoked device, a revoked certificate or an
+/// invalid identity is closed at the next tick, which is requested now.
+unsafe extern "C" fn on_connect(
+    _event: c_int,
+    event_data: *mut c_void,
+    userdata: *mut c_void,
+) -> c_int {
+    guard("connect", ERR_SUCCESS, || {
+        if event_data.is_null() || userdata.is_null() {
+            return ERR_SUCCESS;
+        }
+        // SAFETY: registered with an Instance pointer that lives until cleanup.
+        let inst = unsafe { &*(userdata as *const Instance) };
+        // SAFETY: 2.1 passes its mosquitto_evt_connect for this event (layout asserted in sys).
+        let ed = unsafe { &*(event_data as *const sys::mosquitto_evt_connect_2_1) };
+        if ed.client.is_null() {
+            return ERR_SUCCESS;
+        }
+        // SAFETY: valid client pointer for the duration of the callback.
+        let Some(user) = (unsafe { broker::client_username(ed.client) }) else {
+            return ERR_SUCCESS;
+        };
+        let with_serial = inst.cfg.crl_file.is_some();
+        // SAFETY: as above.
+        let cert = unsafe { inst.identities.get(ed.client, user, with_serial) };
+        let who = acl::identity(&inst.cfg, Some(user), cert.as_ref().map(|c| &*c.cn));
+        let serial = cert.as_ref().and_then(|c| c.serial.as_deref());
+        let close = match inst.gateway.try_borrow_mut() {
+            Ok(mut gw) => gw.on_connect(who, &String::from_utf8_lossy(user), serial),
+            Err(_) => false,
+        };
+        if close {
+            inst.waker.request();
+        }
+        ERR_SUCCESS
     })
 }
 

@@ -5,6 +5,18 @@
 
 include!(concat!(env!("OUT_DIR"), "/mosquitto_sys.rs"));
 
+/// 2.1's `MOSQ_EVT_CONNECT` (2.1.2 `include/mosquitto/broker.h`), absent from 2.0's headers: 2.0
+/// answers `MOSQ_ERR_NOT_SUPPORTED` when a plugin registers it.
+pub const MOSQ_EVT_CONNECT_2_1: u32 = 11;
+
+/// 2.1's `struct mosquitto_evt_connect` (2.1.2 `include/mosquitto/broker.h`).
+#[repr(C)]
+pub struct mosquitto_evt_connect_2_1 {
+    pub future: *mut std::os::raw::c_void,
+    pub client: *mut mosquitto,
+    pub future2: [*mut std::os::raw::c_void; 4],
+}
+
 #[cfg(target_arch = "x86_64")]
 const _: () = {
     use std::mem::{offset_of, size_of};
@@ -27,6 +39,8 @@ const _: () = {
     assert!(MOSQ_EVT_RELOAD == 1);
     assert!(MOSQ_EVT_DISCONNECT == 10);
     assert!(offset_of!(mosquitto_evt_disconnect, client) == 8);
+    assert!(size_of::<mosquitto_evt_connect_2_1>() == 48);
+    assert!(offset_of!(mosquitto_evt_connect_2_1, client) == 8);
     assert!(MOSQ_ACL_READ == 1 && MOSQ_ACL_WRITE == 2);
     assert!(MOSQ_ACL_SUBSCRIBE == 4 && MOSQ_ACL_UNSUBSCRIBE == 8);
 };

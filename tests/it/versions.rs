@@ -271,3 +271,35 @@ fn plugin_loads_and_names_itself_where_the_broker_can_say_it() {
     );
     assert_eq!(broker.stop(), Some(0), "{}", broker.log());
 }
+
+/// A device disabled while the broker runs, connecting again: on 2.1 it is closed right after its
+/// CONNACK, before it sends anything (the CONNECT event); on 2.0, which has no such event, it is
+/// closed at its first action (positive control that the connection is otherwise usable there).
+#[test]
+fn a_revoked_device_is_closed_at_connect_where_the_broker_says_so() {
+    let env = Env::new();
+    let broker = Broker::start(&env, &PluginOpts::new());
+    let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
+    let db = env.db();
+    secure_iot_gateway::registry::migrate(&db).unwrap();
+    db.execute("UPDATE devices SET enabled = 0 WHERE device_id = 'sensor_001'", []).unwrap();
+    assert!(dev.wait_closed(Duration::from_secs(5)), "still connected; {}", broker.log());
+    // Another device connects and stays (positive control for the closing below).
+    let mut other = Mqtt::connect(&env, broker.port, "sensor_002");
+    let mut again = Mqtt::connect(&env, broker.port, "sensor_001");
+    if broker_version() >= (2, 1) {
+        assert!(
+            again.wait_closed(Duration::from_secs(2)),
+            "not closed at connect; {}",
+            broker.log()
+        );
+    } else {
+        assert!(!again.wait_closed(Duration::from_millis(500)), "2.0 has no connect event");
+        let m = signed_as("sensor_001", now(), &uid(), "{}");
+        assert_eq!(again.publish("device/sensor_001/data", 0, false, &m), Ack::None);
+        assert!(again.wait_closed(Duration::from_secs(3)), "{}", broker.log());
+    }
+    assert!(!other.wait_closed(Duration::from_millis(300)), "the other device was closed");
+    let m = signed_as("sensor_002", now(), &uid(), "{}");
+    assert!(other.publish("device/sensor_002/data", 1, false, &m).is_ok());
+}
