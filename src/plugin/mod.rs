@@ -300,6 +300,25 @@ fn rc(v: Verdict) -> c_int {
     }
 }
 
+/// A client's username, what its certificate says (read once per connection; the serial only with
+/// a CRL) and so its identity. The certificate is only consulted when there is a username it
+/// could vouch for.
+///
+/// # Safety
+/// `client` is the valid client pointer of the current callback.
+unsafe fn client_identity<'a>(
+    inst: &Instance,
+    client: *const sys::mosquitto,
+) -> (Option<&'a [u8]>, Option<std::rc::Rc<identity::ClientCert>>, Identity<'a>) {
+    // SAFETY: per the function contract.
+    let username = unsafe { broker::client_username(client) };
+    let with_serial = inst.cfg.crl_file.is_some();
+    // SAFETY: as above.
+    let cert = username.and_then(|u| unsafe { inst.identities.get(client, u, with_serial) });
+    let who = acl::identity(&inst.cfg, username, cert.as_ref().map(|c| &*c.cn));
+    (username, cert, who)
+}
+
 /// Every ACL question. WRITE carries publishes and wills: data-topic messages are validated here.
 unsafe extern "C" fn on_acl_check(
     _event: c_int,
@@ -318,12 +337,7 @@ unsafe extern "C" fn on_acl_check(
             return ERR_ACL_DENIED;
         }
         // SAFETY: valid client pointer for the duration of the callback.
-        let username = unsafe { broker::client_username(ed.client) };
-        let with_serial = inst.cfg.crl_file.is_some();
-        // The certificate is only consulted when there is a username it could vouch for.
-        // SAFETY: as above.
-        let cert = username.and_then(|u| unsafe { inst.identities.get(ed.client, u, with_serial) });
-        let who = acl::identity(&inst.cfg, username, cert.as_ref().map(|c| &*c.cn));
+        let (username, cert, who) = unsafe { client_identity(inst, ed.client) };
         if let (Some(serial), Some(user)) =
             (cert.as_ref().and_then(|c| c.serial.as_ref()), username)
         {
@@ -388,13 +402,8 @@ unsafe extern "C" fn on_connect(
             return ERR_SUCCESS;
         }
         // SAFETY: valid client pointer for the duration of the callback.
-        let Some(user) = (unsafe { broker::client_username(ed.client) }) else {
-            return ERR_SUCCESS;
-        };
-        let with_serial = inst.cfg.crl_file.is_some();
-        // SAFETY: as above.
-        let cert = unsafe { inst.identities.get(ed.client, user, with_serial) };
-        let who = acl::identity(&inst.cfg, Some(user), cert.as_ref().map(|c| &*c.cn));
+        let (username, cert, who) = unsafe { client_identity(inst, ed.client) };
+        let Some(user) = username else { return ERR_SUCCESS };
         let serial = cert.as_ref().and_then(|c| c.serial.as_deref());
         let close = match inst.gateway.try_borrow_mut() {
             Ok(mut gw) => gw.on_connect(who, &String::from_utf8_lossy(user), serial),

@@ -214,9 +214,9 @@ fn metrics_count_known_traffic_exactly_in_the_prometheus_text_format() {
 #[test]
 fn pending_and_devices_reflect_each_registered_device_only() {
     let env = Env::new();
-    // A backend that is down: a reserved port nothing listens on.
+    // Nothing listens on the backend port (reserved, never bound): every accepted message stays
+    // pending.
     let down = Port::reserve();
-    // Nothing listens on the backend port: every accepted message stays pending.
     let (broker, mport) = start_with(
         &env,
         &[("backend_url", sink_url(down.get())), ("http_timeout_ms", "500".into())],
@@ -502,9 +502,9 @@ fn dashboard_and_alert_rules_reference_only_served_metrics() {
 #[test]
 fn outbox_refusals_are_counted_under_their_own_reason() {
     let env = Env::new();
-    // A backend that is down: a reserved port nothing listens on.
+    // Nothing listens on the backend port (reserved, never bound): every accepted message stays
+    // pending until the cap.
     let down = Port::reserve();
-    // Nothing listens on the backend port: every accepted message stays pending until the cap.
     let (broker, mport) = start_with(
         &env,
         &[("backend_url", sink_url(down.get())), ("spool_max_bytes", "1048576".into())],
