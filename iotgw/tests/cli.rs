@@ -83,6 +83,7 @@ fn init_writes_a_complete_directory_with_safe_modes_and_refuses_to_overwrite() {
         assert_eq!(mode(&d.join(secret)), 0o600, "{secret}");
     }
     assert_eq!(mode(&d.join("state")), 0o700);
+    assert_eq!(mode(&d.join("acl")), 0o640, "the acl_file is not world-readable");
     let conf = std::fs::read_to_string(d.join("mosquitto.conf")).unwrap();
     assert!(conf.contains(&format!("cafile {}", d.join("ca.pem").display())), "{conf}");
     assert!(

@@ -269,7 +269,9 @@ impl GwDir {
         };
         db.set_permissions(fs::Permissions::from_mode(0o600))
             .map_err(|e| format!("cannot chmod {}: {e}", self.db().display()))?;
-        write(&self.root.join("acl"), ACL.as_bytes(), 0o644)?;
+        // Not world-readable, and the broker's: Mosquitto 2.0.21 warns about both and says later
+        // versions will refuse such an acl_file.
+        let acl = write(&self.root.join("acl"), ACL.as_bytes(), 0o640)?;
         // An empty CRL the plugin watches: `iotgw device revoke` adds to it, live.
         let crl = pki::crl(&ca, &[], CRL_DAYS).map_err(|e| e.to_string())?;
         write(&self.crl(), &crl, 0o644)?;
@@ -279,6 +281,7 @@ impl GwDir {
             (&broker_key, self.root.join("broker.key")),
             (&broker_pem, self.root.join("broker.pem")),
             (&db, self.db()),
+            (&acl, self.root.join("acl")),
             (&state, self.root.join("state")),
         ])? {
             notes.push(note);
