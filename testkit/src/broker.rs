@@ -294,9 +294,16 @@ pub enum Ack {
     None,
     PubAck(PubAckReason),
     PubRec(PubRecReason),
+    /// The broker closed the connection before answering (a revoked client, say).
+    Closed,
 }
 
 impl Ack {
+    /// Not accepted: refused with 0x87, or the connection closed before an answer (how a
+    /// revoked client is refused where the broker closes it as soon as it acts).
+    pub fn is_refused(&self) -> bool {
+        self.is_not_authorized() || *self == Ack::Closed
+    }
     pub fn is_not_authorized(&self) -> bool {
         matches!(
             self,
@@ -313,11 +320,21 @@ impl Ack {
     }
 }
 
+/// What [`Mqtt::pump`] shows its callback.
+enum Pumped<'a> {
+    Packet(&'a Packet),
+    /// A refused PUBACK / PUBREC / SUBACK / UNSUBACK.
+    Refused(&'a StateError),
+    /// The connection ended (the broker closed it, or it failed).
+    Closed,
+}
+
 /// An MQTT v5 client over mutual TLS (rumqttc), driven synchronously with timeouts.
 pub struct Mqtt {
     pub client: Client,
     conn: Connection,
     pub inbox: Vec<(String, Vec<u8>)>,
+    opts: MqttOptions,
 }
 
 /// Why [`Mqtt::try_connect`] got no session.
@@ -369,8 +386,8 @@ impl Mqtt {
         if let Some((topic, payload)) = o.will {
             opts.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, false, None));
         }
-        let (client, conn) = Client::new(opts, 100);
-        let mut m = Mqtt { client, conn, inbox: Vec::new() };
+        let (client, conn) = Client::new(opts.clone(), 100);
+        let mut m = Mqtt { client, conn, inbox: Vec::new(), opts };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -392,12 +409,24 @@ impl Mqtt {
         }
     }
 
+    /// After a refusal or a closed connection: a new rumqttc client with the same options (it
+    /// connects at the next operation). rumqttc would reconnect by itself, but it would also
+    /// resend publishes it had not seen acknowledged, and their answers would be taken for the
+    /// next operation's.
+    fn fresh(&mut self) {
+        let (client, conn) = Client::new(self.opts.clone(), 100);
+        self.client = client;
+        self.conn = conn;
+    }
+
     /// Polls the connection until `f` returns Some or the timeout passes; buffers publishes.
-    /// rumqttc reports a refused PUBACK/PUBREC/SUBACK as a state error, so `f` sees those too.
+    /// rumqttc reports a refused PUBACK/PUBREC/SUBACK as a state error, so `f` sees those too;
+    /// any other connection error is shown to `f` as [`Pumped::Closed`] (rumqttc reconnects at
+    /// the next poll).
     fn pump<T>(
         &mut self,
         timeout: Duration,
-        mut f: impl FnMut(Result<&Packet, &StateError>) -> Option<T>,
+        mut f: impl FnMut(Pumped<'_>) -> Option<T>,
     ) -> Option<T> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -413,24 +442,28 @@ impl Mqtt {
                             publ.payload.to_vec(),
                         ));
                     }
-                    if let Some(t) = f(Ok(&p)) {
+                    if let Some(t) = f(Pumped::Packet(&p)) {
                         return Some(t);
                     }
                 }
                 Ok(Ok(_)) => {}
-                Ok(Err(ConnectionError::MqttState(e))) => {
-                    if let Some(t) = f(Err(&e)) {
+                Ok(Err(ConnectionError::MqttState(
+                    e @ (StateError::PubAckFail { .. }
+                    | StateError::PubRecFail { .. }
+                    | StateError::SubFail { .. }
+                    | StateError::UnsubFail { .. }),
+                ))) => {
+                    if let Some(t) = f(Pumped::Refused(&e)) {
                         return Some(t);
                     }
                 }
-                Ok(Err(_)) | Err(_) => {
-                    // Errors (e.g. disconnect) end the wait early but not silently for callers
-                    // that need an answer: they get None.
-                    if Instant::now() >= deadline {
-                        return None;
+                Ok(Err(_)) => {
+                    if let Some(t) = f(Pumped::Closed) {
+                        return Some(t);
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 }
+                Err(_) => return None,
             }
         }
     }
@@ -466,7 +499,7 @@ impl Mqtt {
                     .unwrap()
             }
         }
-        match qos {
+        let ack = match qos {
             0 => {
                 // Let the packet leave: wait for the outgoing event.
                 let deadline = Instant::now() + Duration::from_secs(5);
@@ -480,19 +513,25 @@ impl Mqtt {
                 Some(Ack::None)
             }
             1 => self.pump(Duration::from_secs(10), |p| match p {
-                Ok(Packet::PubAck(a)) => Some(Ack::PubAck(a.reason)),
-                Err(StateError::PubAckFail { reason }) => Some(Ack::PubAck(*reason)),
+                Pumped::Packet(Packet::PubAck(a)) => Some(Ack::PubAck(a.reason)),
+                Pumped::Refused(StateError::PubAckFail { reason }) => Some(Ack::PubAck(*reason)),
+                Pumped::Closed => Some(Ack::Closed),
                 _ => None,
             }),
             _ => self.pump(Duration::from_secs(10), |p| match p {
-                Ok(Packet::PubRec(r)) => Some(Ack::PubRec(r.reason)),
-                Err(StateError::PubRecFail { reason }) => Some(Ack::PubRec(*reason)),
+                Pumped::Packet(Packet::PubRec(r)) => Some(Ack::PubRec(r.reason)),
+                Pumped::Refused(StateError::PubRecFail { reason }) => Some(Ack::PubRec(*reason)),
+                Pumped::Closed => Some(Ack::Closed),
                 _ => None,
             }),
         }
         .unwrap_or_else(|| {
             panic!("no acknowledgement for a QoS {qos} publish to {topic} within 10 s")
-        })
+        });
+        if !ack.is_ok() {
+            self.fresh();
+        }
+        ack
     }
 
     /// Subscribes and returns the SUBACK's first reason code.
@@ -505,12 +544,19 @@ impl Mqtt {
             QoS::ExactlyOnce
         };
         self.client.subscribe(filter, q).unwrap();
-        self.pump(Duration::from_secs(10), |p| match p {
-            Ok(Packet::SubAck(s)) => s.return_codes.first().cloned(),
-            Err(StateError::SubFail { reason }) => Some(*reason),
-            _ => None,
-        })
-        .expect("no SUBACK within 10 s")
+        let code = self
+            .pump(Duration::from_secs(10), |p| match p {
+                Pumped::Packet(Packet::SubAck(s)) => s.return_codes.first().cloned(),
+                Pumped::Refused(StateError::SubFail { reason }) => Some(*reason),
+                // Closed before answering: not granted.
+                Pumped::Closed => Some(SubscribeReasonCode::Unspecified),
+                _ => None,
+            })
+            .expect("no SUBACK within 10 s");
+        if !matches!(code, SubscribeReasonCode::Success(_)) {
+            self.fresh();
+        }
+        code
     }
 
     /// Waits for the next application message (bounded).
@@ -518,7 +564,7 @@ impl Mqtt {
         if !self.inbox.is_empty() {
             return Some(self.inbox.remove(0));
         }
-        self.pump(timeout, |p| matches!(p, Ok(Packet::Publish(_))).then_some(()))?;
+        self.pump(timeout, |p| matches!(p, Pumped::Packet(Packet::Publish(_))).then_some(()))?;
         Some(self.inbox.remove(0))
     }
 

@@ -446,7 +446,9 @@ fn registry_changes_apply_without_a_restart() {
             false,
             &signed_as("sensor_001", now(), &uid(), "{}"),
         );
-        if ack.is_not_authorized() {
+        // Refused (0x87), or, where the broker lets the plugin close a revoked device as soon as
+        // it connects (2.1), closed before it could publish.
+        if ack.is_refused() {
             break;
         }
         // The requirement is 1 s; allow scheduling slack on a loaded CI machine.
@@ -644,7 +646,7 @@ fn a_certificate_revoked_by_the_crl_is_disconnected_without_a_restart() {
         broker.log()
     );
     let mut again = Mqtt::try_connect(&env, broker.port, with_cert(&cert)).unwrap();
-    assert!(again.publish("device/sensor_001/data", 1, false, b"{}").is_not_authorized());
+    assert!(again.publish("device/sensor_001/data", 1, false, b"{}").is_refused());
 }
 
 #[test]

@@ -17,6 +17,13 @@ fn monitor_on(env: &Env, broker: &Broker, filter: &str) -> Mqtt {
 }
 
 /// The counter for `reason` in the newest `stats` line (SIGHUP makes the plugin log it).
+/// A revoked device's publish was refused for the right reason: with 0x87 and logged as
+/// `unknown_device`, or closed before it was read (2.1 closes a device revoked while the broker
+/// runs right after its CONNACK, so there is no reason to check; 2.0 shows the reason).
+fn refused_as_unknown(broker: &Broker, ack: &Ack, mid: &str) -> bool {
+    *ack == Ack::Closed || (ack.is_not_authorized() && rejected_with(broker, "unknown_device", mid))
+}
+
 fn stats_count(broker: &Broker, reason: &str) -> Option<u64> {
     let log = broker.log();
     let line = log.lines().rev().find(|l| l.contains("secure-iot-gateway: stats "))?;
@@ -268,8 +275,8 @@ fn unreadable_registry_is_logged_once_and_recovery_applies_the_new_state() {
     loop {
         let mid = uid();
         let ack = dev.publish(DATA, 1, false, &signed_as("sensor_001", now(), &mid, "{}"));
-        if ack.is_not_authorized() {
-            assert!(rejected_with(&broker, "unknown_device", &mid), "{}", broker.log());
+        if ack.is_refused() {
+            assert!(refused_as_unknown(&broker, &ack, &mid), "{}", broker.log());
             break;
         }
         assert!(
@@ -356,8 +363,8 @@ fn disabled_device_in_a_replaced_registry_is_unknown_whatever_it_signs_with() {
     for secret in [new_secret, secret_of("sensor_001")] {
         let mid = uid();
         let ack = dev.publish(DATA, 1, false, &signed(secret, "sensor_001", now(), &mid, "{}"));
-        assert!(ack.is_not_authorized(), "disabled device accepted ({ack:?}); {}", broker.log());
-        assert!(rejected_with(&broker, "unknown_device", &mid), "{}", broker.log());
+        assert!(ack.is_refused(), "disabled device accepted ({ack:?}); {}", broker.log());
+        assert!(refused_as_unknown(&broker, &ack, &mid), "{}", broker.log());
     }
     // In place (the CLI's way), and back: enabled again, accepted with the new secret.
     env.db().execute("UPDATE devices SET enabled = 1 WHERE device_id = 'sensor_001'", []).unwrap();
@@ -371,8 +378,8 @@ fn disabled_device_in_a_replaced_registry_is_unknown_whatever_it_signs_with() {
     loop {
         let mid = uid();
         let ack = dev.publish(DATA, 1, false, &signed(new_secret, "sensor_001", now(), &mid, "{}"));
-        if ack.is_not_authorized() {
-            assert!(rejected_with(&broker, "unknown_device", &mid), "{}", broker.log());
+        if ack.is_refused() {
+            assert!(refused_as_unknown(&broker, &ack, &mid), "{}", broker.log());
             break;
         }
         assert!(
