@@ -496,11 +496,6 @@ impl Gateway {
         }
     }
 
-    /// Is a CRL configured (so the shim should hand over certificate serials)?
-    pub fn checks_crl(&self) -> bool {
-        self.crl.is_some()
-    }
-
     /// Checks a client's certificate serial against the CRL (remembering who holds it). A
     /// revoked certificate is refused whatever it asks, and its connection closed.
     pub fn cert_revoked(&mut self, username: &str, serial: &[u8]) -> bool {
@@ -614,20 +609,16 @@ impl Gateway {
         self.apply_crl_updates(host);
         let revoked = self.validator.apply_registry_updates();
         log_all(host, self.validator.registry().take_logs());
-        if self.validator.registry_changed() {
+        if let Some(revoked) = revoked {
             self.monitor.registry_changed();
-        }
-        if !revoked.is_empty() || self.validator.registry_changed() {
             self.check_service_conflicts(host);
-        }
-        if !revoked.is_empty() || self.validator.registry_changed() {
             // Back in the registry: no longer revoked.
             let validator = &mut self.validator;
             self.revoked.retain(|d| !validator.is_enabled(d));
-        }
-        for d in revoked {
-            self.kick(Identity::Device(&d));
-            self.revoked.insert(d);
+            for d in revoked {
+                self.kick(Identity::Device(&d));
+                self.revoked.insert(d);
+            }
         }
         for (d, why) in std::mem::take(&mut self.to_kick) {
             if self.rejection_log.admit(&d, "revoked", Instant::now()) {

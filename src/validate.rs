@@ -81,7 +81,6 @@ pub struct Validator {
     max_payload: usize,
     replay_cap: usize,
     rate: Option<RateLimiter>,
-    changed: bool,
     /// Reused for the canonical form of every message (no allocation per message).
     canon: Vec<u8>,
 }
@@ -104,7 +103,6 @@ impl Validator {
             max_payload: cfg.max_payload_bytes,
             replay_cap: cfg.replay_cache_size,
             rate: cfg.rate_limit.map(|limit| RateLimiter { limit, buckets: HashMap::new() }),
-            changed: false,
             canon: Vec::with_capacity(1024),
         }
     }
@@ -212,24 +210,15 @@ impl Validator {
         self.replay.record(a.device(), a.digest, a.expires_at);
     }
 
-    /// Installs the newest registry snapshot, if one arrived; returns the devices it revoked
-    /// (removed or disabled since the previous snapshot).
-    pub fn apply_registry_updates(&mut self) -> Vec<Box<str>> {
-        let Some(before) = self.registry.apply_updates_diff() else {
-            self.changed = false;
-            return Vec::new();
-        };
-        self.changed = true;
+    /// Installs the newest registry snapshot, if one arrived, and returns the devices it revoked
+    /// (removed or disabled since the previous snapshot); None when none arrived.
+    pub fn apply_registry_updates(&mut self) -> Option<Vec<Box<str>>> {
+        let before = self.registry.apply_updates_diff()?;
         let registry = &self.registry;
         if let Some(rate) = &mut self.rate {
             rate.buckets.retain(|d, _| registry.contains(d));
         }
-        before.into_keys().filter(|id| !registry.contains(id)).collect()
-    }
-
-    /// Did the last [`Self::apply_registry_updates`] install a new snapshot?
-    pub fn registry_changed(&self) -> bool {
-        self.changed
+        Some(before.into_keys().filter(|id| !registry.contains(id)).collect())
     }
 
     /// May `device` act (registered, enabled)? May look a device up that is not in memory.
