@@ -243,6 +243,15 @@ pub struct Gateway {
     last_stats: Instant,
 }
 
+const CRL_REVOKED: &str = "its certificate is revoked by plugin_opt_crl_file";
+
+/// Queues `username`'s connections to be closed at the next tick (once, whatever the reason).
+fn queue_kick(to_kick: &mut Vec<(Box<str>, &'static str)>, username: &str, why: &'static str) {
+    if !to_kick.iter().any(|(k, _)| &**k == username) {
+        to_kick.push((username.into(), why));
+    }
+}
+
 fn log_all(host: &mut dyn Host, lines: Vec<LogLine>) {
     for l in lines {
         host.log(l.level, &format!("secure-iot-gateway: {}", l.text));
@@ -470,7 +479,7 @@ impl Gateway {
                 Level::Error,
                 &format!("secure-iot-gateway: service identity {s:?} is now also a registered device: denied everything until one of them is removed"),
             );
-            self.to_kick.push((s.as_str().into(), "a service identity that is also a device"));
+            queue_kick(&mut self.to_kick, s, "a service identity that is also a device");
         }
         self.service_conflicts = now;
     }
@@ -488,8 +497,11 @@ impl Gateway {
                 true
             }
             Identity::Invalid => {
-                self.to_kick
-                    .push((username.into(), "its identity is outside the device-id grammar"));
+                queue_kick(
+                    &mut self.to_kick,
+                    username,
+                    "its identity is outside the device-id grammar",
+                );
                 true
             }
             _ => false,
@@ -509,10 +521,7 @@ impl Gateway {
         if !c.revoked.contains(serial) {
             return false;
         }
-        if !self.to_kick.iter().any(|(k, _)| &**k == username) {
-            self.to_kick
-                .push((username.into(), "its certificate is revoked by plugin_opt_crl_file"));
-        }
+        queue_kick(&mut self.to_kick, username, CRL_REVOKED);
         true
     }
 
@@ -528,12 +537,8 @@ impl Gateway {
                     );
                     c.revoked = revoked;
                     for (serial, user) in &c.serials {
-                        if c.revoked.contains(serial) && !self.to_kick.iter().any(|(k, _)| k == user)
-                        {
-                            self.to_kick.push((
-                                user.clone(),
-                                "its certificate is revoked by plugin_opt_crl_file",
-                            ));
+                        if c.revoked.contains(serial) {
+                            queue_kick(&mut self.to_kick, user, CRL_REVOKED);
                         }
                     }
                 }
@@ -557,8 +562,8 @@ impl Gateway {
     /// Queues a device's connections to be closed at the next tick.
     fn kick(&mut self, who: Identity<'_>) {
         if let Identity::Device(d) = who {
-            if !d.is_empty() && !self.to_kick.iter().any(|(k, _)| &**k == d) {
-                self.to_kick.push((d.into(), "not enabled in the registry"));
+            if !d.is_empty() {
+                queue_kick(&mut self.to_kick, d, "not enabled in the registry");
             }
         }
     }
