@@ -23,8 +23,11 @@ pub const DEFAULT_SYS_INTERVAL_S: u64 = 10;
 pub const MAX_PAYLOAD_LIMIT: usize = 16 << 20;
 
 /// Every option key the plugin understands, for the error message on a typo.
-pub const KEYS: [&str; 18] = [
+pub const KEYS: [&str; 21] = [
     "db_path",
+    "registry_url",
+    "cluster_url",
+    "node_id",
     "data_topic",
     "response_topic",
     "timestamp_tolerance",
@@ -116,10 +119,50 @@ pub struct BackendConfig {
     pub http_timeout: Duration,
 }
 
+/// Where the device registry lives: exactly one of `db_path` and `registry_url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistrySource {
+    /// The embedded default: a SQLite file.
+    Sqlite(PathBuf),
+    /// A cluster's shared registry: a `postgresql://` (or `postgres://`) connection URL.
+    Postgres(String),
+}
+
+impl fmt::Display for RegistrySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RegistrySource::Sqlite(p) => write!(f, "{}", p.display()),
+            RegistrySource::Postgres(url) => f.write_str(&redact_url(url)),
+        }
+    }
+}
+
+/// A URL with its password (if any) replaced by `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (auth, host) = match rest.split_once('@') {
+        Some((a, h)) if !a.contains('/') => (a, h),
+        _ => return url.to_string(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+/// Cluster mode: replay state and sessions shared through Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// `redis://` or `rediss://` URL.
+    pub url: String,
+    /// This node's name in the cluster (default: the host name).
+    pub node_id: String,
+}
+
 /// The validated plugin configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    pub db_path: PathBuf,
+    pub registry: RegistrySource,
     pub data_topic: TopicPattern,
     pub response_topic: TopicPattern,
     pub timestamp_tolerance: i64,
@@ -137,6 +180,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Seconds between `$SYS` publications (0: off).
     pub sys_interval: u64,
+    /// Cluster mode (None: a single node).
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// `rate_limit` messages per second per device, with bursts of up to `burst` messages.
@@ -236,6 +281,13 @@ pub fn parse_listen(v: &str) -> Option<SocketAddr> {
     (addr.port() != 0).then_some(addr)
 }
 
+/// The host name, if it is a valid node id.
+fn default_node_id() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    crate::envelope::valid_device_id(name).then(|| name.to_string())
+}
+
 impl Config {
     /// Builds the configuration from the broker's `(key, value)` option pairs.
     pub fn from_opts<'a>(
@@ -243,6 +295,9 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut seen: Vec<&str> = Vec::new();
         let mut db_path = None;
+        let mut registry_url = None;
+        let mut cluster_url = None;
+        let mut node_id = None;
         let mut data_topic = TopicPattern::parse(DEFAULT_DATA_TOPIC).expect("default is valid");
         let mut response_topic =
             TopicPattern::parse(DEFAULT_RESPONSE_TOPIC).expect("default is valid");
@@ -281,6 +336,36 @@ impl Config {
             }
             match key {
                 "db_path" => db_path = Some(PathBuf::from(v)),
+                "registry_url" => {
+                    if !(v.starts_with("postgresql://") || v.starts_with("postgres://")) {
+                        return Err(err(
+                            key,
+                            Some(&redact_url(v)),
+                            "must start with postgresql:// (or postgres://)",
+                        ));
+                    }
+                    registry_url = Some(v.to_string());
+                }
+                "cluster_url" => {
+                    if !(v.starts_with("redis://") || v.starts_with("rediss://")) {
+                        return Err(err(
+                            key,
+                            Some(&redact_url(v)),
+                            "must start with redis:// or rediss://",
+                        ));
+                    }
+                    cluster_url = Some(v.to_string());
+                }
+                "node_id" => {
+                    if !crate::envelope::valid_device_id(v) {
+                        return Err(err(
+                            key,
+                            Some(v),
+                            "must be 1-64 of A-Z a-z 0-9 _ . - (the device-id grammar)",
+                        ));
+                    }
+                    node_id = Some(v.to_string());
+                }
                 "data_topic" | "response_topic" => {
                     let p = TopicPattern::parse(v).ok_or_else(|| {
                         err(
@@ -365,9 +450,37 @@ impl Config {
                 _ => unreachable!("every key in KEYS is handled"),
             }
         }
-        let db_path = db_path.ok_or_else(|| {
-            err("db_path", None, "is required (the SQLite device registry, e.g. /var/lib/secure-iot-gateway/devices.db)")
-        })?;
+        let registry = match (db_path, registry_url) {
+            (Some(p), None) => RegistrySource::Sqlite(p),
+            (None, Some(u)) => RegistrySource::Postgres(u),
+            (None, None) => return Err(err(
+                "db_path",
+                None,
+                "is required (the SQLite device registry, e.g. /var/lib/secure-iot-gateway/devices.db), or plugin_opt_registry_url for a shared PostgreSQL registry",
+            )),
+            (Some(_), Some(u)) => {
+                return Err(err(
+                    "registry_url",
+                    Some(&redact_url(&u)),
+                    "cannot be given with plugin_opt_db_path: the registry is either SQLite or PostgreSQL",
+                ))
+            }
+        };
+        let cluster = match (cluster_url, node_id) {
+            (Some(url), node_id) => {
+                let node_id = match node_id {
+                    Some(n) => n,
+                    None => default_node_id().ok_or_else(|| {
+                        err("node_id", None, "is required: the host name is not a valid node id (1-64 of A-Z a-z 0-9 _ . -)")
+                    })?,
+                };
+                Some(ClusterConfig { url, node_id })
+            }
+            (None, Some(n)) => {
+                return Err(err("node_id", Some(&n), "needs plugin_opt_cluster_url"));
+            }
+            (None, None) => None,
+        };
         if data_topic == response_topic {
             return Err(err(
                 "response_topic",
@@ -401,7 +514,7 @@ impl Config {
             http_timeout: Duration::from_millis(http_timeout_ms),
         });
         Ok(Config {
-            db_path,
+            registry,
             data_topic,
             response_topic,
             timestamp_tolerance: tolerance,
@@ -415,6 +528,7 @@ impl Config {
             crl_file,
             metrics_listen,
             sys_interval,
+            cluster,
         })
     }
 
@@ -479,6 +593,49 @@ mod tests {
         let e = parse(&[]).unwrap_err();
         assert_eq!(e.key, "db_path");
         assert!(e.to_string().contains("plugin_opt_db_path"));
+    }
+
+    #[test]
+    fn the_registry_is_sqlite_or_postgresql_never_both() {
+        assert_eq!(
+            with_db(&[]).unwrap().registry,
+            RegistrySource::Sqlite("/tmp/devices.db".into())
+        );
+        let url = "postgresql://gw:s3cret@db.example/iot";
+        let c = parse(&[("registry_url", url)]).unwrap();
+        assert_eq!(c.registry, RegistrySource::Postgres(url.into()));
+        // The password never reaches a log line.
+        assert_eq!(c.registry.to_string(), "postgresql://gw:***@db.example/iot");
+        let e = with_db(&[("registry_url", url)]).unwrap_err();
+        assert_eq!(e.key, "registry_url");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let e = parse(&[("registry_url", "mysql://x/y")]).unwrap_err();
+        assert_eq!((e.key.as_str(), e.value.as_deref()), ("registry_url", Some("mysql://x/y")));
+    }
+
+    #[test]
+    fn cluster_mode_needs_a_redis_url_and_a_valid_node_id() {
+        assert_eq!(with_db(&[]).unwrap().cluster, None);
+        let c =
+            with_db(&[("cluster_url", "redis://127.0.0.1:6379/0"), ("node_id", "node-a")]).unwrap();
+        assert_eq!(
+            c.cluster,
+            Some(ClusterConfig {
+                url: "redis://127.0.0.1:6379/0".into(),
+                node_id: "node-a".into()
+            })
+        );
+        // Without node_id the host name is used (when it is a valid id, as on this machine).
+        if let Some(host) = default_node_id() {
+            let c = with_db(&[("cluster_url", "redis://127.0.0.1")]).unwrap();
+            assert_eq!(c.cluster.unwrap().node_id, host);
+        }
+        let e = with_db(&[("cluster_url", "http://127.0.0.1")]).unwrap_err();
+        assert_eq!(e.key, "cluster_url");
+        let e = with_db(&[("cluster_url", "redis://x"), ("node_id", "a b")]).unwrap_err();
+        assert_eq!((e.key.as_str(), e.value.as_deref()), ("node_id", Some("a b")));
+        let e = with_db(&[("node_id", "a")]).unwrap_err();
+        assert!(e.to_string().contains("needs plugin_opt_cluster_url"), "{e}");
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! from `MOSQ_EVT_MESSAGE` (v5 publishers get 0x87).
 
 use crate::acl::{self, Access, Identity, Verdict};
-use crate::config::Config;
+use crate::config::{Config, RegistrySource};
 use crate::crl;
 use crate::delivery::outbox::{AppendError, Done};
 use crate::delivery::{self, Delivery};
@@ -23,7 +23,6 @@ use crate::registry::{Registry, RegistryError, Watcher};
 use crate::validate::{Rejected, Validator};
 use std::fmt;
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -121,7 +120,7 @@ impl Outcome {
 /// Why the gateway could not start; each names the option at fault.
 #[derive(Debug)]
 pub enum StartError {
-    Registry(PathBuf, RegistryError),
+    Registry(RegistrySource, RegistryError),
     Watcher(std::io::Error),
     Delivery(delivery::StartError),
     ServiceIsDevice(String),
@@ -134,11 +133,17 @@ pub enum StartError {
 impl fmt::Display for StartError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StartError::Registry(p, e) => write!(
-                f,
-                "plugin_opt_db_path {:?}: cannot open the device registry: {e}",
-                p.display().to_string()
-            ),
+            StartError::Registry(src, e) => {
+                let key = match src {
+                    RegistrySource::Sqlite(_) => "db_path",
+                    RegistrySource::Postgres(_) => "registry_url",
+                };
+                write!(
+                    f,
+                    "plugin_opt_{key} {:?}: cannot open the device registry: {e}",
+                    src.to_string()
+                )
+            }
             StartError::Watcher(e) => write!(f, "cannot start the registry watcher: {e}"),
             StartError::Delivery(e) => e.fmt(f),
             StartError::Crl(e) => write!(f, "plugin_opt_crl_file: {e}"),
@@ -271,8 +276,11 @@ impl Gateway {
             Some(a) => Some((a, TcpListener::bind(a).map_err(|e| StartError::Metrics(a, e))?)),
             None => None,
         };
-        let registry = Registry::open(&cfg.db_path)
-            .map_err(|e| StartError::Registry(cfg.db_path.clone(), e))?;
+        let registry = match &cfg.registry {
+            RegistrySource::Sqlite(path) => Registry::open(path),
+            RegistrySource::Postgres(_) => Err(RegistryError::Unsupported),
+        }
+        .map_err(|e| StartError::Registry(cfg.registry.clone(), e))?;
         let (delivery, recovered) =
             Delivery::start(&cfg, wake.clone()).map_err(StartError::Delivery)?;
         for w in &recovered.warnings {
@@ -352,7 +360,7 @@ impl Gateway {
         format!(
             "{} devices in registry {}, data topic {}, tolerance {} s, replay cap {} per device (about {:.1} msg/s per device), {} ids remembered, outbox {} ({} pending), backend {}",
             self.validator.devices(),
-            self.cfg.db_path.display(),
+            self.cfg.registry,
             self.cfg.data_topic,
             self.cfg.timestamp_tolerance,
             self.cfg.replay_cache_size,

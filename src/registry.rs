@@ -90,6 +90,8 @@ pub enum RegistryError {
     NoDevicesTable,
     /// Another connection has held the database locked for this long.
     Locked(Duration),
+    /// PostgreSQL registries are not built yet (placeholder until the PostgreSQL source lands).
+    Unsupported,
 }
 
 impl std::fmt::Display for RegistryError {
@@ -98,6 +100,9 @@ impl std::fmt::Display for RegistryError {
             RegistryError::Missing => f.write_str("no such file"),
             RegistryError::Sqlite(e) => write!(f, "{e}"),
             RegistryError::NoDevicesTable => f.write_str("no table named devices"),
+            RegistryError::Unsupported => {
+                f.write_str("PostgreSQL registries are not supported yet")
+            }
             RegistryError::Locked(d) => {
                 write!(f, "locked by another connection for {} s", d.as_secs())
             }

@@ -2,7 +2,7 @@
 //! starting the broker, the same way the plugin does at start-up.
 
 use rusqlite::OptionalExtension;
-use secure_iot_gateway::config::Config;
+use secure_iot_gateway::config::{Config, RegistrySource};
 use secure_iot_gateway::registry::Registry;
 use std::path::{Path, PathBuf};
 
@@ -168,14 +168,24 @@ pub fn check(conf_path: &Path) -> Result<Report, String> {
     }
     let cfg = Config::from_opts(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .map_err(|e| e.to_string())?;
-    let reg = Registry::open(&cfg.db_path).map_err(|e| {
+    let db_path = match &cfg.registry {
+        RegistrySource::Sqlite(p) => p.clone(),
+        // Checked by the PostgreSQL registry's own code path (TODO: replaced when it lands).
+        RegistrySource::Postgres(_) => {
+            return Err(
+                "plugin_opt_registry_url: checking a PostgreSQL registry is not supported yet"
+                    .into(),
+            )
+        }
+    };
+    let reg = Registry::open(&db_path).map_err(|e| {
         format!(
             "plugin_opt_db_path {:?}: cannot open the device registry: {e}",
-            cfg.db_path.display().to_string()
+            db_path.display().to_string()
         )
     })?;
     let conn = rusqlite::Connection::open_with_flags(
-        &cfg.db_path,
+        &db_path,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| format!("cannot read the device registry: {e}"))?;
@@ -189,7 +199,7 @@ pub fn check(conf_path: &Path) -> Result<Report, String> {
                 "device {s:?} in the registry {} is named like a service identity \
                  (plugin_opt_service_identities): it would get that identity's ACL grants; \
                  remove the device (iotgw device remove {s}) or the identity",
-                cfg.db_path.display()
+                db_path.display()
             ));
         }
     }
