@@ -10,6 +10,7 @@
 //! from `MOSQ_EVT_MESSAGE` (v5 publishers get 0x87).
 
 use crate::acl::{self, Access, Identity, Verdict};
+use crate::cluster::{self, Cluster};
 use crate::config::{Config, RegistrySource};
 use crate::crl;
 use crate::delivery::outbox::{AppendError, Done};
@@ -128,6 +129,8 @@ pub enum StartError {
     /// `plugin_opt_metrics_listen`: cannot listen there (taken, not a local address) or cannot
     /// start the exporter thread.
     Metrics(SocketAddr, std::io::Error),
+    /// `plugin_opt_cluster_url`.
+    Cluster(String, cluster::StartError),
 }
 
 impl fmt::Display for StartError {
@@ -154,6 +157,7 @@ impl fmt::Display for StartError {
             StartError::Metrics(a, e) => {
                 write!(f, "plugin_opt_metrics_listen \"{a}\": cannot serve metrics there: {e}")
             }
+            StartError::Cluster(url, e) => write!(f, "plugin_opt_cluster_url {url:?}: {e}"),
         }
     }
 }
@@ -246,6 +250,13 @@ pub struct Gateway {
     monitor: Monitor,
     last_prune: Instant,
     last_stats: Instant,
+    /// Cluster mode: ids and sessions shared with the other nodes, claims before forwarding.
+    cluster: Option<Cluster>,
+    /// Cluster mode: when this node last saw a session of each device start (unix ms), to tell
+    /// whether another node's session is newer. Registered devices only.
+    sessions: std::collections::HashMap<Box<str>, i64>,
+    /// Sessions closed because the device started a newer one on another node.
+    sessions_closed: u64,
 }
 
 const CRL_REVOKED: &str = "its certificate is revoked by plugin_opt_crl_file";
@@ -281,8 +292,21 @@ impl Gateway {
             RegistrySource::Postgres(_) => Err(RegistryError::Unsupported),
         }
         .map_err(|e| StartError::Registry(cfg.registry.clone(), e))?;
+        // Started before delivery: every worker gets a claimer. It does not connect here, so a
+        // node starts (and says so) while Redis is down.
+        let cluster = match &cfg.cluster {
+            Some(c) => Some(
+                Cluster::start(
+                    c,
+                    Duration::from_secs(2 * cfg.timestamp_tolerance.max(1) as u64),
+                    wake.clone(),
+                )
+                .map_err(|e| StartError::Cluster(crate::config::redact_url(&c.url), e))?,
+            ),
+            None => None,
+        };
         let (delivery, recovered) =
-            Delivery::start(&cfg, wake.clone()).map_err(StartError::Delivery)?;
+            Delivery::start(&cfg, wake.clone(), cluster.as_ref()).map_err(StartError::Delivery)?;
         for w in &recovered.warnings {
             host.log(Level::Warning, &format!("secure-iot-gateway: outbox recovery: {w}"));
         }
@@ -330,6 +354,9 @@ impl Gateway {
             monitor,
             last_prune: now,
             last_stats: now,
+            cluster,
+            sessions: Default::default(),
+            sessions_closed: 0,
         })
     }
 
@@ -341,9 +368,13 @@ impl Gateway {
     pub fn stats(&self) -> Stats {
         let v = &self.verdicts;
         let d = self.delivery.counts();
+        let mut rejected = v.rejected;
+        // Accepted here, then not forwarded because another node had claimed the id: the spec's
+        // replay, caught across nodes (counted once, by delivery).
+        rejected[Reason::Replay.index()] += d.claimed_same + d.claimed_different;
         Stats {
             accepted: v.accepted,
-            rejected: v.rejected,
+            rejected,
             outbox_full: v.outbox_full,
             internal_errors: v.internal_errors,
             acl_denied: v.acl_denied,
@@ -372,7 +403,14 @@ impl Gateway {
                 Some(b) => format!("{} with {} workers", b.url_template, b.workers),
                 None => "none (validation only)".into(),
             }
-        )
+        ) + &match &self.cfg.cluster {
+            Some(c) => format!(
+                ", cluster node {} via {}",
+                c.node_id,
+                crate::config::redact_url(&c.url)
+            ),
+            None => String::new(),
+        }
     }
 
     /// ACL WRITE: every publish and every will. Validates data-topic messages; refuses client
@@ -613,6 +651,9 @@ impl Gateway {
             Refused { refusal, detail, message_id: Some(a.message_id().to_string()) }
         })?;
         self.validator.commit(&a);
+        if let Some(c) = &self.cluster {
+            c.announce_id(a.device(), a.digest(), a.expires_at);
+        }
         Ok(())
     }
 
@@ -628,11 +669,14 @@ impl Gateway {
             // Back in the registry: no longer revoked.
             let validator = &mut self.validator;
             self.revoked.retain(|d| !validator.is_enabled(d));
+            let registry = self.validator.registry();
+            self.sessions.retain(|d, _| registry.contains(d));
             for d in revoked {
                 self.kick(Identity::Device(&d));
                 self.revoked.insert(d);
             }
         }
+        self.apply_cluster_news(host, now);
         for (d, why) in std::mem::take(&mut self.to_kick) {
             if self.rejection_log.admit(&d, "revoked", Instant::now()) {
                 host.log(
@@ -649,6 +693,10 @@ impl Gateway {
         log_all(host, polled.logs);
         for d in &polled.answers {
             self.monitor.devices.settled(&d.message.device_id);
+            if d.claimed_elsewhere.is_some() {
+                // Another node forwards it and answers the device (counted by delivery).
+                continue;
+            }
             self.respond(host, d, now);
         }
         if self.last_log_flush.elapsed() >= LOG_FLUSH_INTERVAL {
@@ -666,6 +714,53 @@ impl Gateway {
         if self.last_stats.elapsed() >= STATS_INTERVAL {
             self.last_stats = Instant::now();
             self.log_stats(host);
+        }
+    }
+
+    /// A client's connection was seen for the first time (2.1: at CONNECT; 2.0: at its first
+    /// publish or subscribe). In cluster mode, tells the other nodes so they close any older
+    /// session of the same device.
+    pub fn on_session(&mut self, who: Identity<'_>, now_ms: i64) {
+        let (Some(c), Identity::Device(d)) = (&self.cluster, who) else { return };
+        if !self.validator.registry().contains(d) {
+            return;
+        }
+        c.announce_session(d, now_ms);
+        match self.sessions.get_mut(d) {
+            Some(t) => *t = now_ms,
+            None => {
+                self.sessions.insert(d.into(), now_ms);
+            }
+        }
+    }
+
+    /// Installs what the other nodes said: ids they accepted (into the replay memory) and
+    /// sessions they saw start (closing any older one here).
+    fn apply_cluster_news(&mut self, host: &mut dyn Host, now: i64) {
+        let Some(c) = &self.cluster else { return };
+        log_all(host, c.take_logs());
+        let news = c.take_incoming();
+        for id in news.ids {
+            self.validator.remember_remote(&id.device, id.digest, id.expires_at, now);
+        }
+        let node = c.node();
+        for s in news.sessions {
+            // Ours is newer (the device came back here since): theirs is the one to close, which
+            // that node does when our announcement reaches it. Ties go to the larger node id.
+            let ours = self.sessions.get(&s.device).copied();
+            if ours.is_some_and(|t| (t, node) > (s.started_ms, &*s.node)) {
+                continue;
+            }
+            self.sessions.remove(&s.device);
+            if !self.validator.registry().contains(&s.device) {
+                continue;
+            }
+            self.sessions_closed += 1;
+            queue_kick(
+                &mut self.to_kick,
+                &s.device,
+                "the device started a newer session on another node",
+            );
         }
     }
 
@@ -729,6 +824,36 @@ impl Gateway {
             spool_path: self.cfg.spool_path.display().to_string(),
             devices,
             devices_at,
+            cluster: self.cluster.as_ref().map(|c| {
+                let st = c.stats();
+                let n =
+                    |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                let counts = self.delivery.counts();
+                metrics::ClusterView {
+                    node: c.node().to_string(),
+                    redis_down: match c.link() {
+                        cluster::Link::Up => None,
+                        cluster::Link::Down { since, error } => Some((
+                            since
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_secs() as i64),
+                            error,
+                        )),
+                    },
+                    ids_published: n(&st.ids_published),
+                    ids_received: n(&st.ids_received),
+                    ids_dropped: n(&st.ids_dropped),
+                    malformed_received: n(&st.malformed_received),
+                    sessions_published: n(&st.sessions_published),
+                    sessions_received: n(&st.sessions_received),
+                    sessions_closed: self.sessions_closed,
+                    claims: n(&st.claims),
+                    claim_errors: n(&st.claim_errors),
+                    replays_same: counts.claimed_same,
+                    replays_different: counts.claimed_different,
+                    replication_delay: st.replication_delay.snapshot(),
+                }
+            }),
         }
     }
 
@@ -773,6 +898,11 @@ impl Gateway {
     /// stopping are settled, but get no response (the broker API must not publish from cleanup).
     pub fn shutdown(&mut self, host: &mut dyn Host) {
         log_all(host, self.delivery.shutdown(unix_now()).logs);
+        // After the workers: they hold claimers, which need no thread, but stop in this order.
+        if let Some(c) = &mut self.cluster {
+            c.stop();
+            log_all(host, c.take_logs());
+        }
         self.watcher.stop();
         self.monitor.stop();
         self.log_stats(host);

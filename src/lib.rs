@@ -11,6 +11,9 @@
 //! - [`delivery`]: everything after acceptance: the durable outbox ([`delivery::outbox`]), the
 //!   lane of a device, spilling and refilling, the HTTP workers ([`delivery::workers`]),
 //!   settlement of their answers and the delivery counts.
+//! - [`cluster`]: cluster mode: accepted ids and session starts shared with the other nodes
+//!   through Redis, and the claim a worker makes before forwarding (a leaf: called by gateway
+//!   and delivery).
 //! - [`acl`]: who a client is (certificate CN = username) and what it may read/subscribe.
 //! - [`registry`]: the SQLite device registry (read-only in the plugin, hot-reloaded).
 //! - [`replay`]: time-windowed, per-device-capped memory of accepted message ids.
@@ -32,6 +35,7 @@
 
 pub mod acl;
 pub mod background;
+pub mod cluster;
 pub mod config;
 pub mod crl;
 pub mod delivery;

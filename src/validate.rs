@@ -57,6 +57,11 @@ pub struct Accepted {
 }
 
 impl Accepted {
+    /// The digest of the message id (what the replay memory and the cluster share).
+    pub fn digest(&self) -> IdDigest {
+        self.digest
+    }
+
     pub fn device(&self) -> &str {
         self.envelope.device_id()
     }
@@ -208,6 +213,29 @@ impl Validator {
     /// Remembers an accepted message's id; call once it is durably stored.
     pub fn commit(&mut self, a: &Accepted) {
         self.replay.record(a.device(), a.digest, a.expires_at);
+    }
+
+    /// Remembers an id another node of the cluster accepted, if `device` is registered here
+    /// (so what other nodes send cannot grow memory beyond the registry) and the id expires
+    /// within `max_expires_at` (a forged far-future expiry would block the id for good).
+    /// A device at its replay cap takes no more (the claims still keep such an id from being
+    /// forwarded twice).
+    pub fn remember_remote(
+        &mut self,
+        device: &str,
+        digest: IdDigest,
+        expires_at: i64,
+        now: i64,
+    ) -> bool {
+        let max_expires_at = now + 2 * self.tolerance;
+        if !self.registry.contains(device) || expires_at > max_expires_at || expires_at < now {
+            return false;
+        }
+        if self.replay.check(device, &digest, now) != ReplayCheck::Fresh {
+            return false;
+        }
+        self.replay.record(device, digest, expires_at);
+        true
     }
 
     /// Installs the newest registry snapshot, if one arrived, and returns the devices it revoked

@@ -10,6 +10,7 @@
 pub mod outbox;
 pub mod workers;
 
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::host::{printable, Level, LogLine};
 use crate::metrics::histogram::{Histogram, HistogramSnapshot, BACKEND_BOUNDS};
@@ -69,6 +70,10 @@ pub struct Counts {
     pub retries: u64,
     /// Answers whose body was longer than the 64 KiB passed on in the response.
     pub bodies_truncated: u64,
+    /// Not forwarded because another node claimed the id first: a byte-identical copy, or the
+    /// same id with other content.
+    pub claimed_same: u64,
+    pub claimed_different: u64,
 }
 
 /// What a poll produced: lines for the log, and the backend's answers for the responses.
@@ -103,6 +108,8 @@ pub struct Delivery {
     delivered: u64,
     dead_lettered: u64,
     bodies_truncated: u64,
+    claimed_same: u64,
+    claimed_different: u64,
 }
 
 impl Delivery {
@@ -111,6 +118,7 @@ impl Delivery {
     pub fn start(
         cfg: &Config,
         wake: Arc<dyn Fn() + Send + Sync>,
+        cluster: Option<&Cluster>,
     ) -> Result<(Delivery, Recovered), StartError> {
         let mut outbox = Store::open(&cfg.spool_path, cfg.spool_max_bytes)
             .map_err(|e| StartError::Outbox(cfg.spool_path.clone(), e))?;
@@ -123,7 +131,7 @@ impl Delivery {
         let backlog = outbox.take_recovered_pending();
         let forward = match &cfg.backend {
             Some(b) => {
-                let pool = Pool::start(b, wake)
+                let pool = Pool::start(b, wake, cluster)
                     .map_err(|e| StartError::Backend(b.url_template.clone(), e))?;
                 let mut f = Forward { spilled: vec![VecDeque::new(); pool.lanes()], pool };
                 for (id, device) in backlog {
@@ -142,6 +150,8 @@ impl Delivery {
             delivered: 0,
             dead_lettered: 0,
             bodies_truncated: 0,
+            claimed_same: 0,
+            claimed_different: 0,
         };
         let mut logs = Vec::new();
         d.refill(&mut logs);
@@ -209,7 +219,22 @@ impl Delivery {
             if d.body_truncated {
                 self.bodies_truncated += 1;
             }
-            if d.delivered {
+            if let Some(e) = &d.claimed_elsewhere {
+                if e.same_content {
+                    self.claimed_same += 1;
+                } else {
+                    self.claimed_different += 1;
+                    logs.push(LogLine {
+                        level: Level::Warning,
+                        text: format!(
+                            "not forwarded: device={} message_id={} was accepted by node {} with DIFFERENT content (a replay with altered data, or a device reusing ids)",
+                            printable(&d.message.device_id),
+                            printable(&d.message.message_id),
+                            printable(&e.node)
+                        ),
+                    });
+                }
+            } else if d.delivered {
                 self.delivered += 1;
             } else {
                 self.dead_lettered += 1;
@@ -271,6 +296,8 @@ impl Delivery {
             delivered: self.delivered,
             dead_lettered: self.dead_lettered,
             bodies_truncated: self.bodies_truncated,
+            claimed_same: self.claimed_same,
+            claimed_different: self.claimed_different,
             retries: self
                 .forward
                 .as_ref()
@@ -324,7 +351,7 @@ mod tests {
             workers: lanes,
             http_timeout: std::time::Duration::from_millis(100),
         };
-        let pool = Pool::start(&cfg, Arc::new(|| {})).unwrap();
+        let pool = Pool::start(&cfg, Arc::new(|| {}), None).unwrap();
         Forward { spilled: vec![VecDeque::new(); lanes], pool }
     }
 

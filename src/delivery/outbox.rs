@@ -62,6 +62,8 @@ const ACCEPT: u8 = 1;
 const SETTLE: u8 = 2;
 const DELIVERED: u8 = 1;
 const DEAD: u8 = 2;
+/// Not forwarded: another node of the cluster claimed the id first.
+const CLAIMED_ELSEWHERE: u8 = 3;
 
 /// A queued message as the forwarder needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +92,16 @@ pub struct Done {
     pub attempts: u32,
     /// When the backend's answer arrived (to measure the response path).
     pub answered_at: std::time::Instant,
+    /// Not sent: another node of the cluster claimed this id first (`status` is 0, `delivered`
+    /// false, and it is not a dead letter).
+    pub claimed_elsewhere: Option<crate::cluster::ClaimedElsewhere>,
+}
+
+impl Done {
+    /// A final answer the backend gave (2xx delivered, anything else dead-lettered).
+    pub fn dead_lettered(&self) -> bool {
+        !self.delivered && self.claimed_elsewhere.is_none()
+    }
 }
 
 /// Why an accepted message could not be stored.
@@ -454,7 +466,7 @@ fn parse_settle(body: &[u8]) -> Option<Vec<u64>> {
     let mut ids = Vec::with_capacity(n);
     for _ in 0..n {
         let id = c.u64().filter(|id| *id <= MAX_ID)?;
-        if !matches!(c.u8()?, DELIVERED | DEAD) {
+        if !matches!(c.u8()?, DELIVERED | DEAD | CLAIMED_ELSEWHERE) {
             return None;
         }
         ids.push(id);
@@ -984,15 +996,24 @@ impl Store {
     pub fn settle(&mut self, answers: &[Done], now: i64) -> io::Result<()> {
         let ids: Vec<(u64, u8)> = answers
             .iter()
-            .map(|d| (d.message.id as u64, if d.delivered { DELIVERED } else { DEAD }))
+            .map(|d| {
+                let state = match (d.delivered, &d.claimed_elsewhere) {
+                    (true, _) => DELIVERED,
+                    (false, Some(_)) => CLAIMED_ELSEWHERE,
+                    (false, None) => DEAD,
+                };
+                (d.message.id as u64, state)
+            })
             .filter(|(id, _)| self.pending.contains_key(id))
             .collect();
         if ids.is_empty() {
             return Ok(());
         }
-        if answers.iter().any(|d| !d.delivered) {
+        if answers.iter().any(Done::dead_lettered) {
             let mut lines = String::new();
-            for Done { message: m, status, body, .. } in answers.iter().filter(|d| !d.delivered) {
+            for Done { message: m, status, body, .. } in
+                answers.iter().filter(|d| d.dead_lettered())
+            {
                 let v = serde_json::json!({
                     "id": m.id,
                     "device_id": m.device_id,
@@ -1010,7 +1031,7 @@ impl Store {
                 .append(true)
                 .open(self.dir.join("dead_letters.jsonl"))?
                 .write_all(lines.as_bytes())?;
-            self.dead_letters += answers.iter().filter(|d| !d.delivered).count() as u64;
+            self.dead_letters += answers.iter().filter(|d| d.dead_lettered()).count() as u64;
         }
         self.rotate_if_full()?;
         self.buf.clear();
@@ -1136,7 +1157,33 @@ mod tests {
             delivered: (200..300).contains(&status),
             attempts: 1,
             answered_at: std::time::Instant::now(),
+            claimed_elsewhere: None,
         }
+    }
+
+    #[test]
+    fn a_message_claimed_by_another_node_is_settled_without_a_dead_letter() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = Store::open(dir.path(), 1 << 20).unwrap();
+            for m in ["a", "b"] {
+                s.append("d", m, 10, Some(b"1")).unwrap();
+            }
+            let rows = s.pending_after(0, 10).unwrap();
+            let mut dup = answer(&rows[0], 0, b"");
+            dup.claimed_elsewhere =
+                Some(crate::cluster::ClaimedElsewhere { node: "b".into(), same_content: true });
+            assert!(!dup.dead_lettered());
+            // Control: the same answer without the claim is a dead letter.
+            assert!(answer(&rows[0], 0, b"").dead_lettered());
+            s.settle(&[dup], 5).unwrap();
+        }
+        // Settled for good (survives a reopen), and not written as a dead letter.
+        let mut s = Store::open(dir.path(), 1 << 20).unwrap();
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+        let left = s.pending_after(0, 10).unwrap();
+        assert_eq!(left.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(), ["b"]);
+        assert_eq!(s.dead_letter_count().unwrap(), 0);
     }
 
     #[test]

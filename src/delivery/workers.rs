@@ -10,6 +10,7 @@
 //! `wake` hook so the broker thread drains it promptly.
 
 use super::outbox::{Done, QueuedMessage};
+use crate::cluster::{Claim, Claimer, Cluster};
 use crate::config::BackendConfig;
 use crate::host::{Level, LogLine};
 use crate::metrics::histogram::{Histogram, BACKEND_BOUNDS};
@@ -291,9 +292,11 @@ pub fn backoff(n: u32) -> Duration {
 
 impl Pool {
     /// Starts `cfg.workers` threads. `wake` is called after each result is queued.
+    /// In cluster mode each worker claims an id in Redis before POSTing it.
     pub fn start(
         cfg: &BackendConfig,
         wake: Arc<dyn Fn() + Send + Sync>,
+        cluster: Option<&Cluster>,
     ) -> Result<Pool, BackendError> {
         // Fails here (at init) on an unreadable CA file or a bad URL; worker 0 then uses it.
         let mut first = Some(Backend::new(cfg)?);
@@ -324,6 +327,7 @@ impl Pool {
                 },
                 shared: shared.clone(),
                 wake: wake.clone(),
+                claimer: cluster.map(Cluster::claimer),
             };
             // On an error here `pool` is dropped, which stops the workers already started.
             let h = std::thread::Builder::new()
@@ -398,6 +402,7 @@ struct Worker {
     backend: Backend,
     shared: Arc<Shared>,
     wake: Arc<dyn Fn() + Send + Sync>,
+    claimer: Option<Claimer>,
 }
 
 impl Worker {
@@ -450,10 +455,63 @@ impl Worker {
         }
     }
 
+    /// Claims the id (cluster mode) until Redis answers. Some(elsewhere) when another node holds
+    /// it; None to go on and POST; Err(()) when shutting down.
+    fn claim(&mut self, m: &QueuedMessage) -> Result<Option<crate::cluster::ClaimedElsewhere>, ()> {
+        let mut failures = 0u32;
+        loop {
+            if self.stopping() {
+                return Err(());
+            }
+            let Some(c) = self.claimer.as_mut() else { return Ok(None) };
+            match c.claim(&m.device_id, &m.message_id, &m.payload) {
+                Ok(Claim::Ours) => return Ok(None),
+                Ok(Claim::Elsewhere(e)) => return Ok(Some(e)),
+                Err(e) => {
+                    // Never POST without the claim: the message waits in its lane (and the
+                    // outbox). The outage itself is logged once by the cluster module.
+                    failures += 1;
+                    let wait = backoff(failures);
+                    if failures == 1 || failures.is_multiple_of(50) {
+                        self.log(
+                            Level::Warning,
+                            format!(
+                                "cannot claim device {} message {} in Redis ({e}): not forwarded until the claim is made; retrying in {} ms",
+                                m.device_id,
+                                m.message_id,
+                                wait.as_millis()
+                            ),
+                        );
+                    }
+                    if !self.sleep(wait) {
+                        return Err(());
+                    }
+                }
+            }
+        }
+    }
+
     fn deliver(&mut self, m: QueuedMessage) {
         let mut n = 0u32;
         loop {
             if self.stopping() {
+                return;
+            }
+            // Claimed before every attempt: a long backend outage may outlast the claim.
+            let Ok(elsewhere) = self.claim(&m) else { return };
+            if let Some(e) = elsewhere {
+                let done = Done {
+                    message: m,
+                    status: 0,
+                    body: Vec::new(),
+                    body_truncated: false,
+                    delivered: false,
+                    attempts: n,
+                    answered_at: Instant::now(),
+                    claimed_elsewhere: Some(e),
+                };
+                self.shared.results.lock().unwrap_or_else(|p| p.into_inner()).push(done);
+                (self.wake)();
                 return;
             }
             n += 1;
@@ -472,6 +530,7 @@ impl Worker {
                         delivered,
                         attempts: n,
                         answered_at: Instant::now(),
+                        claimed_elsewhere: None,
                     };
                     self.shared.results.lock().unwrap_or_else(|p| p.into_inner()).push(done);
                     (self.wake)();

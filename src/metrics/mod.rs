@@ -190,6 +190,30 @@ pub struct Snapshot {
     pub devices: Arc<Vec<DeviceRow>>,
     /// When `devices` was last known current (None: never built).
     pub devices_at: Option<Instant>,
+    /// Cluster mode only.
+    pub cluster: Option<ClusterView>,
+}
+
+/// Cluster mode's counts and Redis link, copied on the broker thread.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterView {
+    pub node: String,
+    /// Redis unreachable since (unix s) and why; None while reachable.
+    pub redis_down: Option<(i64, String)>,
+    pub ids_published: u64,
+    pub ids_received: u64,
+    pub ids_dropped: u64,
+    pub malformed_received: u64,
+    pub sessions_published: u64,
+    pub sessions_received: u64,
+    /// Local sessions closed because the device started a newer one on another node.
+    pub sessions_closed: u64,
+    pub claims: u64,
+    pub claim_errors: u64,
+    /// Not forwarded, claimed by another node first: same bytes / different content.
+    pub replays_same: u64,
+    pub replays_different: u64,
+    pub replication_delay: HistogramSnapshot,
 }
 
 /// The broker-thread half: per-device counts, the sampled validation timer, and when to
@@ -471,7 +495,79 @@ pub fn render_prometheus(s: &Snapshot) -> String {
         "Broker-thread time for one data-topic message (checks and outbox append); 1 message in 16 is timed.",
         &s.validation_durations,
     );
+    if let Some(c) = &s.cluster {
+        render_cluster(&mut o, c);
+    }
     o
+}
+
+fn render_cluster(o: &mut String, c: &ClusterView) {
+    single(
+        o,
+        "iotgw_cluster_redis_up",
+        "gauge",
+        "1 while Redis answers (ids shared, claims made), 0 while it does not (forwarding waits).",
+        u64::from(c.redis_down.is_none()),
+    );
+    for (name, help, v) in [
+        (
+            "iotgw_cluster_ids_published_total",
+            "Accepted ids published to the other nodes.",
+            c.ids_published,
+        ),
+        (
+            "iotgw_cluster_ids_received_total",
+            "Ids accepted by other nodes, received.",
+            c.ids_received,
+        ),
+        (
+            "iotgw_cluster_ids_dropped_total",
+            "Ids not shared because a queue was full (Redis down for long).",
+            c.ids_dropped,
+        ),
+        (
+            "iotgw_cluster_malformed_received_total",
+            "Lines from the cluster channels that could not be parsed.",
+            c.malformed_received,
+        ),
+        (
+            "iotgw_cluster_sessions_published_total",
+            "Session starts announced to the other nodes.",
+            c.sessions_published,
+        ),
+        (
+            "iotgw_cluster_sessions_closed_total",
+            "Sessions closed here because the device started a newer one on another node.",
+            c.sessions_closed,
+        ),
+        (
+            "iotgw_cluster_claims_total",
+            "Ids claimed in Redis before forwarding (answered claims).",
+            c.claims,
+        ),
+        (
+            "iotgw_cluster_claim_errors_total",
+            "Claims Redis could not answer (the message waits).",
+            c.claim_errors,
+        ),
+    ] {
+        single(o, name, "counter", help, v);
+    }
+    family(
+        o,
+        "iotgw_cluster_replays_total",
+        "counter",
+        "Accepted here but not forwarded: another node had claimed the id (content same: a retransmission; different: an attack).",
+    );
+    let _ = writeln!(o, "iotgw_cluster_replays_total{{content=\"same\"}} {}", c.replays_same);
+    let _ =
+        writeln!(o, "iotgw_cluster_replays_total{{content=\"different\"}} {}", c.replays_different);
+    histogram(
+        o,
+        "iotgw_cluster_replication_delay_seconds",
+        "From an id's acceptance on another node to its arrival here.",
+        &c.replication_delay,
+    );
 }
 
 /// `/devices` as JSON.
@@ -506,8 +602,40 @@ pub const APPEND_ERROR_WINDOW_S: i64 = 60;
 pub const STALE_AFTER: Duration = Duration::from_secs(10);
 
 /// `/healthz`: status and one line saying why. `probe`: the exporter's last attempt to create a
-/// file in the outbox directory.
+/// file in the outbox directory. Unhealthy on any fault, this node's or a shared one (the
+/// registry, Redis): what monitoring wants.
 pub fn health(snap: Option<&Snapshot>, probe: &Result<(), String>) -> (u16, String) {
+    let (code, why) = readiness(snap, probe);
+    if code != 200 {
+        return (code, why);
+    }
+    let Some(s) = snap else { return (code, why) };
+    if let Some((since, e)) = &s.registry_stale {
+        return (
+            503,
+            format!(
+                "registry unreadable for {} s ({e}): serving the last good snapshot, changes are not seen",
+                s.unix - since
+            ),
+        );
+    }
+    if let Some((since, e)) = s.cluster.as_ref().and_then(|c| c.redis_down.as_ref()) {
+        return (
+            503,
+            format!(
+                "cluster: Redis unreachable for {} s ({e}): accepting with local replay memory, forwarding waits",
+                s.unix - since
+            ),
+        );
+    }
+    (code, why)
+}
+
+/// `/readyz`: may this node take device connections? Unready only for faults of this node (not
+/// ticking, outbox not writable, appends failing), never for a shared dependency being down
+/// (the registry, Redis): that fault is every node's, and a load balancer that took every node
+/// out would turn a degraded cluster into a dead one. Such faults show in the 200 line.
+pub fn readiness(snap: Option<&Snapshot>, probe: &Result<(), String>) -> (u16, String) {
     let Some(s) = snap else {
         return (503, "starting: no snapshot from the broker thread yet".into());
     };
@@ -518,24 +646,22 @@ pub fn health(snap: Option<&Snapshot>, probe: &Result<(), String>) -> (u16, Stri
     if let Err(e) = probe {
         return (503, format!("outbox directory {} is not writable: {e}", s.spool_path));
     }
-    if let Some((since, e)) = &s.registry_stale {
-        return (
-            503,
-            format!(
-                "registry unreadable for {} s ({e}): serving the last good snapshot, changes are not seen",
-                s.unix - since
-            ),
-        );
-    }
     if let Some((at, e)) = &s.last_append_error {
         if s.unix - at <= APPEND_ERROR_WINDOW_S {
             return (503, format!("outbox append failed {} s ago: {e}", s.unix - at));
         }
     }
+    let mut degraded = String::new();
+    if s.registry_stale.is_some() {
+        degraded.push_str("; degraded: registry unreadable, serving the last good snapshot");
+    }
+    if s.cluster.as_ref().is_some_and(|c| c.redis_down.is_some()) {
+        degraded.push_str("; degraded: Redis unreachable, forwarding waits");
+    }
     (
         200,
         format!(
-            "ok: registry loaded ({} devices), outbox writable ({} pending)",
+            "ok: registry loaded ({} devices), outbox writable ({} pending){degraded}",
             s.registry_devices, s.pending_messages
         ),
     )
@@ -565,6 +691,7 @@ mod tests {
             replay_ids: 3,
             tracked_devices: 0,
             backend_durations: Histogram::new(histogram::BACKEND_BOUNDS).snapshot(),
+            cluster: None,
             validation_durations: Histogram::new(VALIDATION_BOUNDS).snapshot(),
             last_append_error: None,
             spool_path: "/x".into(),

@@ -1,5 +1,5 @@
 //! The exporter: a tiny blocking HTTP/1.1 server on one plugin thread, serving the latest
-//! [`Snapshot`] as `/metrics`, `/healthz` and `/devices`. It never calls the broker.
+//! [`Snapshot`] as `/metrics`, `/healthz`, `/readyz` and `/devices`. It never calls the broker.
 //!
 //! Bounded by construction: one connection at a time (others wait in the kernel's backlog),
 //! a request head of at most [`MAX_REQUEST`] bytes, and a deadline of [`REQUEST_DEADLINE`] per
@@ -9,7 +9,7 @@
 //! file in it: a real write through the filesystem, off the broker thread, that fails when the
 //! directory is read-only, immutable, gone or replaced (even for root, which ignores modes).
 
-use super::{health, render_devices, render_prometheus, Snapshot};
+use super::{health, readiness, render_devices, render_prometheus, Snapshot};
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -213,6 +213,10 @@ fn serve(mut stream: TcpStream, shared: &Shared, probe: &Result<(), String>) -> 
             let (code, why) = health(snap, probe);
             respond(&mut stream, code, "text/plain", &format!("{why}\n"), head_only);
         }
+        ("/readyz", _) => {
+            let (code, why) = readiness(snap, probe);
+            respond(&mut stream, code, "text/plain", &format!("{why}\n"), head_only);
+        }
         ("/metrics" | "/devices", None) => {
             respond(&mut stream, 503, "text/plain", "starting\n", head_only);
         }
@@ -230,7 +234,7 @@ fn serve(mut stream: TcpStream, shared: &Shared, probe: &Result<(), String>) -> 
             &mut stream,
             404,
             "text/plain",
-            "not found: try /metrics, /healthz, /devices\n",
+            "not found: try /metrics, /healthz, /readyz, /devices\n",
             head_only,
         ),
     }

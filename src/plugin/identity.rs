@@ -44,7 +44,8 @@ pub struct Identities {
 }
 
 impl Identities {
-    /// The client's certificate data, if it presented a certificate.
+    /// The client's certificate data, if it presented a certificate, and whether this is the
+    /// first time this connection is seen (a new session).
     ///
     /// # Safety
     /// `client` is the valid client pointer of the current callback, on the broker thread.
@@ -53,7 +54,7 @@ impl Identities {
         client: *const sys::mosquitto,
         username: &[u8],
         with_serial: bool,
-    ) -> Option<Rc<ClientCert>> {
+    ) -> Option<(Rc<ClientCert>, bool)> {
         // SAFETY: returns a new reference (or NULL) that we own and must free.
         let raw = unsafe { sys::mosquitto_client_certificate(client) };
         if raw.is_null() {
@@ -69,15 +70,17 @@ impl Identities {
                 && *e.username == *username
                 && (e.with_serial || !with_serial)
             {
-                return Some(e.info.clone());
+                return Some((e.info.clone(), false));
             }
         }
+        // Re-read for a serial on a connection already seen is not a new session.
+        let new = map.get(&key).is_none_or(|e| e.cert.as_ptr() != cert.as_ptr());
         let info = Rc::new(read(&cert, with_serial));
         if map.len() >= MAX_ENTRIES {
             map.clear();
         }
         map.insert(key, Entry { cert, username: username.into(), with_serial, info: info.clone() });
-        Some(info)
+        Some((info, new))
     }
 
     /// The connection of `client` ended.

@@ -314,8 +314,19 @@ unsafe fn client_identity<'a>(
     let username = unsafe { broker::client_username(client) };
     let with_serial = inst.cfg.crl_file.is_some();
     // SAFETY: as above.
-    let cert = username.and_then(|u| unsafe { inst.identities.get(client, u, with_serial) });
+    let found = username.and_then(|u| unsafe { inst.identities.get(client, u, with_serial) });
+    let (cert, new) = match found {
+        Some((c, new)) => (Some(c), new),
+        None => (None, false),
+    };
     let who = acl::identity(&inst.cfg, username, cert.as_ref().map(|c| &*c.cn));
+    if new && inst.cfg.cluster.is_some() {
+        // A new connection: in cluster mode the other nodes close any older session of it.
+        // Skipped when the gateway is busy (a re-entered check); the next new session tells.
+        if let Ok(mut gw) = inst.gateway.try_borrow_mut() {
+            gw.on_session(who, crate::host::unix_now_ms());
+        }
+    }
     (username, cert, who)
 }
 
