@@ -770,4 +770,119 @@ mod tests {
         assert_eq!(unhex16(&hex(&[7u8; 16])), Some([7u8; 16]));
         assert_eq!(unhex16("0g000000000000000000000000000000"), None);
     }
+
+    fn node(redis: &testkit::Redis, id: &str) -> Cluster {
+        let cfg = ClusterConfig { url: redis.url(), node_id: id.into() };
+        Cluster::start(&cfg, Duration::from_secs(600), Arc::new(|| {})).unwrap()
+    }
+
+    /// Polls `f` until it gives Some, for at most 5 s.
+    fn within<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(std::time::Instant::now() < end, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn the_first_node_to_claim_an_id_wins_and_the_others_learn_whether_it_is_a_copy() {
+        let redis = testkit::Redis::start();
+        let (a, b) = (node(&redis, "node-a"), node(&redis, "node-b"));
+        let (mut ca, mut cb) = (a.claimer(), b.claimer());
+        assert_eq!(ca.claim("dev-1", "m-1", b"{x}").unwrap(), Claim::Ours);
+        // A retry (or a restart) of the node holding it goes on.
+        assert_eq!(ca.claim("dev-1", "m-1", b"{x}").unwrap(), Claim::Ours);
+        let held = |same_content| {
+            Claim::Elsewhere(ClaimedElsewhere { node: "node-a".into(), same_content })
+        };
+        assert_eq!(cb.claim("dev-1", "m-1", b"{x}").unwrap(), held(true));
+        assert_eq!(cb.claim("dev-1", "m-1", b"{y}").unwrap(), held(false));
+        // Control: another id, or the same id of another device, is free.
+        assert_eq!(cb.claim("dev-1", "m-2", b"{x}").unwrap(), Claim::Ours);
+        assert_eq!(cb.claim("dev-2", "m-1", b"{x}").unwrap(), Claim::Ours);
+        // The claim expires with the replay window.
+        let ttl = redis.cmd(&["PTTL", &claim_key("dev-1", "m-1")]).int().unwrap();
+        assert!((590_000..=600_000).contains(&ttl), "{ttl}");
+        assert_eq!(a.stats().claims.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn without_redis_no_claim_is_made_and_the_outage_is_reported_once_then_recovered() {
+        let mut redis = testkit::Redis::start();
+        let a = node(&redis, "node-a");
+        let mut c = a.claimer();
+        assert_eq!(c.claim("dev-1", "m-1", b"x").unwrap(), Claim::Ours);
+        assert_eq!(a.link(), Link::Up);
+        redis.stop();
+        assert!(c.claim("dev-1", "m-2", b"x").is_err());
+        assert!(c.claim("dev-1", "m-3", b"x").is_err());
+        assert!(matches!(a.link(), Link::Down { .. }), "{:?}", a.link());
+        let logs = a.take_logs();
+        let claims_down = logs.iter().filter(|l| l.text.contains("claiming ids")).count();
+        assert_eq!(claims_down, 1, "{logs:?}");
+        redis.start_again();
+        assert_eq!(c.claim("dev-1", "m-2", b"x").unwrap(), Claim::Ours);
+        // The subscriber reconnects too (it retries with a capped backoff).
+        within("the link to come back", || (a.link() == Link::Up).then_some(()));
+        assert_eq!(a.stats().claim_errors.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn accepted_ids_and_sessions_reach_the_other_nodes_and_not_the_sender() {
+        let redis = testkit::Redis::start();
+        let (a, b) = (node(&redis, "node-a"), node(&redis, "node-b"));
+        // Both subscribed before anything is published (PUBLISH reaches current subscribers).
+        within("both subscribers", || {
+            let n = redis.cmd(&["PUBSUB", "NUMSUB", IDS_CHANNEL]).strings();
+            (n.get(1).map(String::as_str) == Some("2")).then_some(())
+        });
+        let d = crate::replay::digest("m-1");
+        a.announce_id("dev-1", d, 1_900_000_000);
+        a.announce_session("dev-1", 42);
+        let got = within("the id on node b", || {
+            let inc = b.take_incoming();
+            (!inc.ids.is_empty()).then_some(inc)
+        });
+        assert_eq!(
+            got.ids,
+            vec![RemoteId { device: "dev-1".into(), digest: d, expires_at: 1_900_000_000 }]
+        );
+        let sessions = if got.sessions.is_empty() {
+            within("the session on node b", || {
+                let s = b.take_incoming().sessions;
+                (!s.is_empty()).then_some(s)
+            })
+        } else {
+            got.sessions
+        };
+        assert_eq!(
+            sessions,
+            vec![RemoteSession { node: "node-a".into(), device: "dev-1".into(), started_ms: 42 }]
+        );
+        assert_eq!(b.stats().replication_delay.snapshot().count, 1);
+        // The sender does not hear itself; b's own announcement reaches a (positive control).
+        b.announce_id("dev-2", d, 1_900_000_000);
+        let back = within("b's id on node a", || {
+            let inc = a.take_incoming();
+            (!inc.ids.is_empty()).then_some(inc)
+        });
+        assert_eq!(back.ids.len(), 1);
+        assert_eq!(&*back.ids[0].device, "dev-2");
+    }
+
+    #[test]
+    fn stopping_is_prompt_even_with_redis_down() {
+        let mut redis = testkit::Redis::start();
+        let mut a = node(&redis, "node-a");
+        redis.stop();
+        a.announce_id("dev-1", [0; 16], 1);
+        std::thread::sleep(Duration::from_millis(300));
+        let t = std::time::Instant::now();
+        a.stop();
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    }
 }
