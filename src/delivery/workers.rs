@@ -42,6 +42,8 @@ pub fn lane_capacity(workers: usize) -> usize {
 pub const MAX_RESPONSE_BODY: u64 = 64 * 1024;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Longest wait between two attempts to claim an id while Redis does not answer.
+const CLAIM_RETRY_MAX: Duration = Duration::from_secs(1);
 /// Longest Retry-After honoured (a larger value is clamped, never ignored).
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
 
@@ -471,7 +473,9 @@ impl Worker {
                     // Never POST without the claim: the message waits in its lane (and the
                     // outbox). The outage itself is logged once by the cluster module.
                     failures += 1;
-                    let wait = backoff(failures);
+                    // Capped low: Redis is back within a second or two of an outage ending,
+                    // unlike a backend that may be down for hours.
+                    let wait = backoff(failures).min(CLAIM_RETRY_MAX);
                     if failures == 1 || failures.is_multiple_of(50) {
                         self.log(
                             Level::Warning,

@@ -663,3 +663,191 @@ fn a_service_identity_registered_as_a_device_is_refused_at_start_and_denied_at_r
     gw.on_tick(&mut h, NOW);
     assert!(h.kicked.iter().any(|k| k == "dashboard"), "{:?}", h.kicked);
 }
+
+/// Two nodes of one cluster: own registry copy and outbox each, one Redis, one backend.
+fn cluster_pair(
+    redis: &testkit::Redis,
+    sink: &Sink,
+) -> (tempfile::TempDir, Gateway, tempfile::TempDir, Gateway) {
+    let url = sink.url();
+    let node = |name: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = gateway(
+            dir.path(),
+            &[("backend_url", &url), ("cluster_url", &redis.url()), ("node_id", name)],
+        );
+        (dir, gw)
+    };
+    let (da, a) = node("node-a");
+    let (db, b) = node("node-b");
+    (da, a, db, b)
+}
+
+/// Ticks `gw` until `done`, for at most 10 s.
+fn tick_until(
+    gw: &mut Gateway,
+    host: &mut FakeHost,
+    what: &str,
+    mut done: impl FnMut(&mut Gateway, &FakeHost) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        gw.on_tick(host, unix_now());
+        if done(gw, host) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: {:?}", host.logs);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn an_id_forwarded_by_one_node_is_never_forwarded_by_another_and_is_refused_there_once_replicated()
+{
+    let redis = testkit::Redis::start();
+    let sink = Sink::start();
+    let (_da, mut a, _db, mut b) = cluster_pair(&redis, &sink);
+    let (mut ha, mut hb) = (FakeHost::default(), FakeHost::default());
+    let now = unix_now();
+    let m = sign(S1, "sensor_001", now, "c-1", Json::Null);
+    let topic = "device/sensor_001/data";
+    assert_eq!(send(&mut a, &mut ha, "sensor_001", topic, &m, now), Outcome::Accepted);
+    assert_eq!(sink.wait_for(1, Duration::from_secs(10)).len(), 1);
+    // Node b has not taken the replicated id in yet (it has not ticked): the same bytes pass its
+    // local checks, but its worker finds a's claim and does not forward.
+    assert_eq!(send(&mut b, &mut hb, "sensor_001", topic, &m, now), Outcome::Accepted);
+    // The same id with other content: not forwarded either, and logged as such.
+    let altered = sign(S1, "sensor_001", now, "c-1", Json::Bool(true));
+    tick_until(&mut b, &mut hb, "the claim answers", |b, _| b.delivery.counts().claimed_same == 1);
+    assert_eq!(b.stats().refused(Refusal::Check(Reason::Replay)), 1);
+    // Once replicated, b refuses the id at the MQTT level too.
+    assert_eq!(send(&mut b, &mut hb, "sensor_001", topic, &altered, now), refused("replay"));
+    // Control: a fresh id on b is forwarded.
+    let fresh = sign(S1, "sensor_001", now, "c-2", Json::Null);
+    assert_eq!(send(&mut b, &mut hb, "sensor_001", topic, &fresh, now), Outcome::Accepted);
+    tick_until(&mut b, &mut hb, "the fresh message", |b, _| b.delivery.counts().delivered == 1);
+    let got = sink.delivered();
+    let ids: Vec<&str> = got.iter().map(|r| r.message_id.as_str()).collect();
+    assert_eq!(ids, ["c-1", "c-2"], "c-1 exactly once");
+    // Nothing left pending on b: the duplicate was settled, not left to be retried.
+    assert_eq!(b.delivery.pending(), 0);
+    let cv = b.snapshot(now).cluster.unwrap();
+    assert_eq!((cv.replays_same, cv.replays_different), (1, 0));
+    assert!(cv.ids_received >= 1, "{cv:?}");
+    a.shutdown(&mut ha);
+    b.shutdown(&mut hb);
+}
+
+#[test]
+fn the_same_id_with_other_content_on_another_node_is_not_forwarded_and_is_logged() {
+    let redis = testkit::Redis::start();
+    let sink = Sink::start();
+    let (_da, mut a, _db, mut b) = cluster_pair(&redis, &sink);
+    let (mut ha, mut hb) = (FakeHost::default(), FakeHost::default());
+    let now = unix_now();
+    let topic = "device/sensor_001/data";
+    let m = sign(S1, "sensor_001", now, "x-1", Json::Null);
+    assert_eq!(send(&mut a, &mut ha, "sensor_001", topic, &m, now), Outcome::Accepted);
+    assert_eq!(sink.wait_for(1, Duration::from_secs(10)).len(), 1);
+    let altered = sign(S1, "sensor_001", now, "x-1", Json::Bool(true));
+    assert_eq!(send(&mut b, &mut hb, "sensor_001", topic, &altered, now), Outcome::Accepted);
+    tick_until(&mut b, &mut hb, "the claim answers", |b, _| {
+        b.delivery.counts().claimed_different == 1
+    });
+    assert!(
+        hb.logs.iter().any(|(l, t)| *l == Level::Warning && t.contains("DIFFERENT content")),
+        "{:?}",
+        hb.logs
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(sink.count(), 1);
+    a.shutdown(&mut ha);
+    b.shutdown(&mut hb);
+}
+
+#[test]
+fn a_newer_session_on_another_node_closes_the_older_one_here() {
+    let redis = testkit::Redis::start();
+    let sink = Sink::start();
+    let (_da, mut a, _db, mut b) = cluster_pair(&redis, &sink);
+    let (mut ha, mut hb) = (FakeHost::default(), FakeHost::default());
+    // Wait until both subscribers listen (PUBLISH reaches current subscribers only).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis
+        .cmd(&["PUBSUB", "NUMSUB", cluster::SESSIONS_CHANNEL])
+        .strings()
+        .get(1)
+        .map(String::as_str)
+        != Some("2")
+    {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    a.on_session(Identity::Device("sensor_001"), 1_000);
+    a.on_session(Identity::Device("sensor_002"), 5_000);
+    b.on_session(Identity::Device("sensor_001"), 2_000);
+    // sensor_002 on b is older than a's: a keeps its session, b closes its own.
+    b.on_session(Identity::Device("sensor_002"), 4_000);
+    tick_until(&mut a, &mut ha, "a to close sensor_001", |_, h| {
+        h.kicked.iter().any(|k| k == "sensor_001")
+    });
+    tick_until(&mut b, &mut hb, "b to close sensor_002", |_, h| {
+        h.kicked.iter().any(|k| k == "sensor_002")
+    });
+    for _ in 0..20 {
+        a.on_tick(&mut ha, unix_now());
+        b.on_tick(&mut hb, unix_now());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(ha.kicked, ["sensor_001"]);
+    assert_eq!(hb.kicked, ["sensor_002"]);
+    // An unregistered name is never announced.
+    a.on_session(Identity::Device("intruder"), 9_000);
+    assert_eq!(a.snapshot(unix_now()).cluster.unwrap().sessions_closed, 1);
+    a.shutdown(&mut ha);
+    b.shutdown(&mut hb);
+}
+
+#[test]
+fn with_redis_down_messages_are_accepted_but_not_forwarded_until_it_returns_then_once() {
+    let mut redis = testkit::Redis::start();
+    let sink = Sink::start();
+    let (_da, mut a, _db, mut b) = cluster_pair(&redis, &sink);
+    let (mut ha, mut hb) = (FakeHost::default(), FakeHost::default());
+    redis.stop();
+    let now = unix_now();
+    let topic = "device/sensor_001/data";
+    for i in 0..5 {
+        let m = sign(S1, "sensor_001", now, &format!("r-{i}"), Json::Null);
+        assert_eq!(send(&mut a, &mut ha, "sensor_001", topic, &m, now), Outcome::Accepted);
+    }
+    // The same message through b meanwhile: accepted, and it must not reach the backend twice.
+    let dup = sign(S1, "sensor_001", now, "r-0", Json::Null);
+    assert_eq!(send(&mut b, &mut hb, "sensor_001", topic, &dup, now), Outcome::Accepted);
+    std::thread::sleep(Duration::from_millis(1500));
+    a.on_tick(&mut ha, unix_now());
+    assert_eq!(sink.count(), 0, "nothing forwarded without a claim");
+    assert_eq!(a.delivery.pending(), 5);
+    let s = a.snapshot(unix_now());
+    assert!(s.cluster.as_ref().unwrap().redis_down.is_some());
+    let (code, why) = metrics::health(Some(&s), &Ok(()));
+    assert_eq!(code, 503, "{why}");
+    assert!(why.contains("Redis"), "{why}");
+    assert_eq!(metrics::readiness(Some(&s), &Ok(())).0, 200);
+    redis.start_again();
+    // Whichever node claims r-0 first forwards it; the other settles its copy unsent.
+    tick_until(&mut a, &mut ha, "a's messages to settle", |a, _| a.delivery.pending() == 0);
+    tick_until(&mut b, &mut hb, "b's copy to settle", |b, _| b.delivery.pending() == 0);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut ids: Vec<String> = sink.delivered().into_iter().map(|r| r.message_id).collect();
+    ids.sort();
+    assert_eq!(ids, ["r-0", "r-1", "r-2", "r-3", "r-4"]);
+    let (ca, cb) = (a.delivery.counts(), b.delivery.counts());
+    assert_eq!((ca.delivered + cb.delivered, ca.claimed_same + cb.claimed_same), (5, 1));
+    // Every link (publisher, subscriber, claims) reconnects within its capped backoff.
+    tick_until(&mut a, &mut ha, "healthy again", |a, _| {
+        metrics::health(Some(&a.snapshot(unix_now())), &Ok(())).0 == 200
+    });
+    a.shutdown(&mut ha);
+    b.shutdown(&mut hb);
+}
