@@ -5,7 +5,8 @@
 //! - [`PluginOpts`]: `plugin_opt_*` settings, as pairs for `Config::from_opts` or as
 //!   `mosquitto.conf` lines;
 //! - [`Port`]: a loopback port held from the moment it is chosen until the test ends;
-//! - [`Env`], [`Broker`], [`Mqtt`]: a real Mosquitto with the built plugin behind real mutual TLS.
+//! - [`Env`], [`Broker`], [`Mqtt`]: a real Mosquitto with the built plugin behind real mutual TLS;
+//! - [`Redis`]: a real `redis-server` without persistence, stoppable for outages.
 //!
 //! The core's unit tests are compiled as a second copy of the core crate, so everything they use
 //! from here takes and returns std types only (bytes, strings, pairs of strings).
@@ -13,6 +14,7 @@
 mod broker;
 mod opts;
 mod port;
+mod redis;
 mod sink;
 
 pub use broker::{
@@ -21,6 +23,7 @@ pub use broker::{
 };
 pub use opts::PluginOpts;
 pub use port::Port;
+pub use redis::{redis_bin, resp_command, Redis, Reply};
 pub use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
 pub use sink::{sink_url, Req, Sink};
 
