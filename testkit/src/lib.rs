@@ -6,6 +6,7 @@
 //!   `mosquitto.conf` lines;
 //! - [`Port`]: a loopback port held from the moment it is chosen until the test ends;
 //! - [`Env`], [`Broker`], [`Mqtt`]: a real Mosquitto with the built plugin behind real mutual TLS;
+//! - [`Node`], [`start_nodes`]: several such brokers of one cluster, each restartable in place;
 //! - [`Haproxy`]: a real HAProxy in TCP mode (TLS passthrough) with health checks on `/healthz`;
 //! - [`Redis`]: a real `redis-server` without persistence, stoppable for outages.
 //!
@@ -14,6 +15,7 @@
 
 mod broker;
 mod haproxy;
+mod node;
 mod opts;
 mod port;
 mod redis;
@@ -24,6 +26,7 @@ pub use broker::{
     ConnectError, ConnectOpts, Env, Mqtt,
 };
 pub use haproxy::{haproxy_bin, Haproxy, Upstream, BACKEND};
+pub use node::{http_get, start_nodes, upstreams, Immutable, Node};
 pub use opts::PluginOpts;
 pub use port::Port;
 pub use redis::{redis_bin, resp_command, Redis, Reply};
