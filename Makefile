@@ -8,7 +8,7 @@ CARGO      ?= cargo
 # Debian packages the build, the tests and the demo need.
 APT_PKGS   := mosquitto mosquitto-clients mosquitto-dev libmosquitto-dev libclang-dev clang \
               libssl-dev libsqlite3-dev pkg-config ca-certificates dpkg-dev python3 debootstrap \
-              cmake libcjson-dev curl
+              cmake libcjson-dev curl redis-server haproxy
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all deps build test lint demo install uninstall deb deb-test bench fuzz clean brokers test-brokers
@@ -23,6 +23,8 @@ deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	else echo "deps: all present"; fi
 	@# Debian starts a system mosquitto on 1883 after install; the project never needs it.
+	@# (It may start redis-server on 6379 and an empty haproxy too: the tests start their own on
+	@# reserved loopback ports and never touch those.)
 	@if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then $(SUDO) systemctl stop mosquitto || true; fi
 
 build: deps

@@ -607,7 +607,15 @@ impl Mqtt {
 
     pub fn disconnect(mut self) {
         let _ = self.client.disconnect();
-        let _ = self.pump(Duration::from_millis(500), |_| None::<()>);
+        // Poll until the connection ends and no further: polling after an error makes rumqttc
+        // reconnect, which opened a second, idle session (behind a load balancer, on another
+        // node, taking that node's turn).
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            if !matches!(self.conn.recv_timeout(left), Ok(Ok(_))) {
+                break;
+            }
+        }
     }
 }
 

@@ -6,12 +6,16 @@
 //!   `mosquitto.conf` lines;
 //! - [`Port`]: a loopback port held from the moment it is chosen until the test ends;
 //! - [`Env`], [`Broker`], [`Mqtt`]: a real Mosquitto with the built plugin behind real mutual TLS;
+//! - [`Node`], [`start_nodes`]: several such brokers of one cluster, each restartable in place;
+//! - [`Haproxy`]: a real HAProxy in TCP mode (TLS passthrough) with health checks on `/healthz`;
 //! - [`Redis`]: a real `redis-server` without persistence, stoppable for outages.
 //!
 //! The core's unit tests are compiled as a second copy of the core crate, so everything they use
 //! from here takes and returns std types only (bytes, strings, pairs of strings).
 
 mod broker;
+mod haproxy;
+mod node;
 mod opts;
 mod port;
 mod redis;
@@ -21,6 +25,8 @@ pub use broker::{
     mosquitto_bin, plugin_path, rejected_with, start_expect_failure, write_conf, Ack, Broker,
     ConnectError, ConnectOpts, Env, Mqtt,
 };
+pub use haproxy::{haproxy_bin, Haproxy, Upstream, BACKEND};
+pub use node::{http_get, start_nodes, upstreams, Immutable, Node};
 pub use opts::PluginOpts;
 pub use port::Port;
 pub use redis::{redis_bin, resp_command, Redis, Reply};

@@ -2,6 +2,7 @@
 //! The harness is the `testkit` crate; the `iotgw` tests live in `iotgw/tests/`.
 mod core;
 mod forward;
+mod haproxy;
 mod hostile;
 mod identity;
 mod metrics;

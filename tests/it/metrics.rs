@@ -281,25 +281,6 @@ fn pending_and_devices_reflect_each_registered_device_only() {
     assert_eq!(d3["last_rejection"], serde_json::Value::Null);
 }
 
-/// Makes a directory immutable (`chattr +i`) for as long as it lives. Root ignores permission
-/// bits, so a mode change would not make the directory unwritable for a broker running as root;
-/// the immutable flag binds root too (creating a file in it fails with EPERM).
-struct Immutable<'a>(&'a Path);
-
-impl<'a> Immutable<'a> {
-    fn set(dir: &'a Path) -> Immutable<'a> {
-        let ok = Command::new("chattr").arg("+i").arg(dir).status().is_ok_and(|s| s.success());
-        assert!(ok, "chattr +i {} failed: the filesystem must support it", dir.display());
-        Immutable(dir)
-    }
-}
-
-impl Drop for Immutable<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new("chattr").arg("-i").arg(self.0).status();
-    }
-}
-
 fn wait_health(broker: &Broker, port: u16, code: u16) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
