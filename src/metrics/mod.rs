@@ -767,4 +767,39 @@ mod tests {
         assert!(render_prometheus(&r).contains("\niotgw_registry_stale 1\n"));
         assert!(render_prometheus(&s).contains("\niotgw_registry_stale 0\n"));
     }
+
+    #[test]
+    fn readiness_fails_only_for_faults_of_this_node() {
+        let s = snapshot();
+        assert_eq!(readiness(Some(&s), &Ok(())).0, 200);
+        // This node's faults: not ready (a load balancer sends devices elsewhere).
+        assert_eq!(readiness(None, &Ok(())).0, 503);
+        assert_eq!(readiness(Some(&s), &Err("EPERM".into())).0, 503);
+        let mut e = s.clone();
+        e.last_append_error = Some((990, "disk full".into()));
+        assert_eq!(readiness(Some(&e), &Ok(())).0, 503);
+        // Shared dependencies down: every node alike, so still ready, and the line says so;
+        // /healthz fails for monitoring.
+        let mut r = s.clone();
+        r.registry_stale = Some((970, "connection refused".into()));
+        r.cluster = Some(ClusterView {
+            redis_down: Some((990, "connection refused".into())),
+            ..ClusterView::default()
+        });
+        let (code, why) = readiness(Some(&r), &Ok(()));
+        assert_eq!(code, 200);
+        assert!(why.contains("degraded: registry unreadable"), "{why}");
+        assert!(why.contains("degraded: Redis unreachable"), "{why}");
+        let (code, why) = health(Some(&r), &Ok(()));
+        assert_eq!(code, 503, "{why}");
+        r.registry_stale = None;
+        let (code, why) = health(Some(&r), &Ok(()));
+        assert_eq!(code, 503);
+        assert!(why.contains("Redis unreachable for 10 s"), "{why}");
+        let text = render_prometheus(&r);
+        assert!(text.contains("\niotgw_cluster_redis_up 0\n"), "{text}");
+        assert!(text.contains("iotgw_cluster_replays_total{content=\"different\"} 0\n"));
+        // Single-node mode has no cluster series at all.
+        assert!(!render_prometheus(&s).contains("iotgw_cluster_"));
+    }
 }

@@ -1,6 +1,6 @@
 //! A real HAProxy (Debian's haproxy package) in front of several brokers: TCP mode with TLS
 //! passthrough, so mutual TLS still ends in Mosquitto and the plugin sees the client
-//! certificate, and an HTTP health check on each node's `/healthz` (its `metrics_listen` port).
+//! certificate, and an HTTP health check on each node's `/readyz` (its `metrics_listen` port).
 //!
 //! Runs in the foreground (`-db`) from a config in a temp dir, killed on drop. The admin socket
 //! in the same dir answers `show stat`, so tests wait for servers to be UP or DOWN instead of
@@ -68,7 +68,7 @@ impl Haproxy {
              \x20   bind 127.0.0.1:{fport}\n\
              \x20   default_backend {BACKEND}\n\
              backend {BACKEND}\n\
-             \x20   option httpchk GET /healthz\n\
+             \x20   option httpchk GET /readyz\n\
              \x20   http-check expect status 200\n",
             sock = sock.display(),
             fport = frontend.get(),

@@ -1,5 +1,5 @@
 //! Cluster deployment behind HAProxy (issue 11): real brokers with the plugin behind a real
-//! HAProxy in TCP mode (TLS passthrough), health-checked on each node's `/healthz`.
+//! HAProxy in TCP mode (TLS passthrough), health-checked on each node's `/readyz`.
 //!
 //! Where a connection landed is read from each node's `/metrics`, never from logs.
 
@@ -128,7 +128,7 @@ fn an_unhealthy_node_is_marked_down_and_new_connections_land_on_the_healthy_one(
     );
 
     {
-        // Node 1's outbox unwritable: its /healthz turns 503, HAProxy takes it out.
+        // Node 1's outbox unwritable: its /readyz turns 503, HAProxy takes it out.
         let _frozen = Immutable::set(&nodes[1].spool);
         let body = nodes[1].wait_health(503, WAIT);
         assert!(body.contains("not writable"), "{body}");
@@ -244,7 +244,7 @@ fn the_deploy_example_passes_haproxy_check() {
     assert!(ok, "haproxy -c -f {}:\n{out}", cfg.display());
     for needle in [
         "mode tcp",
-        "option httpchk GET /healthz",
+        "option httpchk GET /readyz",
         "http-check expect status 200",
         "balance leastconn",
         "option tcpka",
