@@ -132,6 +132,16 @@ pub fn init_schema(client: &mut Client) -> Result<(), RegistryError> {
     Ok(())
 }
 
+/// Whether the table, its optional columns and both triggers are there (the CLI runs
+/// [`init_schema`] only when not: it takes a lock every plugin's reload waits for).
+pub fn schema_ready(client: &mut Client) -> Result<bool, RegistryError> {
+    let r = client.query_one(
+        "SELECT (SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass('devices') AND NOT attisdropped            AND attname IN ('enabled', 'previous_secret', 'previous_secret_expires_at')) = 3          AND (SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass('devices')            AND tgname IN ('iotgw_devices_notify', 'iotgw_devices_truncate')) = 2",
+        &[],
+    )?;
+    Ok(r.get(0))
+}
+
 /// The SELECT for this table's columns: the optional ones are used when present.
 struct Select {
     all: String,
