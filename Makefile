@@ -8,7 +8,7 @@ CARGO      ?= cargo
 # Debian packages the build, the tests and the demo need.
 APT_PKGS   := mosquitto mosquitto-clients mosquitto-dev libmosquitto-dev libclang-dev clang \
               libssl-dev libsqlite3-dev pkg-config ca-certificates dpkg-dev python3 debootstrap \
-              cmake libcjson-dev curl redis-server haproxy
+              cmake libcjson-dev curl redis-server haproxy postgresql
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all deps build test lint demo install uninstall deb deb-test bench fuzz clean brokers test-brokers

@@ -289,7 +289,8 @@ impl Gateway {
         };
         let registry = match &cfg.registry {
             RegistrySource::Sqlite(path) => Registry::open(path),
-            RegistrySource::Postgres(_) => Err(RegistryError::Unsupported),
+            // Never fails for being unreachable: starts empty and stale, see open_postgres.
+            RegistrySource::Postgres(url) => Registry::open_postgres(url),
         }
         .map_err(|e| StartError::Registry(cfg.registry.clone(), e))?;
         // Started before delivery: every worker gets a claimer. It does not connect here, so a
@@ -311,6 +312,8 @@ impl Gateway {
             host.log(Level::Warning, &format!("secure-iot-gateway: outbox recovery: {w}"));
         }
         let mut validator = Validator::new(&cfg, registry, recovered.seen);
+        // At once, not at the first tick: a registry unreachable at start is said loudly.
+        log_all(host, validator.registry().take_logs());
         // A name both a device and a service would get the service's acl_file rights with a
         // device's certificate: refuse to start, naming it.
         if let Some(s) = cfg.service_identities.iter().find(|s| validator.is_enabled(s)) {

@@ -1,4 +1,8 @@
-//! The SQLite device registry.
+//! The device registry: a SQLite file (this module) or a shared PostgreSQL table ([`pg`]).
+//!
+//! Both sources hand the broker thread whole [`Snapshot`]s from a thread of their own; the
+//! broker thread installs them in [`Registry::apply_updates`] and never does registry I/O (the
+//! SQLite file is read once at init; PostgreSQL never on the broker thread, see [`pg`]).
 //!
 //! The broker thread never touches SQLite after start-up. [`Registry::open`] loads every enabled
 //! device into memory (at init, before any client is served); from then on a watcher thread owns
@@ -34,13 +38,15 @@
 //! columns `enabled`, `previous_secret` and `previous_secret_expires_at` are added by the CLI's
 //! migration (never by the plugin) and used when present.
 
+pub mod pg;
+
 use crate::host::{Level, LogLine};
 use rusqlite::{Connection, OpenFlags};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -90,8 +96,12 @@ pub enum RegistryError {
     NoDevicesTable,
     /// Another connection has held the database locked for this long.
     Locked(Duration),
-    /// PostgreSQL registries are not built yet (placeholder until the PostgreSQL source lands).
-    Unsupported,
+    /// PostgreSQL refused the connection or a query, or the connection broke.
+    Postgres(postgres::Error),
+    /// PostgreSQL gave no first snapshot within this long at start.
+    NoAnswer(Duration),
+    /// The registry thread could not be started.
+    Thread(std::io::Error),
 }
 
 impl std::fmt::Display for RegistryError {
@@ -100,9 +110,16 @@ impl std::fmt::Display for RegistryError {
             RegistryError::Missing => f.write_str("no such file"),
             RegistryError::Sqlite(e) => write!(f, "{e}"),
             RegistryError::NoDevicesTable => f.write_str("no table named devices"),
-            RegistryError::Unsupported => {
-                f.write_str("PostgreSQL registries are not supported yet")
+            // The source chain names the cause ("connection refused"); the top error alone
+            // often only says "error connecting to server".
+            RegistryError::Postgres(e) => match std::error::Error::source(e) {
+                Some(cause) => write!(f, "{e}: {cause}"),
+                None => write!(f, "{e}"),
+            },
+            RegistryError::NoAnswer(d) => {
+                write!(f, "no answer within {} s", d.as_secs_f32())
             }
+            RegistryError::Thread(e) => write!(f, "cannot start the registry thread: {e}"),
             RegistryError::Locked(d) => {
                 write!(f, "locked by another connection for {} s", d.as_secs())
             }
@@ -114,8 +131,16 @@ impl std::error::Error for RegistryError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             RegistryError::Sqlite(e) => Some(e),
+            RegistryError::Postgres(e) => Some(e),
+            RegistryError::Thread(e) => Some(e),
             _ => None,
         }
+    }
+}
+
+impl From<postgres::Error> for RegistryError {
+    fn from(e: postgres::Error) -> Self {
+        RegistryError::Postgres(e)
     }
 }
 
@@ -202,7 +227,7 @@ impl std::fmt::Display for Miss<'_> {
 }
 
 /// Everything one read of the table produced.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     pub devices: Devices,
     pub unusable: HashMap<Box<str>, Unusable>,
@@ -279,12 +304,37 @@ enum Row {
     },
 }
 
-fn row(r: &rusqlite::Row<'_>) -> Row {
-    let Ok(id) = r.get::<_, String>(0) else { return Row::NoId };
+/// The four selected columns of one row (`device_id`, `shared_secret`, `previous_secret`,
+/// `previous_secret_expires_at`), from either database. Each getter is None when the column does
+/// not hold the schema's type, so both sources share one reading of a row ([`row`]).
+trait Fields {
+    fn id(&self) -> Option<String>;
+    fn secret(&self) -> Option<String>;
+    fn previous(&self) -> Option<Option<String>>;
+    fn until(&self) -> Option<Option<i64>>;
+}
+
+impl Fields for rusqlite::Row<'_> {
+    fn id(&self) -> Option<String> {
+        self.get(0).ok()
+    }
+    fn secret(&self) -> Option<String> {
+        self.get(1).ok()
+    }
+    fn previous(&self) -> Option<Option<String>> {
+        self.get(2).ok()
+    }
+    fn until(&self) -> Option<Option<i64>> {
+        self.get(3).ok()
+    }
+}
+
+fn row(r: &impl Fields) -> Row {
+    let Some(id) = r.id() else { return Row::NoId };
     let bad = |id, column| Row::Unusable { id, why: Unusable::BadColumn { column } };
-    let Ok(secret) = r.get::<_, String>(1) else { return bad(id, "shared_secret") };
-    let Ok(prev) = r.get::<_, Option<String>>(2) else { return bad(id, "previous_secret") };
-    let Ok(until) = r.get::<_, Option<i64>>(3) else {
+    let Some(secret) = r.secret() else { return bad(id, "shared_secret") };
+    let Some(prev) = r.previous() else { return bad(id, "previous_secret") };
+    let Some(until) = r.until() else {
         return bad(id, "previous_secret_expires_at");
     };
     if secret.len() < MIN_SECRET_BYTES {
@@ -310,22 +360,36 @@ pub fn load_all(conn: &Connection) -> Result<Snapshot, RegistryError> {
     let mut rows = stmt.query([])?;
     let mut snap = Snapshot::default();
     while let Some(r) = rows.next()? {
-        match row(r) {
-            Row::NoId => snap.rows_without_id += 1,
-            Row::Usable { id, keys, ignored_previous } => {
-                let id = id.into_boxed_str();
-                if ignored_previous {
-                    snap.ignored_previous.push(id.clone());
-                }
-                snap.devices.insert(id, keys);
-            }
-            Row::Unusable { id, why } => {
-                snap.unusable.insert(id.into_boxed_str(), why);
-            }
-        }
+        snap.add(row(r));
     }
     snap.ignored_previous.sort();
     Ok(snap)
+}
+
+impl Snapshot {
+    /// Adds one row as [`row`] read it (callers sort `ignored_previous` when done).
+    fn add(&mut self, r: Row) {
+        match r {
+            Row::NoId => self.rows_without_id += 1,
+            Row::Usable { id, keys, ignored_previous } => {
+                let id = id.into_boxed_str();
+                if ignored_previous {
+                    self.ignored_previous.push(id.clone());
+                }
+                self.devices.insert(id, keys);
+            }
+            Row::Unusable { id, why } => {
+                self.unusable.insert(id.into_boxed_str(), why);
+            }
+        }
+    }
+
+    /// Forgets everything about `id` (before its rows are read again).
+    fn forget(&mut self, id: &str) {
+        self.devices.remove(id);
+        self.unusable.remove(id);
+        self.ignored_previous.retain(|x| &**x != id);
+    }
 }
 
 /// The connection's change counter: it moves whenever another connection commits.
@@ -349,6 +413,28 @@ struct Shared {
     /// Set by a miss, cleared by the watcher when it polls.
     nudged: AtomicBool,
     stop: AtomicBool,
+    /// How a thread started before [`Registry::watch`] (PostgreSQL's) wakes the broker loop.
+    wake: OnceLock<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl Shared {
+    fn new() -> Arc<Shared> {
+        Arc::new(Shared {
+            nudged: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            wake: OnceLock::new(),
+        })
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.wake.get() {
+            w();
+        }
+    }
 }
 
 /// The watcher's timing; tests shorten or stretch it.
@@ -372,6 +458,8 @@ struct Opened {
 /// The broker thread's view of the registry: the snapshot in use and its health.
 pub struct Registry {
     path: PathBuf,
+    /// The source as logs name it (a PostgreSQL URL without its password).
+    name: String,
     snap: Snapshot,
     health: Health,
     loaded_at: SystemTime,
@@ -381,6 +469,8 @@ pub struct Registry {
     updates: Option<Receiver<Update>>,
     shared: Arc<Shared>,
     watcher: Option<std::thread::Thread>,
+    /// PostgreSQL's thread, running since open, until [`Registry::watch`] hands it out.
+    started: Option<Watcher>,
 }
 
 impl Registry {
@@ -394,21 +484,63 @@ impl Registry {
         // Read before loading: a commit in between makes the watcher's first poll reload.
         let version = data_version(&conn)?;
         let snap = load_all(&conn)?;
-        let mut r = Registry {
-            path: path.to_owned(),
+        let mut r = Registry::empty(path.to_owned(), path.display().to_string());
+        r.conn = Some(Opened { conn, version, ident });
+        r.install(snap);
+        Ok(r)
+    }
+
+    fn empty(path: PathBuf, name: String) -> Registry {
+        Registry {
+            path,
+            name,
             snap: Snapshot::default(),
             health: Health::Current,
             loaded_at: SystemTime::now(),
             logs: Vec::new(),
-            conn: Some(Opened { conn, version, ident }),
+            conn: None,
             updates: None,
-            shared: Arc::new(Shared {
-                nudged: AtomicBool::new(false),
-                stop: AtomicBool::new(false),
-            }),
+            shared: Shared::new(),
             watcher: None,
+            started: None,
+        }
+    }
+
+    /// The registry in PostgreSQL at `url`. Starts the thread that owns the connection and waits
+    /// (at most [`pg::FIRST_LOAD_TIMEOUT`]) for its first snapshot; the calling (broker) thread
+    /// never talks to PostgreSQL. Unreachable at start is not a failure: the registry starts
+    /// empty and [`Health::Stale`] (every device refused as unknown, one error line) and catches
+    /// up when PostgreSQL answers, so a broker restart during a database outage still delivers
+    /// what its outbox holds. Fails only if the thread cannot be started.
+    pub fn open_postgres(url: &str) -> Result<Registry, RegistryError> {
+        Self::open_postgres_with(url, pg::TIMING)
+    }
+
+    fn open_postgres_with(url: &str, timing: pg::Timing) -> Result<Registry, RegistryError> {
+        let name = crate::config::redact_url(url);
+        let mut r = Registry::empty(PathBuf::new(), name);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let w = pg::start(url.to_owned(), timing, r.shared.clone(), tx)
+            .map_err(RegistryError::Thread)?;
+        let first = match rx.recv_timeout(timing.first_load) {
+            Ok(u) => u,
+            Err(_) => Update::Broken(RegistryError::NoAnswer(timing.first_load)),
         };
-        r.install(snap);
+        match first {
+            Update::Snapshot(s) => r.install(s),
+            Update::Broken(e) => {
+                r.log(
+                    Level::Error,
+                    format!(
+                        "registry unreachable at start: {}: {e}; every device is refused as unknown until it answers (healthz 503); retrying",
+                        r.name
+                    ),
+                );
+                r.health = Health::Stale { error: e, since: SystemTime::now() };
+            }
+        }
+        r.updates = Some(rx);
+        r.started = Some(w);
         Ok(r)
     }
 
@@ -447,6 +579,12 @@ impl Registry {
     /// Starts the watcher thread, which takes over the connection. `wake` is called after each
     /// update so the broker loop installs it without waiting for its idle tick.
     pub fn watch(&mut self, wake: Arc<dyn Fn() + Send + Sync>) -> std::io::Result<Watcher> {
+        if let Some(w) = self.started.take() {
+            // PostgreSQL's thread runs since open; from now on it wakes the broker loop too.
+            let _ = self.shared.wake.set(wake.clone());
+            wake(); // whatever it sent before is installed now, not at the idle tick
+            return Ok(w);
+        }
         self.watch_with(TIMING, wake)
     }
 
@@ -518,7 +656,7 @@ impl Registry {
                 Level::Notice,
                 format!(
                     "registry readable again after {for_s} s: {}, {devices} devices",
-                    self.path.display()
+                    self.name
                 ),
             );
             self.health = Health::Current;
@@ -531,8 +669,8 @@ impl Registry {
             self.log(
                 Level::Error,
                 format!(
-                    "registry unreadable: {}: {error}; still using the last good snapshot ({} devices, read {age} s ago): devices added, disabled or removed from now on are NOT seen until the file is readable again",
-                    self.path.display(),
+                    "registry unreadable: {}: {error}; still using the last good snapshot ({} devices, read {age} s ago): devices added, disabled or removed from now on are NOT seen until the registry is readable again",
+                    self.name,
                     self.snap.devices.len()
                 ),
             );

@@ -631,3 +631,113 @@ fn device_revoke_adds_the_certificate_to_the_crl_and_the_broker_disconnects_it_l
         .is_ok());
     fails(&["device", "revoke", "sensor_404", "--dir", &dir], "sensor_404");
 }
+
+/// `--registry-url`: every device command against PostgreSQL instead of DIR/devices.db; the
+/// table and its NOTIFY trigger appear on first use; check-config reads the registry.
+#[test]
+fn device_commands_work_against_a_postgresql_registry() {
+    let pg = Postgres::start();
+    let url = pg.url();
+    let (t, dir) = gwdir(&Port::reserve());
+    let with = |args: &[&str]| -> Vec<String> {
+        args.iter()
+            .map(|s| s.to_string())
+            .chain(["--dir".into(), dir.clone(), "--registry-url".into(), url.clone()])
+            .collect()
+    };
+    let run_ok = |args: &[&str]| {
+        let a = with(args);
+        ok(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let run_fails = |args: &[&str], needle: &str| {
+        let a = with(args);
+        fails(&a.iter().map(String::as_str).collect::<Vec<_>>(), needle)
+    };
+    let count =
+        || -> i64 { pg.client().query_one("SELECT count(*) FROM devices", &[]).unwrap().get(0) };
+    fails(
+        &["device", "list", "--dir", &dir, "--registry-url", "mysql://x/y"],
+        "must start with postgresql://",
+    );
+    // A password never appears in what the CLI prints (nothing listens on port 1).
+    let out = fails(
+        &[
+            "device",
+            "list",
+            "--dir",
+            &dir,
+            "--registry-url",
+            "postgresql://u:hunter2@127.0.0.1:1/db",
+        ],
+        "cannot connect to postgresql://u:***@127.0.0.1:1/db",
+    );
+    assert!(!out.contains("hunter2"), "{out}");
+
+    let secret = secret_from(&run_ok(&["device", "add", "pg_dev_1"]));
+    let triggers: i64 = pg
+        .client()
+        .query_one("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'iotgw_devices_%'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 2, "the first use installs the NOTIFY triggers");
+    assert_eq!((count(), db_rows(&dir)), (1, 0), "the row is in PostgreSQL, not in devices.db");
+    assert!(Path::new(&dir).join("devices/pg_dev_1.pem").exists());
+    assert!(run_ok(&["device", "show", "pg_dev_1", "--show-secret"]).contains(&secret));
+    run_fails(&["device", "add", "pg_dev_1"], "already exists");
+    run_fails(&["device", "add", "dashboard"], "is a service identity");
+    run_ok(&["device", "disable", "pg_dev_1"]);
+    assert!(run_ok(&["device", "list"])
+        .lines()
+        .any(|l| l.starts_with("pg_dev_1") && l.contains(" no ")));
+    run_ok(&["device", "enable", "pg_dev_1"]);
+    assert!(run_ok(&["device", "list"])
+        .lines()
+        .any(|l| l.starts_with("pg_dev_1") && l.contains(" yes ")));
+    let new =
+        secret_from_rotation(&run_ok(&["device", "rotate-secret", "pg_dev_1", "--grace", "1h"]));
+    let (cur, prev): (String, String) = {
+        let r = pg
+            .client()
+            .query_one(
+                "SELECT shared_secret, previous_secret FROM devices WHERE device_id = 'pg_dev_1'",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((cur, prev), (new, secret));
+    let f = t.path().join("fleet.csv");
+    std::fs::write(&f, "pg_dev_2\npg_dev_3,0123456789abcdef0\n").unwrap();
+    run_ok(&["device", "import", f.to_str().unwrap()]);
+    assert_eq!(count(), 3);
+    // All or nothing: one existing id refuses the whole file.
+    std::fs::write(&f, "pg_dev_4\npg_dev_1\n").unwrap();
+    run_fails(&["device", "import", f.to_str().unwrap()], "already exists");
+    assert_eq!(count(), 3);
+    assert!(!Path::new(&dir).join("devices/pg_dev_4.pem").exists());
+    run_ok(&["device", "revoke", "pg_dev_3"]);
+    run_ok(&["device", "remove", "pg_dev_1"]);
+    run_fails(&["device", "remove", "pg_dev_1"], "no device");
+    assert_eq!(count(), 2);
+    assert!(!Path::new(&dir).join("devices/pg_dev_1.pem").exists());
+    ok(&["registry", "init", "--registry-url", &url]);
+    ok(&["registry", "init", "--registry-url", &url]);
+
+    // check-config reads the PostgreSQL registry the configuration names.
+    let conf = Path::new(&dir).join("mosquitto.conf");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    let line = text.lines().find(|l| l.starts_with("plugin_opt_db_path")).unwrap().to_string();
+    std::fs::write(&conf, text.replace(&line, &format!("plugin_opt_registry_url {url}"))).unwrap();
+    let out = ok(&["check-config", conf.to_str().unwrap()]);
+    // pg_dev_2 only: pg_dev_3 was revoked (disabled), pg_dev_1 removed.
+    assert!(out.contains(", 1 devices,"), "{out}");
+    // Without the trigger brokers would lag by up to 30 s: check-config says so.
+    pg.execute("DROP TRIGGER iotgw_devices_notify ON devices");
+    fails(&["check-config", conf.to_str().unwrap()], "NOTIFY trigger");
+}
+
+fn secret_from_rotation(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix("new secret (shown once): ").map(str::to_string))
+        .expect("new secret printed")
+}

@@ -37,6 +37,22 @@ pub fn plugin_path() -> PathBuf {
     panic!("libsecure_iot_gateway.so not found next to {}; run `cargo build` first", exe.display());
 }
 
+/// The `iotgw` binary: `$IOTGW_BIN`, else the one `cargo build --workspace` put next to this test
+/// (`make test` builds it first).
+pub fn iotgw_path() -> PathBuf {
+    if let Ok(p) = std::env::var("IOTGW_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    for cand in [deps.join("iotgw"), deps.parent().unwrap().join("iotgw")] {
+        if cand.is_file() {
+            return cand;
+        }
+    }
+    panic!("iotgw not found next to {}; run `cargo build --workspace` first", exe.display());
+}
+
 pub fn mosquitto_bin() -> String {
     std::env::var("MOSQUITTO_BIN").unwrap_or_else(|_| "/usr/sbin/mosquitto".into())
 }
@@ -115,6 +131,11 @@ pub struct Broker {
 /// The configuration the tests use: [`Env::base_opts`] with `opts` applied over them.
 pub fn write_conf(env: &Env, port: u16, opts: &PluginOpts) -> PathBuf {
     let p = env.path();
+    // db_path and registry_url are exclusive: a broker given a PostgreSQL registry has no file.
+    let base = match opts.get("registry_url") {
+        Some(_) => env.base_opts().unset("db_path"),
+        None => env.base_opts(),
+    };
     let conf = format!(
         // max_packet_size: 2.1 lowered the default from 256 MB to 2,000,000 bytes and drops a
         // client that exceeds it before any plugin sees the message; pinning 2.0's value keeps
@@ -128,7 +149,7 @@ pub fn write_conf(env: &Env, port: u16, opts: &PluginOpts) -> PathBuf {
         key = p.join("server.key").display(),
         acl = p.join("acl").display(),
         so = plugin_path().display(),
-        opts = env.base_opts().with(opts).conf_lines(),
+        opts = base.with(opts).conf_lines(),
     );
     let path = p.join(format!("mosquitto-{port}.conf"));
     std::fs::write(&path, conf).unwrap();

@@ -4,6 +4,7 @@
 //! - [`Sink`]: a loopback HTTP(S) backend with scripted statuses that records what it received;
 //! - [`PluginOpts`]: `plugin_opt_*` settings, as pairs for `Config::from_opts` or as
 //!   `mosquitto.conf` lines;
+//! - [`Postgres`]: a throw-away PostgreSQL server (the PostgreSQL registry's tests);
 //! - [`Port`]: a loopback port held from the moment it is chosen until the test ends;
 //! - [`Env`], [`Broker`], [`Mqtt`]: a real Mosquitto with the built plugin behind real mutual TLS;
 //! - [`Node`], [`start_nodes`]: several such brokers of one cluster, each restartable in place;
@@ -17,17 +18,19 @@ mod broker;
 mod haproxy;
 mod node;
 mod opts;
+mod pg;
 mod port;
 mod redis;
 mod sink;
 
 pub use broker::{
-    mosquitto_bin, plugin_path, rejected_with, start_expect_failure, write_conf, Ack, Broker,
-    ConnectError, ConnectOpts, Env, Mqtt,
+    iotgw_path, mosquitto_bin, plugin_path, rejected_with, start_expect_failure, write_conf, Ack,
+    Broker, ConnectError, ConnectOpts, Env, Mqtt,
 };
 pub use haproxy::{haproxy_bin, Haproxy, Upstream, BACKEND};
 pub use node::{http_get, start_nodes, upstreams, Immutable, Node};
 pub use opts::PluginOpts;
+pub use pg::Postgres;
 pub use port::Port;
 pub use redis::{redis_bin, resp_command, Redis, Reply};
 pub use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;

@@ -24,6 +24,12 @@ impl PluginOpts {
         self
     }
 
+    /// Without `key` (e.g. `db_path` for a broker whose registry is in PostgreSQL).
+    pub fn unset(mut self, key: &str) -> PluginOpts {
+        self.pairs.retain(|(k, _)| k != key);
+        self
+    }
+
     /// Every setting of `other` applied over these.
     pub fn with(mut self, other: &PluginOpts) -> PluginOpts {
         for (k, v) in &other.pairs {

@@ -3,7 +3,7 @@
 
 use rusqlite::OptionalExtension;
 use secure_iot_gateway::config::{Config, RegistrySource};
-use secure_iot_gateway::registry::Registry;
+use secure_iot_gateway::registry::{pg, Registry};
 use std::path::{Path, PathBuf};
 
 /// The plugin path and its `plugin_opt_*` pairs, for the last plugin line that loads this plugin.
@@ -168,24 +168,32 @@ pub fn check(conf_path: &Path) -> Result<Report, String> {
     }
     let cfg = Config::from_opts(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .map_err(|e| e.to_string())?;
-    let db_path = match &cfg.registry {
-        RegistrySource::Sqlite(p) => p.clone(),
-        // Checked by the PostgreSQL registry's own code path (TODO: replaced when it lands).
-        RegistrySource::Postgres(_) => {
-            return Err(
-                "plugin_opt_registry_url: checking a PostgreSQL registry is not supported yet"
-                    .into(),
-            )
-        }
+    let devices = match &cfg.registry {
+        RegistrySource::Sqlite(db_path) => check_sqlite(&cfg, db_path)?,
+        RegistrySource::Postgres(url) => check_postgres(&cfg, url)?,
     };
-    let reg = Registry::open(&db_path).map_err(|e| {
+    Ok(Report {
+        summary: format!(
+            "OK: plugin {}, {} devices, data topic {}, backend {}",
+            plugin.display(),
+            devices,
+            cfg.data_topic,
+            cfg.backend.as_ref().map_or("none".to_string(), |b| b.url_template.clone())
+        ),
+        warnings: warnings(&text, mosquitto_version().as_deref()),
+    })
+}
+
+/// The named-like-a-service check in the SQLite registry; returns the number of devices.
+fn check_sqlite(cfg: &Config, db_path: &Path) -> Result<usize, String> {
+    let reg = Registry::open(db_path).map_err(|e| {
         format!(
             "plugin_opt_db_path {:?}: cannot open the device registry: {e}",
             db_path.display().to_string()
         )
     })?;
     let conn = rusqlite::Connection::open_with_flags(
-        &db_path,
+        db_path,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| format!("cannot read the device registry: {e}"))?;
@@ -195,24 +203,46 @@ pub fn check(conf_path: &Path) -> Result<Report, String> {
             .optional()
             .map_err(|e| format!("cannot read the device registry: {e}"))?;
         if found.is_some() {
-            return Err(format!(
-                "device {s:?} in the registry {} is named like a service identity \
-                 (plugin_opt_service_identities): it would get that identity's ACL grants; \
-                 remove the device (iotgw device remove {s}) or the identity",
-                db_path.display()
-            ));
+            return Err(service_named(s, &db_path.display().to_string()));
         }
     }
-    Ok(Report {
-        summary: format!(
-            "OK: plugin {}, {} devices, data topic {}, backend {}",
-            plugin.display(),
-            reg.len(),
-            cfg.data_topic,
-            cfg.backend.as_ref().map_or("none".to_string(), |b| b.url_template.clone())
-        ),
-        warnings: warnings(&text, mosquitto_version().as_deref()),
-    })
+    Ok(reg.len())
+}
+
+/// The same in PostgreSQL (read as the plugin reads it), and whether the NOTIFY trigger is
+/// there: without it, changes reach the brokers only at their periodic reload.
+fn check_postgres(cfg: &Config, url: &str) -> Result<usize, String> {
+    let name = secure_iot_gateway::config::redact_url(url);
+    let snap = pg::load_once(url).map_err(|e| {
+        format!("plugin_opt_registry_url {name:?}: cannot read the device registry: {e}")
+    })?;
+    let mut c = pg::connect(url, std::time::Duration::from_secs(10))
+        .map_err(|e| format!("plugin_opt_registry_url {name:?}: {e}"))?;
+    for s in &cfg.service_identities {
+        let found = c
+            .query_opt("SELECT 1 FROM devices WHERE device_id = $1", &[s])
+            .map_err(|e| format!("cannot read the device registry {name}: {e}"))?;
+        if found.is_some() {
+            return Err(service_named(s, &name));
+        }
+    }
+    let ready = pg::schema_ready(&mut c).map_err(|e| format!("{name}: {e}"))?;
+    if !ready {
+        return Err(format!(
+            "plugin_opt_registry_url {name:?}: the devices table has no NOTIFY trigger (or lacks \
+             the optional columns), so brokers would see changes only every 30 s; run \
+             `iotgw registry init --registry-url ...`"
+        ));
+    }
+    Ok(snap.devices.len())
+}
+
+fn service_named(s: &str, registry: &str) -> String {
+    format!(
+        "device {s:?} in the registry {registry} is named like a service identity \
+         (plugin_opt_service_identities): it would get that identity's ACL grants; \
+         remove the device (iotgw device remove {s}) or the identity"
+    )
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! changes anything, and a failure leaves the registry and the certificate files as they were.
 
 use super::gwdir::{self, GwDir, Result};
-use rusqlite::{params, Connection, OptionalExtension};
+use super::store::Store;
 use secure_iot_gateway::envelope::{hex, valid_device_id, MAX_DEVICE_ID_CHARS};
 use secure_iot_gateway::host::unix_now;
 use secure_iot_gateway::pki::{self, Role};
@@ -49,21 +49,6 @@ fn check_secret(s: &str) -> Result<()> {
     Ok(())
 }
 
-fn exists(c: &Connection, id: &str) -> Result<bool> {
-    c.query_row("SELECT 1 FROM devices WHERE device_id = ?1", [id], |_| Ok(()))
-        .optional()
-        .map(|o| o.is_some())
-        .map_err(|e| e.to_string())
-}
-
-fn must_exist(c: &Connection, id: &str) -> Result<()> {
-    if exists(c, id)? {
-        Ok(())
-    } else {
-        Err(format!("no device {id:?} in the registry"))
-    }
-}
-
 /// Issues and writes a device's certificate; returns the paths written.
 fn issue_cert(dir: &GwDir, ca: &pki::Issued, id: &str, days: u32) -> Result<()> {
     let cert = pki::issue(ca, id, Role::Client, &[], days).map_err(|e| e.to_string())?;
@@ -85,18 +70,15 @@ pub fn add(dir: &GwDir, id: &str, secret: Option<&str>, days: u32) -> Result<Str
         check_secret(s)?;
     }
     check_not_service(&dir.service_identities()?, id)?;
-    let c = dir.open_db()?;
+    let mut c = Store::open(dir)?;
     dir.check_broker_can_read()?;
-    if exists(&c, id)? {
+    if c.exists(id)? {
         return Err(format!("device {id:?} already exists"));
     }
     let ca = dir.load_ca()?;
     let secret = secret.map(str::to_owned).unwrap_or_else(random_secret);
     issue_cert(dir, &ca, id, days)?;
-    if let Err(e) = c.execute(
-        "INSERT INTO devices (device_id, shared_secret, created_at, enabled) VALUES (?1, ?2, ?3, 1)",
-        params![id, secret, unix_now()],
-    ) {
+    if let Err(e) = c.insert(&[(id.to_owned(), secret.clone())], unix_now()) {
         remove_cert(dir, id);
         return Err(format!("cannot add {id:?}: {e}"));
     }
@@ -113,40 +95,26 @@ pub struct DeviceInfo {
     pub has_cert: bool,
 }
 
-fn info(dir: &GwDir, r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceInfo> {
-    let id: String = r.get(0)?;
-    Ok(DeviceInfo {
-        has_cert: dir.device_cert(&id).exists(),
-        id,
-        enabled: r.get::<_, i64>(1)? != 0,
-        created_at: r.get(2)?,
-        previous_until: r.get(3)?,
-    })
+fn info(dir: &GwDir, r: super::store::Row) -> DeviceInfo {
+    DeviceInfo {
+        has_cert: dir.device_cert(&r.id).exists(),
+        id: r.id,
+        enabled: r.enabled,
+        created_at: r.created_at,
+        previous_until: r.previous_until,
+    }
 }
 
 pub fn list(dir: &GwDir) -> Result<Vec<DeviceInfo>> {
-    let c = dir.open_db()?;
-    let mut s = c
-        .prepare("SELECT device_id, enabled, created_at, previous_secret_expires_at FROM devices ORDER BY device_id")
-        .map_err(|e| e.to_string())?;
-    let rows = s.query_map([], |r| info(dir, r)).map_err(|e| e.to_string())?;
-    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| e.to_string())
+    Ok(Store::open(dir)?.list()?.into_iter().map(|r| info(dir, r)).collect())
 }
 
 /// `device show`: the row, and the secret only when asked.
 pub fn show(dir: &GwDir, id: &str, with_secret: bool) -> Result<(DeviceInfo, Option<String>)> {
     check_id(id)?;
-    let c = dir.open_db()?;
-    let row = c
-        .query_row(
-            "SELECT device_id, enabled, created_at, previous_secret_expires_at, shared_secret FROM devices WHERE device_id = ?1",
-            [id],
-            |r| Ok((info(dir, r)?, r.get::<_, String>(4)?)),
-        )
-        .optional()
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("no device {id:?} in the registry"))?;
-    Ok((row.0, with_secret.then_some(row.1)))
+    let (row, secret) =
+        Store::open(dir)?.get(id)?.ok_or_else(|| format!("no device {id:?} in the registry"))?;
+    Ok((info(dir, row), with_secret.then_some(secret)))
 }
 
 /// The current secret of `id` (for `sign` and the simulator).
@@ -156,20 +124,18 @@ pub fn secret_of(dir: &GwDir, id: &str) -> Result<String> {
 
 pub fn set_enabled(dir: &GwDir, id: &str, enabled: bool) -> Result<()> {
     check_id(id)?;
-    let c = dir.open_db()?;
-    must_exist(&c, id)?;
+    let mut c = Store::open(dir)?;
+    c.must_exist(id)?;
     dir.check_broker_can_read()?;
-    c.execute("UPDATE devices SET enabled = ?2 WHERE device_id = ?1", params![id, enabled as i64])
-        .map_err(|e| e.to_string())?;
-    Ok(())
+    c.set_enabled(id, enabled)
 }
 
 pub fn remove(dir: &GwDir, id: &str) -> Result<()> {
     check_id(id)?;
-    let c = dir.open_db()?;
-    must_exist(&c, id)?;
+    let mut c = Store::open(dir)?;
+    c.must_exist(id)?;
     dir.check_broker_can_read()?;
-    c.execute("DELETE FROM devices WHERE device_id = ?1", [id]).map_err(|e| e.to_string())?;
+    c.remove(id)?;
     remove_cert(dir, id);
     Ok(())
 }
@@ -179,8 +145,8 @@ pub fn remove(dir: &GwDir, id: &str) -> Result<()> {
 /// and disables the device. Returns the revoked serial (hex) and how many the CRL now lists.
 pub fn revoke(dir: &GwDir, id: &str) -> Result<(String, usize)> {
     check_id(id)?;
-    let c = dir.open_db()?;
-    must_exist(&c, id)?;
+    let mut c = Store::open(dir)?;
+    c.must_exist(id)?;
     dir.check_broker_can_read()?;
     let pem = fs::read(dir.device_cert(id)).map_err(|e| {
         format!("cannot read {} (the certificate to revoke): {e}", dir.device_cert(id).display())
@@ -203,8 +169,7 @@ pub fn revoke(dir: &GwDir, id: &str) -> Result<(String, usize)> {
     serials.sort();
     let crl = pki::crl(&ca, &serials, gwdir::CRL_DAYS).map_err(|e| e.to_string())?;
     gwdir::write(&dir.crl(), &crl, 0o644)?;
-    c.execute("UPDATE devices SET enabled = 0 WHERE device_id = ?1", [id])
-        .map_err(|e| e.to_string())?;
+    c.set_enabled(id, false)?;
     Ok((hex(&serial), serials.len()))
 }
 
@@ -222,16 +187,12 @@ pub fn rotate(
     if grace_s < 0 {
         return Err("the grace period cannot be negative".into());
     }
-    let c = dir.open_db()?;
-    must_exist(&c, id)?;
+    let mut c = Store::open(dir)?;
+    c.must_exist(id)?;
     dir.check_broker_can_read()?;
     let secret = new_secret.map(str::to_owned).unwrap_or_else(random_secret);
     let until = unix_now() + grace_s;
-    c.execute(
-        "UPDATE devices SET previous_secret = shared_secret, previous_secret_expires_at = ?2, shared_secret = ?3 WHERE device_id = ?1",
-        params![id, until, secret],
-    )
-    .map_err(|e| e.to_string())?;
+    c.rotate(id, until, &secret)?;
     Ok((secret, until))
 }
 
@@ -263,28 +224,20 @@ pub fn import(dir: &GwDir, text: &str, days: u32) -> Result<Vec<(String, String)
     if wanted.is_empty() {
         return Err("the file lists no device".into());
     }
-    let mut c = dir.open_db()?;
+    let mut c = Store::open(dir)?;
     dir.check_broker_can_read()?;
     for (id, _) in &wanted {
-        if exists(&c, id)? {
+        if c.exists(id)? {
             return Err(format!("device {id:?} already exists; nothing was imported"));
         }
     }
     let ca = dir.load_ca()?;
-    let now = unix_now();
-    let tx = c.transaction().map_err(|e| e.to_string())?;
+    // Certificates first, then every row in one transaction: a failure anywhere removes the
+    // certificates written and leaves the registry as it was.
     let mut done: Vec<(String, String)> = Vec::new();
     for (id, secret) in wanted {
         let secret = secret.unwrap_or_else(random_secret);
-        let r = issue_cert(dir, &ca, &id, days).and_then(|_| {
-            tx.execute(
-                "INSERT INTO devices (device_id, shared_secret, created_at, enabled) VALUES (?1, ?2, ?3, 1)",
-                params![id, secret, now],
-            )
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-        });
-        if let Err(e) = r {
+        if let Err(e) = issue_cert(dir, &ca, &id, days) {
             remove_cert(dir, &id);
             for (d, _) in &done {
                 remove_cert(dir, d);
@@ -293,11 +246,11 @@ pub fn import(dir: &GwDir, text: &str, days: u32) -> Result<Vec<(String, String)
         }
         done.push((id, secret));
     }
-    tx.commit().map_err(|e| {
+    if let Err(e) = c.insert(&done, unix_now()) {
         for (d, _) in &done {
             remove_cert(dir, d);
         }
-        format!("cannot commit the import: {e}; nothing was imported")
-    })?;
+        return Err(format!("cannot import: {e}; nothing was imported"));
+    }
     Ok(done)
 }

@@ -22,6 +22,9 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct GwDir {
     pub root: PathBuf,
+    /// `--registry-url`: the registry is this PostgreSQL database instead of `devices.db`
+    /// (the CA and the certificates stay in `root`).
+    pub registry_url: Option<String>,
 }
 
 /// Options for `init`.
@@ -45,7 +48,13 @@ impl GwDir {
         } else {
             std::env::current_dir().map(|d| d.join(root)).unwrap_or_else(|_| root.to_path_buf())
         };
-        GwDir { root }
+        GwDir { root, registry_url: None }
+    }
+
+    /// The same directory with its registry in PostgreSQL at `url`.
+    pub fn with_registry_url(mut self, url: Option<String>) -> GwDir {
+        self.registry_url = url;
+        self
     }
     pub fn ca_cert(&self) -> PathBuf {
         self.root.join("ca.pem")
@@ -143,6 +152,10 @@ impl GwDir {
     /// directory above it) must be readable by the broker's user. Checked before any change, so
     /// a refusal changes nothing.
     pub fn check_broker_can_read(&self) -> Result<()> {
+        // A PostgreSQL registry is no file of ours: the database grants access.
+        if self.registry_url.is_some() {
+            return Ok(());
+        }
         let Some(user) = self.broker_user() else { return Ok(()) };
         if user.uid == 0 {
             return Ok(());

@@ -6,6 +6,7 @@ pub mod check;
 pub mod device;
 pub mod gwdir;
 pub mod simulate;
+pub mod store;
 
 use clap::{Parser, Subcommand};
 use gwdir::{GwDir, InitOptions};
@@ -31,6 +32,12 @@ Files in a gateway directory (made by `init`):
   devices/ID.pem ID.key    each device's certificate and key
   state/outbox/            the plugin's outbox log and dead_letters.jsonl
   acl, mosquitto.conf      broker configuration with absolute paths
+
+A registry shared by a cluster of brokers lives in PostgreSQL (plugin_opt_registry_url):
+  iotgw registry init --registry-url postgresql://iotgw:PASSWORD@db.example.com/iotgw
+  iotgw device add sensor_001 --dir /etc/secure-iot-gateway --registry-url postgresql://...
+  Every `device` command takes --registry-url; the table and its NOTIFY trigger are created on
+  first use (or by `registry init`), and every broker sees a change within a second.
 
 Exit status: 0 success, 1 error (message on stderr), 2 simulate saw an unexpected verdict.
 Documentation: /usr/share/doc/secure-iot-gateway/ (README.md, mosquitto.conf.example).";
@@ -78,6 +85,11 @@ pub enum Cmd {
         /// The gateway directory made by `init`.
         #[arg(long, short = 'd', default_value = ".", global = true)]
         dir: PathBuf,
+        /// The registry is this PostgreSQL database (postgresql://USER[:PASSWORD]@HOST/DB, the
+        /// brokers' plugin_opt_registry_url) instead of DIR/devices.db; the CA and the
+        /// certificates stay in DIR. The table and its NOTIFY trigger are created on first use.
+        #[arg(long, global = true, value_name = "URL")]
+        registry_url: Option<String>,
         #[command(subcommand)]
         cmd: DeviceCmd,
     },
@@ -158,10 +170,26 @@ pub enum Cmd {
         #[arg(long)]
         quiet: bool,
     },
+    /// Set up a PostgreSQL registry (`device` commands also do it on first use).
+    Registry {
+        #[command(subcommand)]
+        cmd: RegistryCmd,
+    },
     /// Validate the plugin options of a mosquitto.conf without starting the broker.
     CheckConfig {
         /// A mosquitto.conf that loads the plugin.
         file: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RegistryCmd {
+    /// Create the devices table, add the optional columns and (re)install the NOTIFY trigger
+    /// that makes every broker see a change within a second. Idempotent.
+    Init {
+        /// postgresql://USER[:PASSWORD]@HOST[:PORT]/DB
+        #[arg(long, value_name = "URL")]
+        registry_url: String,
     },
 }
 
@@ -273,6 +301,18 @@ fn secret_for(
     }
 }
 
+/// The URL forms the plugin accepts (plugin_opt_registry_url).
+fn check_registry_url(url: &str) -> Result<(), String> {
+    if url.starts_with("postgresql://") || url.starts_with("postgres://") {
+        Ok(())
+    } else {
+        Err(format!(
+            "--registry-url {}: must start with postgresql:// (or postgres://)",
+            secure_iot_gateway::config::redact_url(url)
+        ))
+    }
+}
+
 /// Runs the CLI; returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -308,8 +348,28 @@ pub fn run(cli: Cli) -> Result<i32, String> {
             println!("next: iotgw device add sensor_001 --dir {0}\n      mosquitto -c {0}/mosquitto.conf", gw.root.display());
             Ok(0)
         }
-        Cmd::Device { dir, cmd } => {
-            let gw = GwDir::new(&dir);
+        Cmd::Registry { cmd: RegistryCmd::Init { registry_url } } => {
+            check_registry_url(&registry_url)?;
+            let mut c = store::connect_pg(&registry_url)?;
+            // Always reinstalled here: an older trigger is replaced by this version's.
+            secure_iot_gateway::registry::pg::init_schema(&mut c).map_err(|e| {
+                format!(
+                    "cannot set up {}: {e}",
+                    secure_iot_gateway::config::redact_url(&registry_url)
+                )
+            })?;
+            println!(
+                "registry ready: {} (table devices, NOTIFY trigger on channel {})",
+                secure_iot_gateway::config::redact_url(&registry_url),
+                secure_iot_gateway::registry::pg::CHANNEL
+            );
+            Ok(0)
+        }
+        Cmd::Device { dir, registry_url, cmd } => {
+            if let Some(u) = &registry_url {
+                check_registry_url(u)?;
+            }
+            let gw = GwDir::new(&dir).with_registry_url(registry_url);
             match cmd {
                 DeviceCmd::Add { id, secret, days } => {
                     let s = device::add(&gw, &id, secret.as_deref(), days)?;
