@@ -750,14 +750,14 @@ impl Gateway {
         for s in news.sessions {
             // Ours is newer (the device came back here since): theirs is the one to close, which
             // that node does when our announcement reaches it. Ties go to the larger node id.
-            let ours = self.sessions.get(&s.device).copied();
-            if ours.is_some_and(|t| (t, node) > (s.started_ms, &*s.node)) {
+            // Only a session this node knows is closed: kicking by name on every announcement
+            // would cost the broker a pass over its clients for each device connecting anywhere.
+            // (On 2.0 a session is known from its first action, see on_session.)
+            let Some(ours) = self.sessions.get(&s.device).copied() else { continue };
+            if (ours, node) > (s.started_ms, &*s.node) {
                 continue;
             }
             self.sessions.remove(&s.device);
-            if !self.validator.registry().contains(&s.device) {
-                continue;
-            }
             self.sessions_closed += 1;
             queue_kick(
                 &mut self.to_kick,

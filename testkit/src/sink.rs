@@ -122,6 +122,11 @@ impl Sink {
         self.shared.script.lock().unwrap().extend(statuses);
     }
 
+    /// Forgets the statuses scripted and not used yet: from now on, 200.
+    pub fn clear_script(&self) {
+        self.shared.script.lock().unwrap().clear();
+    }
+
     /// While on, requests are read but not answered (up to [`MAX_HANG`]).
     pub fn set_hang(&self, on: bool) {
         self.shared.hang.store(on, Ordering::SeqCst);
