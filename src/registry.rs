@@ -237,12 +237,12 @@ pub struct Snapshot {
     pub rows_without_id: usize,
 }
 
-/// Is the snapshot in use the file's current content?
+/// Is the snapshot in use the registry's current content?
 #[derive(Debug)]
 pub enum Health {
-    /// The last poll read the file (or found it unchanged).
+    /// The last poll read the file (or found it unchanged); PostgreSQL: connected and listening.
     Current,
-    /// The file cannot be read or parsed since `since`; the last good snapshot is in use.
+    /// The registry cannot be read since `since`; the last good snapshot (if any) is in use.
     Stale { error: RegistryError, since: SystemTime },
 }
 
@@ -568,6 +568,7 @@ impl Registry {
         }
         // Perhaps added a moment ago: have the watcher look now rather than at its next poll.
         // One flag swap per miss; the watcher is unparked only when the flag was clear.
+        // (PostgreSQL's thread is never nudged: NOTIFY pushes every change, see `pg`.)
         if let Some(w) = &self.watcher {
             if !self.shared.nudged.swap(true, Ordering::AcqRel) {
                 w.unpark();

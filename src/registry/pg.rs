@@ -114,9 +114,14 @@ impl Fields for postgres::Row {
 /// Connects with the timeouts the registry thread needs (a dead peer must not hang it).
 pub fn connect(url: &str, connect_timeout: Duration) -> Result<Client, RegistryError> {
     let mut cfg: postgres::Config = url.parse()?;
+    // A dead peer that never answers (no RST) fails writes after tcp_user_timeout and idle
+    // reads through keepalives, instead of hanging the thread (and Watcher::stop) for minutes.
     cfg.connect_timeout(connect_timeout)
+        .tcp_user_timeout(Duration::from_secs(10))
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(2))
+        .keepalives_retries(3)
         .application_name("secure-iot-gateway");
     Ok(cfg.connect(NoTls)?)
 }
