@@ -5,7 +5,7 @@
 //! the trigger [`SCHEMA`] installs (`iotgw registry init`, or any `iotgw device --registry-url`
 //! command) sends the `device_id` of every inserted, updated or deleted row, and an empty payload
 //! on `TRUNCATE`. Notified ids are re-read (only those rows; bursts are coalesced), anything else
-//! reloads the whole table; so does a periodic reload ([`Timing::full_reload`]) and every
+//! reloads the whole table; so does a periodic reload (every 30 s) and every
 //! reconnect, which also catches changes made while the trigger was missing.
 //!
 //! PostgreSQL down: the last snapshot stays in use, the broker thread is told once (one error
