@@ -5,7 +5,7 @@
 //! the trigger [`SCHEMA`] installs (`iotgw registry init`, or any `iotgw device --registry-url`
 //! command) sends the `device_id` of every inserted, updated or deleted row, and an empty payload
 //! on `TRUNCATE`. Notified ids are re-read (only those rows; bursts are coalesced), anything else
-//! reloads the whole table; so does a periodic reload ([`Timing::full_reload`]) and every
+//! reloads the whole table; so does a periodic reload (every 30 s) and every
 //! reconnect, which also catches changes made while the trigger was missing.
 //!
 //! PostgreSQL down: the last snapshot stays in use, the broker thread is told once (one error
@@ -114,9 +114,14 @@ impl Fields for postgres::Row {
 /// Connects with the timeouts the registry thread needs (a dead peer must not hang it).
 pub fn connect(url: &str, connect_timeout: Duration) -> Result<Client, RegistryError> {
     let mut cfg: postgres::Config = url.parse()?;
+    // A dead peer that never answers (no RST) fails writes after tcp_user_timeout and idle
+    // reads through keepalives, instead of hanging the thread (and Watcher::stop) for minutes.
     cfg.connect_timeout(connect_timeout)
+        .tcp_user_timeout(Duration::from_secs(10))
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(2))
+        .keepalives_retries(3)
         .application_name("secure-iot-gateway");
     Ok(cfg.connect(NoTls)?)
 }

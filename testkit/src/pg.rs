@@ -5,8 +5,8 @@
 //! temp dir, `fsync=off`. PostgreSQL refuses to run as root, so when we are root the temp dir is
 //! handed to `nobody` and both `initdb` and `postgres` run through `setpriv`. Readiness is a real
 //! connection (bounded); every failure message carries the server's log. [`Postgres::stop`] and
-//! [`Postgres::start`] make outages on the same port and data; Drop kills the server and removes
-//! the dir.
+//! [`Postgres::start_again`] make outages on the same port and data; Drop stops the server (fast
+//! shutdown, then SIGKILL) and removes the dir.
 
 use crate::Port;
 use std::os::unix::fs::MetadataExt;
@@ -223,7 +223,9 @@ fn wait_exit(c: &mut Child, within: Duration) -> bool {
 impl Drop for Postgres {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            signal(&c, "TERM");
+            // SIGINT, not SIGTERM: to PostgreSQL SIGTERM is a "smart" shutdown that waits for
+            // every client, e.g. a broker of the same test still connected (seen: 10+ s).
+            signal(&c, "INT");
             if !wait_exit(&mut c, Duration::from_secs(5)) {
                 let _ = c.kill();
                 let _ = c.wait();

@@ -8,5 +8,6 @@ mod hostile;
 mod identity;
 mod metrics;
 mod outbox;
+mod pg;
 mod registry;
 mod versions;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use testkit::*;
 
 /// One HTTP/1.1 GET with `Connection: close`: (status, content type, body).
-fn get(port: u16, path: &str) -> (u16, String, String) {
+pub(crate) fn get(port: u16, path: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port))
         .unwrap_or_else(|e| panic!("cannot connect to the exporter on {port}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -281,7 +281,7 @@ fn pending_and_devices_reflect_each_registered_device_only() {
     assert_eq!(d3["last_rejection"], serde_json::Value::Null);
 }
 
-fn wait_health(broker: &Broker, port: u16, code: u16) -> String {
+pub(crate) fn wait_health(broker: &Broker, port: u16, code: u16) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (c, _, body) = get(port, "/healthz");
