@@ -21,7 +21,7 @@
 //! Wire format (text, one PUBLISH per batch; device ids and node ids follow the device-id
 //! grammar, so they never contain a space or a newline):
 //! - `iotgw:ids`: `v1 <node>` then one line per id: `<device> <32 hex digest> <expires_at>
-//!   <accepted_at_ms>`;
+//!   <accepted_at_us>` (microseconds: the replication delay is well under a millisecond);
 //! - `iotgw:sessions`: `v1 <node>` then one line per session: `<device> <started_at_ms>`.
 //!
 //! Whoever can write to this Redis can make ids look used (refusing a device's messages) and
@@ -30,8 +30,8 @@
 
 use crate::config::ClusterConfig;
 use crate::envelope::valid_device_id;
-use crate::host::{unix_now_ms, Level, LogLine};
-use crate::metrics::histogram::{Histogram, BACKEND_BOUNDS};
+use crate::host::{unix_now_us, Level, LogLine};
+use crate::metrics::histogram::{Histogram, REPLICATION_BOUNDS};
 use crate::replay::IdDigest;
 use sha2::{Digest, Sha256};
 use std::fmt;
@@ -140,7 +140,7 @@ impl Default for ClusterStats {
             malformed_received: AtomicU64::new(0),
             claims: AtomicU64::new(0),
             claim_errors: AtomicU64::new(0),
-            replication_delay: Histogram::new(BACKEND_BOUNDS),
+            replication_delay: Histogram::new(REPLICATION_BOUNDS),
         }
     }
 }
@@ -307,7 +307,7 @@ impl Cluster {
             out.dropped += 1;
             return;
         }
-        out.ids.push((device.into(), digest, expires_at, unix_now_ms()));
+        out.ids.push((device.into(), digest, expires_at, unix_now_us()));
         if out.ids.len() == 1 {
             self.shared.outgoing_cv.notify_one();
         }
@@ -531,7 +531,7 @@ fn subscriber(s: &Shared, client: &redis::Client) {
 /// Parses one batch from another node into the incoming queue. Malformed lines are counted and
 /// skipped; our own batches are ignored.
 fn receive(s: &Shared, channel: &str, payload: &[u8]) {
-    let received_ms = unix_now_ms();
+    let received_us = unix_now_us();
     if payload.len() > MAX_BATCH_BYTES {
         s.stats.malformed_received.fetch_add(1, Ordering::Relaxed);
         return;
@@ -559,8 +559,8 @@ fn receive(s: &Shared, channel: &str, payload: &[u8]) {
             (IDS_CHANNEL, [d, h, exp, at]) if valid_device_id(d) => {
                 match (unhex16(h), exp.parse::<i64>(), at.parse::<i64>()) {
                     (Some(digest), Ok(expires_at), Ok(at)) => {
-                        s.stats.replication_delay.observe(Duration::from_millis(
-                            received_ms.saturating_sub(at).max(0) as u64,
+                        s.stats.replication_delay.observe(Duration::from_micros(
+                            received_us.saturating_sub(at).max(0) as u64,
                         ));
                         got.ids.push(RemoteId { device: (*d).into(), digest, expires_at });
                     }
@@ -719,7 +719,7 @@ mod tests {
     fn batches_from_other_nodes_are_parsed_and_our_own_ignored() {
         let s = shared("a");
         let d = crate::replay::digest("m-1");
-        let text = format!("v1 b\ndev-1 {} 1700000300 {}\n", hex(&d), unix_now_ms());
+        let text = format!("v1 b\ndev-1 {} 1700000300 {}\n", hex(&d), unix_now_us());
         receive(&s, IDS_CHANNEL, text.as_bytes());
         let got = std::mem::take(&mut *s.incoming.lock().unwrap());
         assert_eq!(

@@ -39,6 +39,14 @@ pub fn printable(s: &str) -> String {
 }
 
 /// Current Unix time in seconds.
+/// Microseconds since the epoch (0 if the clock is before it).
+pub fn unix_now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
 /// Milliseconds since the epoch (0 if the clock is before it).
 pub fn unix_now_ms() -> i64 {
     std::time::SystemTime::now()

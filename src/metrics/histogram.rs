@@ -8,6 +8,9 @@ use std::time::Duration;
 /// Upper bounds (seconds) for backend requests: 1 ms to 10 s.
 pub const BACKEND_BOUNDS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Upper bounds (seconds) for the cluster's replication delay: 100 µs to 1 s.
+pub const REPLICATION_BOUNDS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0];
 /// Upper bounds (seconds) for the broker-thread check of one message: 1 µs to 10 ms.
 pub const VALIDATION_BOUNDS: &[f64] =
     &[0.000_001, 0.000_002_5, 0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.001, 0.01];
