@@ -455,7 +455,10 @@ fn dashboard_and_alert_rules_reference_only_served_metrics() {
     let dashboard = std::fs::read_to_string(root.join("grafana-dashboard.json")).unwrap();
     serde_json::from_str::<serde_json::Value>(&dashboard).expect("the dashboard is valid JSON");
     let env = Env::new();
-    let (broker, mport) = start_with(&env, &[]);
+    // In cluster mode, which serves every series (the cluster ones only exist there).
+    let redis = Redis::start();
+    let (broker, mport) =
+        start_with(&env, &[("cluster_url", redis.url()), ("node_id", "node-1".to_string())]);
     let m = scrape_until(&broker, mport, "first snapshot", |m| !m.is_empty());
     let (_, _, body) = get(mport, "/metrics");
     let served: std::collections::BTreeSet<&str> =
