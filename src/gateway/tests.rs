@@ -851,3 +851,23 @@ fn with_redis_down_messages_are_accepted_but_not_forwarded_until_it_returns_then
     a.shutdown(&mut ha);
     b.shutdown(&mut hb);
 }
+
+#[test]
+fn ids_from_other_nodes_are_taken_only_for_registered_devices_inside_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = gateway(dir.path(), &[]);
+    let mut host = FakeHost::default();
+    let d = replay::digest("remote-1");
+    let v = &mut gw.validator;
+    // Not registered, a far-future expiry (would block the id for good), already expired.
+    assert!(!v.remember_remote("intruder", d, NOW + 300, NOW));
+    assert!(!v.remember_remote("sensor_001", d, NOW + 2 * 300 + 1, NOW));
+    assert!(!v.remember_remote("sensor_001", d, NOW - 1, NOW));
+    assert_eq!(send1(&mut gw, &mut host, NOW, "remote-1", NOW), Outcome::Accepted);
+    // Control: inside the window for a registered device, the id is taken and then refused here.
+    let d2 = replay::digest("remote-2");
+    assert!(gw.validator.remember_remote("sensor_001", d2, NOW + 300, NOW));
+    assert_eq!(send1(&mut gw, &mut host, NOW, "remote-2", NOW), refused("replay"));
+    // Taken once: the same id again is not counted twice.
+    assert!(!gw.validator.remember_remote("sensor_001", d2, NOW + 300, NOW));
+}
