@@ -39,7 +39,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 pub const IDS_CHANNEL: &str = "iotgw:ids";
 pub const SESSIONS_CHANNEL: &str = "iotgw:sessions";
@@ -55,6 +55,8 @@ const MAX_BATCH: usize = 2000;
 const MAX_OUTGOING: usize = 200_000;
 /// Batches received but not yet taken by the broker thread, beyond which new ones are dropped.
 const MAX_INCOMING: usize = 200_000;
+/// Ids the broker thread takes in per tick (about a millisecond of work).
+const MAX_TAKE: usize = 4096;
 /// A received batch larger than this is not parsed.
 const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Network deadline for every Redis command (connect, claim, publish).
@@ -322,9 +324,21 @@ impl Cluster {
         }
     }
 
-    /// What the other nodes said since the last call (broker thread).
+    /// What the other nodes said since the last call, at most [`MAX_TAKE`] ids at a time so one
+    /// tick does bounded work; if more are waiting, another tick is requested (broker thread).
     pub fn take_incoming(&self) -> Incoming {
-        std::mem::take(&mut *self.shared.incoming.lock().unwrap_or_else(|p| p.into_inner()))
+        let mut inc = self.shared.incoming.lock().unwrap_or_else(|p| p.into_inner());
+        if inc.ids.len() <= MAX_TAKE {
+            return std::mem::take(&mut *inc);
+        }
+        let rest = inc.ids.split_off(MAX_TAKE);
+        let taken = Incoming {
+            ids: std::mem::replace(&mut inc.ids, rest),
+            sessions: std::mem::take(&mut inc.sessions),
+        };
+        drop(inc);
+        (self.shared.wake)();
+        taken
     }
 
     /// Log lines queued by the threads and claimers.
@@ -375,14 +389,21 @@ impl Drop for Cluster {
     }
 }
 
-/// Sleeps up to `d` unless stopping; false if stopping.
+/// Sleeps `d` unless stopping; false if stopping. New announcements (which signal the same
+/// condition variable) do not cut it short: during an outage the backoff holds.
 fn pause(s: &Shared, d: Duration) -> bool {
-    let g = s.outgoing.lock().unwrap_or_else(|p| p.into_inner());
-    if s.stopping() {
-        return false;
+    let deadline = Instant::now() + d;
+    let mut g = s.outgoing.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        if s.stopping() {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return true;
+        }
+        g = s.outgoing_cv.wait_timeout(g, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
     }
-    let _ = s.outgoing_cv.wait_timeout(g, d);
-    !s.stopping()
 }
 
 fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
@@ -505,12 +526,15 @@ fn subscriber(s: &Shared, client: &redis::Client) {
             }
         };
         let mut ps = conn.as_pubsub();
-        if let Err(e) = ps.subscribe(&[IDS_CHANNEL, SESSIONS_CHANNEL]) {
+        let ready = ps
+            .subscribe(&[IDS_CHANNEL, SESSIONS_CHANNEL])
+            .and_then(|()| ps.set_read_timeout(Some(SUBSCRIBER_POLL)));
+        if let Err(e) = ready {
             s.down(Role::Subscriber, &e);
-            continue;
-        }
-        if let Err(e) = ps.set_read_timeout(Some(SUBSCRIBER_POLL)) {
-            s.down(Role::Subscriber, &e);
+            if !pause(s, backoff) {
+                return;
+            }
+            backoff = (backoff * 2).min(RECONNECT_MAX);
             continue;
         }
         s.up(Role::Subscriber);
@@ -757,6 +781,28 @@ mod tests {
         // Control: a good line in the same shape is taken.
         receive(&s, IDS_CHANNEL, format!("v1 b\ndev-1 {d} 1 1\n").as_bytes());
         assert_eq!(s.incoming.lock().unwrap().ids.len(), 1);
+    }
+
+    #[test]
+    fn the_broker_thread_takes_a_bounded_share_per_tick_and_asks_for_another() {
+        let woken = Arc::new(AtomicU64::new(0));
+        let w = woken.clone();
+        let mut s = shared("a");
+        s.wake = Arc::new(move || {
+            w.fetch_add(1, Ordering::Relaxed);
+        });
+        let c = Cluster {
+            shared: Arc::new(s),
+            client: redis::Client::open("redis://127.0.0.1:1/").unwrap(),
+            window: Duration::from_secs(1),
+            threads: Vec::new(),
+        };
+        let id = RemoteId { device: "d".into(), digest: [0; 16], expires_at: 1 };
+        c.shared.incoming.lock().unwrap().ids = vec![id; MAX_TAKE + 10];
+        assert_eq!(c.take_incoming().ids.len(), MAX_TAKE);
+        assert_eq!(woken.load(Ordering::Relaxed), 1, "another tick requested");
+        assert_eq!(c.take_incoming().ids.len(), 10);
+        assert_eq!(woken.load(Ordering::Relaxed), 1, "nothing left: no extra tick");
     }
 
     #[test]
