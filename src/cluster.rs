@@ -127,6 +127,8 @@ pub struct ClusterStats {
     pub malformed_received: AtomicU64,
     pub claims: AtomicU64,
     pub claim_errors: AtomicU64,
+    /// Batches from another node using this node's id (a misconfiguration).
+    pub node_id_conflicts: AtomicU64,
     /// From acceptance on one node to arrival on another (per received id).
     pub replication_delay: Histogram,
 }
@@ -142,6 +144,7 @@ impl Default for ClusterStats {
             malformed_received: AtomicU64::new(0),
             claims: AtomicU64::new(0),
             claim_errors: AtomicU64::new(0),
+            node_id_conflicts: AtomicU64::new(0),
             replication_delay: Histogram::new(REPLICATION_BOUNDS),
         }
     }
@@ -160,6 +163,9 @@ pub enum Link {
 
 struct Shared {
     node: Box<str>,
+    /// Random per start: tells this process's batches from another node's using the same id.
+    instance: u64,
+    conflict_logged: Mutex<Option<Instant>>,
     stop: AtomicBool,
     outgoing: Mutex<Outgoing>,
     outgoing_cv: Condvar,
@@ -238,6 +244,15 @@ pub struct Cluster {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// A random instance id (the OpenSSL CSPRNG; the time and pid if it fails, which is unique enough).
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    match openssl::rand::rand_bytes(&mut b) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => (unix_now_us() as u64) ^ (u64::from(std::process::id()) << 40),
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -270,6 +285,8 @@ impl Cluster {
         let client = redis::Client::open(cfg.url.as_str()).map_err(StartError::Url)?;
         let shared = Arc::new(Shared {
             node: cfg.node_id.as_str().into(),
+            instance: random_u64(),
+            conflict_logged: Mutex::new(None),
             stop: AtomicBool::new(false),
             outgoing: Mutex::new(Outgoing::default()),
             outgoing_cv: Condvar::new(),
@@ -489,7 +506,7 @@ fn publish_all(
     sessions: &mut Vec<(Box<str>, i64)>,
 ) -> redis::RedisResult<()> {
     if !sessions.is_empty() {
-        let mut text = format!("v1 {}\n", s.node);
+        let mut text = format!("v1 {} {}\n", s.node, s.instance);
         for (d, started) in sessions.iter() {
             let _ = writeln!(text, "{d} {started}");
         }
@@ -500,7 +517,7 @@ fn publish_all(
     while !ids.is_empty() {
         let n = ids.len().min(MAX_BATCH);
         let mut text = String::with_capacity(16 + n * 80);
-        let _ = writeln!(text, "v1 {}", s.node);
+        let _ = writeln!(text, "v1 {} {}", s.node, s.instance);
         for (d, digest, exp, at) in &ids[..n] {
             let _ = writeln!(text, "{d} {} {exp} {at}", hex(digest));
         }
@@ -565,14 +582,32 @@ fn receive(s: &Shared, channel: &str, payload: &[u8]) {
         return;
     };
     let mut lines = text.lines();
-    let node = match lines.next().and_then(|h| h.strip_prefix("v1 ")) {
-        Some(n) if valid_device_id(n) => n,
+    let header = lines.next().and_then(|h| h.strip_prefix("v1 ")).and_then(|h| h.split_once(' '));
+    let (node, instance) = match header {
+        Some((n, i)) if valid_device_id(n) && i.parse::<u64>().is_ok() => (n, i),
         _ => {
             s.stats.malformed_received.fetch_add(1, Ordering::Relaxed);
             return;
         }
     };
     if node == &*s.node {
+        // Our own batch, back from Redis. Another instance with our name means two nodes share a
+        // node_id: each would take the other's claims for its own (and forward twice) and skip
+        // the other's ids as its own. Said loudly; nothing here can tell which one is right.
+        if instance != s.instance.to_string() {
+            s.stats.node_id_conflicts.fetch_add(1, Ordering::Relaxed);
+            let mut last = s.conflict_logged.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                *last = Some(Instant::now());
+                drop(last);
+                s.log(
+                    Level::Error,
+                    format!(
+                        "cluster: another node also calls itself {node} (plugin_opt_node_id must be unique): claims and replay sharing are wrong until one is renamed"
+                    ),
+                );
+            }
+        }
         return;
     }
     let mut got = Incoming::default();
@@ -728,6 +763,8 @@ mod tests {
     fn shared(node: &str) -> Shared {
         Shared {
             node: node.into(),
+            instance: 7,
+            conflict_logged: Mutex::new(None),
             stop: AtomicBool::new(false),
             outgoing: Mutex::new(Outgoing::default()),
             outgoing_cv: Condvar::new(),
@@ -743,7 +780,7 @@ mod tests {
     fn batches_from_other_nodes_are_parsed_and_our_own_ignored() {
         let s = shared("a");
         let d = crate::replay::digest("m-1");
-        let text = format!("v1 b\ndev-1 {} 1700000300 {}\n", hex(&d), unix_now_us());
+        let text = format!("v1 b 1\ndev-1 {} 1700000300 {}\n", hex(&d), unix_now_us());
         receive(&s, IDS_CHANNEL, text.as_bytes());
         let got = std::mem::take(&mut *s.incoming.lock().unwrap());
         assert_eq!(
@@ -751,9 +788,20 @@ mod tests {
             vec![RemoteId { device: "dev-1".into(), digest: d, expires_at: 1700000300 }]
         );
         // Positive control above; the same batch from ourselves is skipped.
-        receive(&s, IDS_CHANNEL, format!("v1 a\ndev-1 {} 1 1\n", hex(&d)).as_bytes());
+        receive(&s, IDS_CHANNEL, format!("v1 a 7\ndev-1 {} 1 1\n", hex(&d)).as_bytes());
         assert!(s.incoming.lock().unwrap().ids.is_empty());
-        receive(&s, SESSIONS_CHANNEL, b"v1 b\ndev-1 1234\n");
+        assert_eq!(s.stats.node_id_conflicts.load(Ordering::Relaxed), 0);
+        // Our name with another instance: two nodes share a node_id, said once (then at most
+        // every minute) and counted every time.
+        for _ in 0..3 {
+            receive(&s, IDS_CHANNEL, format!("v1 a 8\ndev-1 {} 1 1\n", hex(&d)).as_bytes());
+        }
+        assert!(s.incoming.lock().unwrap().ids.is_empty());
+        assert_eq!(s.stats.node_id_conflicts.load(Ordering::Relaxed), 3);
+        let logs = std::mem::take(&mut *s.logs.lock().unwrap());
+        assert_eq!(logs.len(), 1, "{logs:?}");
+        assert!(logs[0].text.contains("also calls itself a"), "{logs:?}");
+        receive(&s, SESSIONS_CHANNEL, b"v1 b 1\ndev-1 1234\n");
         let got = std::mem::take(&mut *s.incoming.lock().unwrap());
         assert_eq!(
             got.sessions,
@@ -767,19 +815,21 @@ mod tests {
         let d = hex(&crate::replay::digest("m"));
         for bad in [
             "no header\n".to_string(),
-            "v1 bad node\n".into(),
-            format!("v1 b\ndev/1 {d} 1 1\n"),
-            "v1 b\ndev-1 zz 1 1\n".into(),
-            format!("v1 b\ndev-1 {d} x 1\n"),
-            format!("v1 b\ndev-1 {d} 1\n"),
+            "v1 bad node 1\n".into(),
+            "v1 b\n".into(),
+            "v1 b x\n".into(),
+            format!("v1 b 1\ndev/1 {d} 1 1\n"),
+            "v1 b 1\ndev-1 zz 1 1\n".into(),
+            format!("v1 b 1\ndev-1 {d} x 1\n"),
+            format!("v1 b 1\ndev-1 {d} 1\n"),
         ] {
             receive(&s, IDS_CHANNEL, bad.as_bytes());
         }
         receive(&s, IDS_CHANNEL, &[0xff, 0xfe]);
         assert!(s.incoming.lock().unwrap().ids.is_empty());
-        assert_eq!(s.stats.malformed_received.load(Ordering::Relaxed), 7);
+        assert_eq!(s.stats.malformed_received.load(Ordering::Relaxed), 9);
         // Control: a good line in the same shape is taken.
-        receive(&s, IDS_CHANNEL, format!("v1 b\ndev-1 {d} 1 1\n").as_bytes());
+        receive(&s, IDS_CHANNEL, format!("v1 b 1\ndev-1 {d} 1 1\n").as_bytes());
         assert_eq!(s.incoming.lock().unwrap().ids.len(), 1);
     }
 

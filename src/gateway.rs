@@ -852,6 +852,7 @@ impl Gateway {
                     sessions_closed: self.sessions_closed,
                     claims: n(&st.claims),
                     claim_errors: n(&st.claim_errors),
+                    node_id_conflicts: n(&st.node_id_conflicts),
                     replays_same: counts.claimed_same,
                     replays_different: counts.claimed_different,
                     replication_delay: st.replication_delay.snapshot(),

@@ -210,6 +210,8 @@ pub struct ClusterView {
     pub sessions_closed: u64,
     pub claims: u64,
     pub claim_errors: u64,
+    /// Batches from another node using this node's `node_id`.
+    pub node_id_conflicts: u64,
     /// Not forwarded, claimed by another node first: same bytes / different content.
     pub replays_same: u64,
     pub replays_different: u64,
@@ -549,6 +551,11 @@ fn render_cluster(o: &mut String, c: &ClusterView) {
             "iotgw_cluster_claim_errors_total",
             "Claims Redis could not answer (the message waits).",
             c.claim_errors,
+        ),
+        (
+            "iotgw_cluster_node_id_conflicts_total",
+            "Batches from another node using this node's node_id (must be unique).",
+            c.node_id_conflicts,
         ),
     ] {
         single(o, name, "counter", help, v);
