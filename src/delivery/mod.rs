@@ -222,6 +222,16 @@ impl Delivery {
             if let Some(e) = &d.claimed_elsewhere {
                 if e.same_content {
                     self.claimed_same += 1;
+                    // No alarm: what a device retransmits after reconnecting through another node.
+                    logs.push(LogLine {
+                        level: Level::Notice,
+                        text: format!(
+                            "not forwarded: device={} message_id={} was already accepted by node {} with the same content (a replay or a retransmission through another node)",
+                            printable(&d.message.device_id),
+                            printable(&d.message.message_id),
+                            printable(&e.node)
+                        ),
+                    });
                 } else {
                     self.claimed_different += 1;
                     logs.push(LogLine {
