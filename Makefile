@@ -11,7 +11,7 @@ APT_PKGS   := mosquitto mosquitto-clients mosquitto-dev libmosquitto-dev libclan
               cmake libcjson-dev curl redis-server haproxy postgresql
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps build test lint demo install uninstall deb deb-test bench fuzz clean brokers test-brokers
+.PHONY: all deps build test lint demo install uninstall deb deb-test bench bench-cluster fuzz clean brokers test-brokers
 
 all: build
 
@@ -97,6 +97,13 @@ bench: deps
 	$(CARGO) bench --bench validate
 	$(CARGO) run --release --example registry_scale
 	./scripts/bench-e2e.sh 16 2500
+
+# Cluster mode: plain Mosquitto, one node without cluster mode, and 1, 2, 3 nodes behind HAProxy
+# sharing PostgreSQL and Redis, forwarding at QoS 1 to nginx (ROUNDS=3 DEVICES=6 MESSAGES=10000,
+# MESSAGES per device; NODES=1,2,3 settable).
+bench-cluster: deps
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nginx-light; }
+	./scripts/bench-cluster.py
 
 # Coverage-guided fuzzing with cargo-fuzz (libFuzzer) on a nightly toolchain; on stable only, run
 # with FUZZ_TOOLCHAIN= RUSTC_BOOTSTRAP=1. FUZZ_SECONDS per target. Findings land in
