@@ -193,6 +193,22 @@ impl Role {
 }
 
 impl Shared {
+    fn new(node: &str, instance: u64, wake: Arc<dyn Fn() + Send + Sync>) -> Shared {
+        Shared {
+            node: node.into(),
+            instance,
+            conflict_logged: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            outgoing: Mutex::new(Outgoing::default()),
+            outgoing_cv: Condvar::new(),
+            incoming: Mutex::new(Incoming::default()),
+            links: Mutex::new([None, None, None]),
+            logs: Mutex::new(Vec::new()),
+            stats: ClusterStats::default(),
+            wake,
+        }
+    }
+
     fn log(&self, level: Level, text: String) {
         self.logs.lock().unwrap_or_else(|p| p.into_inner()).push(LogLine { level, text });
     }
@@ -281,19 +297,7 @@ impl Cluster {
         wake: Arc<dyn Fn() + Send + Sync>,
     ) -> Result<Cluster, StartError> {
         let client = redis::Client::open(cfg.url.as_str()).map_err(StartError::Url)?;
-        let shared = Arc::new(Shared {
-            node: cfg.node_id.as_str().into(),
-            instance: random_u64(),
-            conflict_logged: Mutex::new(None),
-            stop: AtomicBool::new(false),
-            outgoing: Mutex::new(Outgoing::default()),
-            outgoing_cv: Condvar::new(),
-            incoming: Mutex::new(Incoming::default()),
-            links: Mutex::new([None, None, None]),
-            logs: Mutex::new(Vec::new()),
-            stats: ClusterStats::default(),
-            wake,
-        });
+        let shared = Arc::new(Shared::new(&cfg.node_id, random_u64(), wake));
         let mut c = Cluster { shared, client, window, threads: Vec::new() };
         let (s, cl) = (c.shared.clone(), c.client.clone());
         c.threads.push(
@@ -760,19 +764,7 @@ mod tests {
     use super::*;
 
     fn shared(node: &str) -> Shared {
-        Shared {
-            node: node.into(),
-            instance: 7,
-            conflict_logged: Mutex::new(None),
-            stop: AtomicBool::new(false),
-            outgoing: Mutex::new(Outgoing::default()),
-            outgoing_cv: Condvar::new(),
-            incoming: Mutex::new(Incoming::default()),
-            links: Mutex::new([None, None, None]),
-            logs: Mutex::new(Vec::new()),
-            stats: ClusterStats::default(),
-            wake: Arc::new(|| {}),
-        }
+        Shared::new(node, 7, Arc::new(|| {}))
     }
 
     #[test]
