@@ -308,8 +308,12 @@ pub fn write_object<'a>(members: impl Iterator<Item = (&'a str, &'a Json)>, out:
 
 /// A JSON string with RFC 8785's minimal escaping; everything else stays raw UTF-8.
 pub fn write_string(s: &str, out: &mut Vec<u8>) {
+    write_string_bytes(s.as_bytes(), out)
+}
+
+/// [`write_string`] of text already known to be UTF-8 (the escaping looks at ASCII bytes only).
+pub(crate) fn write_string_bytes(bytes: &[u8], out: &mut Vec<u8>) {
     out.push(b'"');
-    let bytes = s.as_bytes();
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let esc: &[u8] = match b {
@@ -359,20 +363,35 @@ fn write_number(n: &serde_json::Number, out: &mut Vec<u8>) {
 
 /// The shortest digits that read back as `f` (positive, finite), and the decimal exponent of the
 /// first one, chosen as ECMAScript does (Number::toString, note 2: the closest, and the even one
-/// of two equally close; V8 and Python's repr agree).
-fn shortest_digits(f: f64) -> (String, i32) {
+/// of two equally close; V8 and Python's repr agree). Digits go to a stack buffer: this runs for
+/// every non-integer number of every message.
+fn shortest_digits(f: f64) -> ([u8; 32], usize, i32) {
+    use std::io::Write as _;
     // `{:e}` prints the shortest digits that round-trip and the closest of them, but breaks an
     // exact tie upward: 900719925474099.25 came out as ...099.3 where ECMAScript prints ...099.2
     // (found by fuzzing against serde_json's printer; checked with Node.js).
-    let sci = format!("{f:e}");
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
-    let mut digits: Vec<u8> = mantissa.bytes().filter(|c| *c != b'.').collect();
-    let exp = exp.parse::<i32>().unwrap_or(0);
-    let last = digits.len() - 1;
+    // At most 17 digits, '.', 'e', '-' and 3 exponent digits: 32 bytes always hold it.
+    let mut sci = [0u8; 32];
+    let room = {
+        let mut w = &mut sci[..];
+        let _ = write!(w, "{f:e}");
+        w.len()
+    };
+    let sci = &sci[..32 - room];
+    let e_at = sci.iter().position(|c| *c == b'e').unwrap_or(sci.len());
+    let (mantissa, exp) = (&sci[..e_at], sci.get(e_at + 1..).unwrap_or_default());
+    let mut digits = [0u8; 32];
+    let mut len = 0;
+    for &c in mantissa.iter().filter(|c| **c != b'.') {
+        digits[len] = c;
+        len += 1;
+    }
+    let exp = std::str::from_utf8(exp).ok().and_then(|e| e.parse::<i32>().ok()).unwrap_or(0);
+    let last = len - 1;
     // ASCII digits have the parity of their value. Only an odd last digit can be a tie broken
     // the wrong way, and only if the even one below reads back as `f` too (rare).
     if digits[last] % 2 == 1 {
-        let mut lower = digits.clone();
+        let mut lower = digits[..len].to_vec();
         lower[last] -= 1;
         let text = format!("{}.{}e{exp}", lower[0] as char, String::from_utf8_lossy(&lower[1..]));
         if text.parse::<f64>() == Ok(f) {
@@ -386,11 +405,11 @@ fn shortest_digits(f: f64) -> (String, i32) {
                 && exact.get(lower.len()) == Some(&b'5')
                 && exact[lower.len() + 1..].iter().all(|d| *d == b'0');
             if tie {
-                digits = lower;
+                digits[last] -= 1;
             }
         }
     }
-    (String::from_utf8(digits).unwrap_or_default(), exp)
+    (digits, len, exp)
 }
 
 /// ECMAScript Number::toString(10) for a finite double.
@@ -401,7 +420,7 @@ pub fn es_number(f: f64) -> String {
 }
 
 /// [`es_number`], appended to `out`.
-fn write_es_number(f: f64, out: &mut Vec<u8>) {
+pub(crate) fn write_es_number(f: f64, out: &mut Vec<u8>) {
     use std::io::Write as _;
     if f == 0.0 {
         out.push(b'0');
@@ -409,8 +428,8 @@ fn write_es_number(f: f64, out: &mut Vec<u8>) {
     }
     // The shortest digits that round-trip, ties to even as ECMAScript prints them (see
     // `shortest_digits`: Rust's `{:e}` rounds ties up).
-    let (digits, exp) = shortest_digits(f.abs());
-    let digits = digits.as_bytes();
+    let (digits, len, exp) = shortest_digits(f.abs());
+    let digits = &digits[..len];
     let k = digits.len() as i32;
     let n = exp + 1;
     if f < 0.0 {
