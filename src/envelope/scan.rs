@@ -60,6 +60,9 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Scanned> {
     s.keys.clear();
     s.members.clear();
     s.kinds.clear();
+    // Valid JSON is UTF-8 throughout (outside strings only ASCII is allowed), so one check of
+    // the whole input covers every string.
+    std::str::from_utf8(bytes).ok()?;
     let mut p = Parser { b: bytes, i: 0 };
     p.ws();
     if p.peek()? != b'{' {
@@ -239,17 +242,16 @@ impl Parser<'_> {
     /// decoded text in `dec`. Outer None: not a valid string.
     fn string_body(&mut self, dec: &mut Vec<u8>) -> Option<Option<Range<usize>>> {
         let start = self.i;
-        loop {
-            match *self.b.get(self.i)? {
-                b'"' => {
-                    std::str::from_utf8(&self.b[start..self.i]).ok()?;
-                    self.i += 1;
-                    return Some(Some(start..self.i - 1));
-                }
-                b'\\' => break,
-                0x00..=0x1f => return None,
-                _ => self.i += 1,
+        let rest = &self.b[start..];
+        let n = rest.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+        self.i += n;
+        match rest[n] {
+            b'"' => {
+                self.i += 1;
+                return Some(Some(start..start + n));
             }
+            b'\\' => {}
+            _ => return None,
         }
         dec.clear();
         dec.extend_from_slice(&self.b[start..self.i]);
@@ -259,7 +261,6 @@ impl Parser<'_> {
                 b'"' => {
                     dec.extend_from_slice(&self.b[run..self.i]);
                     self.i += 1;
-                    std::str::from_utf8(dec).ok()?;
                     return Some(None);
                 }
                 b'\\' => {
