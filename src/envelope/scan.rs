@@ -167,6 +167,31 @@ fn key_cmp(a: &[u8], b: &[u8]) -> Ordering {
     a.unwrap_or_default().encode_utf16().cmp(b.unwrap_or_default().encode_utf16())
 }
 
+/// Is this unsigned decimal (a JSON number with a fraction) already what RFC 8785 prints for its
+/// value? True for `d.ddd` with no exponent, a last digit that is not 0, at most 15 significant
+/// digits and a value of at least 1e-6 (ECMAScript switches to `1e-7` below): any decimal of
+/// at most 15 significant digits is the shortest text that reads back as its double (IEEE
+/// doubles carry 15 decimal digits exactly, so no other such decimal maps to the same double),
+/// and ECMAScript prints it without exponent in that range. Such a value is never integral, so
+/// the integer limit does not apply. Saves reading and printing the double (most telemetry).
+fn already_canonical(number: &[u8]) -> bool {
+    let Some(point) = number.iter().position(|c| *c == b'.') else { return false };
+    let (int, frac) = (&number[..point], &number[point + 1..]);
+    if frac.is_empty() || !frac.iter().all(u8::is_ascii_digit) || frac.last() == Some(&b'0') {
+        return false;
+    }
+    let significant = if int == b"0" {
+        let zeros = frac.iter().take_while(|c| **c == b'0').count();
+        if zeros > 5 {
+            return false;
+        }
+        frac.len() - zeros
+    } else {
+        int.len() + frac.len()
+    };
+    significant <= 15
+}
+
 /// Where the first `"`, `\\` or control character of `s` is: the end of a string's plain run.
 fn find_stop(s: &[u8]) -> Option<usize> {
     const LO: u64 = 0x0101_0101_0101_0101;
@@ -484,6 +509,10 @@ impl Parser<'_> {
             out.extend_from_slice(token);
             return Some(Kind::Int(if neg { -(n as i64) } else { n as i64 }));
         }
+        if already_canonical(&self.b[int_start..self.i]) {
+            out.extend_from_slice(token);
+            return Some(Kind::Other);
+        }
         // Long spellings are left to the reference.
         if token.len() > 32 {
             return None;
@@ -690,9 +719,65 @@ mod tests {
         "\\ud83d\\ude00",
     ];
 
+    /// A random decimal around the 15-significant-digit and 1e-6 edges of `already_canonical`.
+    fn decimal(r: &mut Rng) -> String {
+        let digits = |r: &mut Rng, n: usize| -> String {
+            (0..n).map(|_| char::from(b'0' + r.below(10) as u8)).collect()
+        };
+        let sign = if r.below(4) == 0 { "-" } else { "" };
+        let int = match r.below(3) {
+            0 => "0".to_string(),
+            _ => {
+                let (lead, n) = (1 + r.below(9), r.below(17));
+                format!("{lead}{}", digits(r, n))
+            }
+        };
+        let (zeros, n) = (r.below(8), 1 + r.below(17));
+        let frac = format!("{}{}", "0".repeat(zeros), digits(r, n));
+        let exp =
+            if r.below(6) == 0 { format!("e{}", r.below(30) as i32 - 15) } else { String::new() };
+        format!("{sign}{int}.{frac}{exp}")
+    }
+
+    #[test]
+    fn decimals_already_canonical_are_what_the_reference_prints() {
+        let mut r = Rng(7);
+        let mut copied = 0;
+        for _ in 0..200_000 {
+            let d = decimal(&mut r);
+            let unsigned = d.strip_prefix('-').unwrap_or(&d);
+            if !already_canonical(unsigned.as_bytes()) {
+                continue;
+            }
+            copied += 1;
+            let v = crate::json::parse_strict(d.as_bytes()).unwrap();
+            let mut want = Vec::new();
+            crate::json::write_canonical(&v, &mut want);
+            assert_eq!(String::from_utf8(want).unwrap(), d);
+        }
+        assert!(copied > 20_000, "{copied}");
+        for (d, ok) in [
+            ("21.5", true),
+            ("0.000001", true),
+            ("0.0000001", false),
+            ("123456789012.345", true),
+            ("1234567890123.456", false),
+            ("0.123456789012345", true),
+            ("0.1234567890123456", false),
+            ("100.0", false),
+            ("1.50", false),
+            ("1e5", false),
+            ("1.5e5", false),
+            ("15", false),
+        ] {
+            assert_eq!(already_canonical(d.as_bytes()), ok, "{d}");
+        }
+    }
+
     fn value(r: &mut Rng, depth: usize, out: &mut String) {
         let ws = |r: &mut Rng| [" ", "", "", "\n", "\t", "\r\n "][r.below(6)];
         match r.below(if depth > 3 { 4 } else { 7 }) {
+            0 if r.below(2) == 0 => out.push_str(&decimal(r)),
             0 => out.push_str(r.mostly(NUMBERS, BAD_NUMBERS, 60)),
             1 => out.push_str(r.mostly(STRINGS, BAD_STRINGS, 60)),
             2 => out.push_str(r.mostly(&["true", "false", "null"], &["nul", "truex", "True"], 60)),
