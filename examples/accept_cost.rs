@@ -1,11 +1,13 @@
 //! Deterministic per-message cost of the broker thread's accept path, for valgrind (issue 9).
-//!   accept_cost PROCESS [validate|forward]
+//!   accept_cost PROCESS [validate|forward|malformed|fields]
 //! Pre-signs `TOTAL` envelopes of ~235 bytes (the shape `bench_envelopes` makes) for the three
 //! test devices, then passes the first PROCESS of them through `Gateway::on_write`, each one
 //! accepted. Signing happens for every run, so the difference between two runs with different
 //! PROCESS counts is the accept path alone:
 //!   valgrind --tool=callgrind   (instructions: `summary` of run B - run A, / (B - A))
 //!   valgrind --tool=memcheck    (allocations: "total heap usage" of run B - run A, / (B - A))
+//! `malformed` and `fields` send, instead, PROCESS copies of the `reject_malformed` and
+//! `reject_required_fields` messages of `benches/validate.rs` (each refused).
 use secure_iot_gateway::acl::Identity;
 use secure_iot_gateway::config::Config;
 use secure_iot_gateway::gateway::{Gateway, Outcome};
@@ -18,7 +20,9 @@ const TOTAL: usize = 12_000;
 struct Quiet;
 impl Host for Quiet {
     fn log(&mut self, _: Level, m: &str) {
-        eprintln!("{m}");
+        if !m.contains("rejected reason=") {
+            eprintln!("{m}");
+        }
     }
     fn kick(&mut self, _: &str) {}
     fn publish(&mut self, _: &str, _: &[u8]) -> bool {
@@ -29,7 +33,8 @@ impl Host for Quiet {
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let process: usize = a.get(1).and_then(|s| s.parse().ok()).expect("PROCESS count");
-    let forward = a.get(2).is_some_and(|m| m == "forward");
+    let mode = a.get(2).map_or("validate", String::as_str);
+    let forward = mode == "forward";
     assert!(process <= TOTAL);
     // A fixed time: runs compare equal (the id digests and record contents do not vary).
     let now = 1_767_225_600;
@@ -66,10 +71,21 @@ fn main() {
     let cfg = Config::from_opts(opts.iter()).expect("config");
     let mut host = Quiet;
     let mut gw = Gateway::start(cfg, Arc::new(|| {}), &mut host).expect("gateway");
+    let refused: &[u8] = match mode {
+        "malformed" => b"{\"device_id\": \"sensor_001\", ",
+        "fields" => br#"{"device_id":"sensor_001","timestamp":1}"#,
+        _ => b"",
+    };
     for (d, topic, m) in &msgs[..process] {
-        let v = gw.on_write(&mut host, Identity::Device(d), topic.as_bytes(), m, now);
-        assert_eq!(v, Outcome::Accepted);
+        if refused.is_empty() {
+            let v = gw.on_write(&mut host, Identity::Device(d), topic.as_bytes(), m, now);
+            assert_eq!(v, Outcome::Accepted);
+        } else {
+            let t = "device/sensor_001/data".as_bytes();
+            let v = gw.on_write(&mut host, Identity::Device("sensor_001"), t, refused, now);
+            assert!(matches!(v, Outcome::Refused(_)));
+        }
     }
-    println!("accepted {process} (envelope {} bytes)", msgs[0].2.len());
+    println!("{mode}: {process} messages (envelopes of {} bytes)", msgs[0].2.len());
     gw.shutdown(&mut host);
 }

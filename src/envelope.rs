@@ -125,8 +125,9 @@ impl Envelope {
     }
 
     /// [`Envelope::parse`] with reused working memory (the broker thread's path). A
-    /// well-formed envelope takes the single-pass reader; anything else, and every rejection,
-    /// the reference parser, so both say exactly the same (see `scan`).
+    /// well-formed envelope (or one only missing a member) takes the single-pass reader;
+    /// anything else, and every other rejection, the reference parser, so both say exactly the
+    /// same (see `scan`).
     pub fn parse_with(
         bytes: &[u8],
         max_bytes: usize,
@@ -141,8 +142,8 @@ impl Envelope {
                 format!("{} bytes exceeds the {max_bytes}-byte limit", bytes.len()),
             ));
         }
-        if let Some(s) = scan::scan(bytes, scratch) {
-            return Ok(Envelope {
+        match scan::scan(bytes, scratch) {
+            Some(Ok(s)) => Ok(Envelope {
                 canon_len: s.buf.len(),
                 buf: s.buf,
                 device: s.device,
@@ -150,9 +151,12 @@ impl Envelope {
                 payload: s.payload,
                 signature: s.signature,
                 timestamp: s.timestamp,
-            });
+            }),
+            Some(Err(missing)) => {
+                Err(Rejection::new(Reason::RequiredFields, format!("missing {missing}")))
+            }
+            None => Ok(Envelope::from_reference(Reference::parse(bytes)?)),
         }
-        Ok(Envelope::from_reference(Reference::parse(bytes)?))
     }
 
     /// The reference's members laid out as the single-pass reader lays them out.

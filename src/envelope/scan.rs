@@ -55,7 +55,9 @@ pub struct Scanned {
     pub timestamp: i64,
 }
 
-pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Scanned> {
+/// Some(Ok): a well-formed envelope. Some(Err(name)): well-formed JSON whose members have the
+/// right types, but the required member `name` is missing. None: the reference decides.
+pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static str>> {
     s.top.clear();
     s.keys.clear();
     s.members.clear();
@@ -99,25 +101,52 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Scanned> {
     }
 
     let keys = &*st.keys;
-    let find = |name: &str| kinds.iter().find(|(k, _, _)| &keys[k.clone()] == name.as_bytes());
-    let inner = |v: &Range<usize>| &top[v.start + 1..v.end - 1];
-    let (_, dv, Kind::Str) = find("device_id")? else { return None };
-    let (_, _, Kind::Int(timestamp)) = find("timestamp")? else { return None };
-    let (_, mv, Kind::Str) = find("message_id")? else { return None };
-    let (_, _, _) = find("payload")?;
-    let (_, sv, Kind::Str) = find("signature")? else { return None };
-    // Canonical text equals the decoded text for ids without characters that need escaping;
-    // the others (never valid device ids or signatures) are left to the reference.
-    let device = std::str::from_utf8(inner(dv)).ok()?;
-    let mid = std::str::from_utf8(inner(mv)).ok()?;
-    if !valid_device_id(device)
-        || mid.is_empty()
-        || mid.contains('\\')
-        || mid.chars().count() > crate::envelope::MAX_ID_CHARS
-    {
-        return None;
+    let inner = |v: &Range<usize>| std::str::from_utf8(&top[v.start + 1..v.end - 1]).ok();
+    // The reference's type checks (a wrong type is malformed), on the canonical text: it equals
+    // the decoded text for ids without characters that need escaping; the others (never valid
+    // device ids or signatures) are left to the reference, as is any failing check (its detail).
+    let (mut device, mut mid, mut timestamp, mut signature, mut payload) =
+        (None, None, None, None, false);
+    for (k, v, kind) in kinds.iter() {
+        let ok = match (&keys[k.clone()], kind) {
+            (b"device_id", Kind::Str) => {
+                device = inner(v).filter(|d| valid_device_id(d));
+                device.is_some()
+            }
+            (b"timestamp", Kind::Int(t)) => {
+                timestamp = Some(*t);
+                true
+            }
+            (b"message_id", Kind::Str) => {
+                mid = inner(v).filter(|m| {
+                    !m.is_empty()
+                        && !m.contains('\\')
+                        && m.chars().count() <= crate::envelope::MAX_ID_CHARS
+                });
+                mid.is_some()
+            }
+            (b"signature", Kind::Str) => {
+                signature = inner(v).and_then(crate::envelope::decode_hex32);
+                signature.is_some()
+            }
+            (b"device_id" | b"timestamp" | b"message_id" | b"signature", _) => false,
+            (b"payload", _) => {
+                payload = true;
+                true
+            }
+            _ => true,
+        };
+        if !ok {
+            return None;
+        }
     }
-    let signature = crate::envelope::decode_hex32(std::str::from_utf8(inner(sv)).ok()?)?;
+    // Then presence (required_fields), named as the reference names it.
+    let present =
+        [device.is_some(), timestamp.is_some(), mid.is_some(), payload, signature.is_some()];
+    if let Some(at) = present.iter().position(|p| !p) {
+        return Some(Err(crate::envelope::REQUIRED[at]));
+    }
+    let (Some(timestamp), Some(signature)) = (timestamp, signature) else { return None };
 
     order.clear();
     order.extend(0..kinds.len());
@@ -146,14 +175,14 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Scanned> {
         }
     }
     buf.push(b'}');
-    Some(Scanned {
+    Some(Ok(Scanned {
         buf,
         device: device_r,
         message_id: mid_r,
         payload: payload_r,
         signature,
-        timestamp: *timestamp,
-    })
+        timestamp,
+    }))
 }
 
 /// RFC 8785 §3.2.3 member order: by UTF-16 code units. UTF-8 byte order is code point order,
@@ -559,10 +588,14 @@ mod tests {
         fast: usize,
         reference_ok: usize,
         rejected: usize,
+        /// Rejected as missing a member by the single pass itself.
+        missing: usize,
     }
 
     fn check(bytes: &[u8], scratch: &mut Scratch, tally: &mut Tally) {
-        let fast = scan(bytes, scratch).is_some();
+        let scanned = scan(bytes, scratch).map(|r| r.is_ok());
+        let fast = scanned == Some(true);
+        tally.missing += usize::from(scanned == Some(false));
         let ours = Envelope::parse_with(bytes, usize::MAX, scratch);
         let reference = if bytes.is_empty() {
             Err(crate::envelope::Rejection::new(
@@ -970,6 +1003,7 @@ mod tests {
         eprintln!("generated and mutated: {t:?}");
         // Both paths and the rejections are exercised, not just one of them.
         assert!(t.fast > 1000 && t.reference_ok > 100 && t.rejected > 3000, "{t:?}");
+        assert!(t.missing > 100, "{t:?}");
     }
 
     #[test]
