@@ -3,10 +3,11 @@
 //! writes the RFC 8785 canonical form as it goes, with no tree and no allocation but the
 //! envelope's own buffer.
 //!
-//! It only ever says "this is a well-formed envelope, here are its bytes" or "not for me"
-//! (`None`): every error, and the rare shapes it leaves alone (long floats, `\u` surrogates,
-//! escaped ids), go to the reference parser, so rejections and their details are always the
-//! reference's. `tests` holds the differential test against it.
+//! It only ever says "this is a well-formed envelope, here are its bytes", "well-formed, but
+//! this required member is missing" (the reference's reason and detail), or "not for me"
+//! (`None`): every other error, and the rare shapes it leaves alone (long floats, `\u`
+//! surrogates, escaped ids), go to the reference parser, so rejections and their details are
+//! always the reference's. `tests` holds the differential test against it.
 
 use crate::envelope::valid_device_id;
 use crate::json::{self, MAX_DEPTH, MAX_SAFE_INTEGER};
