@@ -7,6 +7,7 @@ use crate::json::{self, Json, JsonError};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::fmt;
+use std::ops::Range;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -99,11 +100,20 @@ pub fn valid_device_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
+mod scan;
+pub use scan::Scratch;
+
 /// A parsed envelope whose members have the right types. Not yet authenticated.
 #[derive(Debug, Clone)]
 pub struct Envelope {
-    /// All members except `signature`, in wire order.
-    members: Vec<(String, Json)>,
+    /// The signed bytes (all members but `signature`, RFC 8785 canonical), then the decoded
+    /// message id when its canonical text differs (it has escapes).
+    buf: Vec<u8>,
+    canon_len: usize,
+    device: Range<usize>,
+    message_id: Range<usize>,
+    /// The payload's canonical text, inside the signed bytes.
+    payload: Range<usize>,
     pub signature: [u8; 32],
     pub timestamp: i64,
 }
@@ -111,6 +121,18 @@ pub struct Envelope {
 impl Envelope {
     /// Parses and type-checks an uplink envelope (checks 1 and 2 of the spec).
     pub fn parse(bytes: &[u8], max_bytes: usize) -> Result<Envelope, Rejection> {
+        Envelope::parse_with(bytes, max_bytes, &mut Scratch::default())
+    }
+
+    /// [`Envelope::parse`] with reused working memory (the broker thread's path). A
+    /// well-formed envelope (or one only missing a member) takes the single-pass reader;
+    /// anything else, and every other rejection, the reference parser, so both say exactly the
+    /// same (see `scan`).
+    pub fn parse_with(
+        bytes: &[u8],
+        max_bytes: usize,
+        scratch: &mut Scratch,
+    ) -> Result<Envelope, Rejection> {
         if bytes.is_empty() {
             return Err(Rejection::new(Reason::Malformed, "empty payload"));
         }
@@ -120,6 +142,115 @@ impl Envelope {
                 format!("{} bytes exceeds the {max_bytes}-byte limit", bytes.len()),
             ));
         }
+        match scan::scan(bytes, scratch) {
+            Some(Ok(s)) => Ok(Envelope {
+                canon_len: s.buf.len(),
+                buf: s.buf,
+                device: s.device,
+                message_id: s.message_id,
+                payload: s.payload,
+                signature: s.signature,
+                timestamp: s.timestamp,
+            }),
+            Some(Err(missing)) => {
+                Err(Rejection::new(Reason::RequiredFields, format!("missing {missing}")))
+            }
+            None => Ok(Envelope::from_reference(Reference::parse(bytes)?)),
+        }
+    }
+
+    /// The reference's members laid out as the single-pass reader lays them out.
+    fn from_reference(r: Reference) -> Envelope {
+        let mut sorted: Vec<&(String, Json)> = r.members.iter().collect();
+        sorted.sort_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
+        let mut buf = Vec::with_capacity(256);
+        let (mut device, mut message_id, mut payload) = (0..0, 0..0, 0..0);
+        buf.push(b'{');
+        for (i, (k, v)) in sorted.into_iter().enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            json::write_string(k, &mut buf);
+            buf.push(b':');
+            let at = buf.len();
+            json::write_canonical(v, &mut buf);
+            match k.as_str() {
+                "device_id" => device = at + 1..buf.len() - 1,
+                "message_id" => message_id = at + 1..buf.len() - 1,
+                "payload" => payload = at..buf.len(),
+                _ => {}
+            }
+        }
+        buf.push(b'}');
+        let canon_len = buf.len();
+        let mid = r.str_member("message_id");
+        if buf[message_id.clone()] != *mid.as_bytes() {
+            message_id = buf.len()..buf.len() + mid.len();
+            buf.extend_from_slice(mid.as_bytes());
+        }
+        Envelope {
+            buf,
+            canon_len,
+            device,
+            message_id,
+            payload,
+            signature: r.signature,
+            timestamp: r.timestamp,
+        }
+    }
+
+    fn text(&self, r: &Range<usize>) -> &str {
+        // Always UTF-8: cut from UTF-8 at string boundaries.
+        std::str::from_utf8(&self.buf[r.clone()]).unwrap_or_default()
+    }
+
+    pub fn device_id(&self) -> &str {
+        self.text(&self.device)
+    }
+
+    pub fn message_id(&self) -> &str {
+        self.text(&self.message_id)
+    }
+
+    /// The signed bytes: the envelope without `signature`, RFC 8785 canonical.
+    pub fn signed_bytes(&self) -> &[u8] {
+        &self.buf[..self.canon_len]
+    }
+
+    /// The payload's canonical text: what the backend receives.
+    pub fn payload_bytes(&self) -> &[u8] {
+        &self.buf[self.payload.clone()]
+    }
+
+    /// Appends the signed bytes.
+    pub fn write_canonical(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.signed_bytes());
+    }
+
+    /// The canonical bytes as a fresh vector.
+    pub fn canonical(&self) -> Vec<u8> {
+        self.signed_bytes().to_vec()
+    }
+
+    /// The payload re-serialized canonically: what the backend receives.
+    pub fn canonical_payload(&self) -> Vec<u8> {
+        self.payload_bytes().to_vec()
+    }
+}
+
+/// The reference parser: a strict JSON tree (`json::parse_strict`), then the type and presence
+/// checks on its members. It decides every rejection and the shapes the single-pass reader
+/// leaves alone; the differential test holds the two to the same answers.
+#[derive(Debug, Clone)]
+pub(crate) struct Reference {
+    /// All members except `signature`, in wire order.
+    pub(crate) members: Vec<(String, Json)>,
+    pub(crate) signature: [u8; 32],
+    pub(crate) timestamp: i64,
+}
+
+impl Reference {
+    pub(crate) fn parse(bytes: &[u8]) -> Result<Reference, Rejection> {
         let root = json::parse_strict(bytes).map_err(|e| {
             let detail = match e {
                 JsonError::Syntax(_) => "not valid UTF-8 JSON".to_string(),
@@ -173,44 +304,29 @@ impl Envelope {
             Json::String(s) => decode_hex32(&s).unwrap_or_default(),
             _ => [0; 32],
         };
-        Ok(Envelope { members, signature, timestamp: timestamp.unwrap_or_default() })
+        Ok(Reference { members, signature, timestamp: timestamp.unwrap_or_default() })
     }
 
-    fn str_member(&self, name: &str) -> &str {
+    pub(crate) fn str_member(&self, name: &str) -> &str {
         match self.members.iter().find(|(k, _)| k == name) {
             Some((_, Json::String(s))) => s,
             _ => "",
         }
     }
 
-    pub fn device_id(&self) -> &str {
-        self.str_member("device_id")
-    }
-
-    pub fn message_id(&self) -> &str {
-        self.str_member("message_id")
-    }
-
-    pub fn payload(&self) -> &Json {
-        self.members.iter().find(|(k, _)| k == "payload").map_or(&Json::Null, |(_, v)| v)
-    }
-
-    /// Appends the signed bytes: the envelope without `signature`, RFC 8785 canonical.
-    pub fn write_canonical(&self, out: &mut Vec<u8>) {
-        json::write_object(self.members.iter().map(|(k, v)| (k.as_str(), v)), out);
-    }
-
-    /// The canonical bytes as a fresh vector.
-    pub fn canonical(&self) -> Vec<u8> {
+    /// The signed bytes, written from the tree.
+    #[cfg(test)]
+    pub(crate) fn canonical(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(256);
-        self.write_canonical(&mut out);
+        json::write_object(self.members.iter().map(|(k, v)| (k.as_str(), v)), &mut out);
         out
     }
 
-    /// The payload re-serialized canonically: what the backend receives.
-    pub fn canonical_payload(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(128);
-        json::write_canonical(self.payload(), &mut out);
+    #[cfg(test)]
+    pub(crate) fn canonical_payload(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let p = self.members.iter().find(|(k, _)| k == "payload").map_or(&Json::Null, |(_, v)| v);
+        json::write_canonical(p, &mut out);
         out
     }
 }

@@ -308,8 +308,12 @@ pub fn write_object<'a>(members: impl Iterator<Item = (&'a str, &'a Json)>, out:
 
 /// A JSON string with RFC 8785's minimal escaping; everything else stays raw UTF-8.
 pub fn write_string(s: &str, out: &mut Vec<u8>) {
+    write_string_bytes(s.as_bytes(), out)
+}
+
+/// [`write_string`] of text already known to be UTF-8 (the escaping looks at ASCII bytes only).
+pub(crate) fn write_string_bytes(bytes: &[u8], out: &mut Vec<u8>) {
     out.push(b'"');
-    let bytes = s.as_bytes();
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let esc: &[u8] = match b {
@@ -359,38 +363,36 @@ fn write_number(n: &serde_json::Number, out: &mut Vec<u8>) {
 
 /// The shortest digits that read back as `f` (positive, finite), and the decimal exponent of the
 /// first one, chosen as ECMAScript does (Number::toString, note 2: the closest, and the even one
-/// of two equally close; V8 and Python's repr agree).
-fn shortest_digits(f: f64) -> (String, i32) {
-    // `{:e}` prints the shortest digits that round-trip and the closest of them, but breaks an
-    // exact tie upward: 900719925474099.25 came out as ...099.3 where ECMAScript prints ...099.2
-    // (found by fuzzing against serde_json's printer; checked with Node.js).
-    let sci = format!("{f:e}");
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
-    let mut digits: Vec<u8> = mantissa.bytes().filter(|c| *c != b'.').collect();
-    let exp = exp.parse::<i32>().unwrap_or(0);
-    let last = digits.len() - 1;
-    // ASCII digits have the parity of their value. Only an odd last digit can be a tie broken
-    // the wrong way, and only if the even one below reads back as `f` too (rare).
-    if digits[last] % 2 == 1 {
-        let mut lower = digits.clone();
-        lower[last] -= 1;
-        let text = format!("{}.{}e{exp}", lower[0] as char, String::from_utf8_lossy(&lower[1..]));
-        if text.parse::<f64>() == Ok(f) {
-            // A tie means `f` is exactly the lower digits followed by 5. A double's exact
-            // expansion has at most 767 significant digits, so this precision is exact.
-            let full = format!("{f:.767e}");
-            let (m, e) = full.split_once('e').unwrap_or((&full, "0"));
-            let exact: Vec<u8> = m.bytes().filter(|c| *c != b'.').collect();
-            let tie = e.parse::<i32>() == Ok(exp)
-                && exact.starts_with(&lower)
-                && exact.get(lower.len()) == Some(&b'5')
-                && exact[lower.len() + 1..].iter().all(|d| *d == b'0');
-            if tie {
-                digits = lower;
-            }
+/// of two equally close; V8 and Python's repr agree). ryu picks exactly these (it breaks exact
+/// ties to even, where Rust's `{:e}` breaks them upward: 900719925474099.25 must print as
+/// ...099.2; see the tests), without allocating: this runs for every non-integer number of
+/// every message.
+fn shortest_digits(f: f64) -> ([u8; 32], usize, i32) {
+    let mut text = ryu::Buffer::new();
+    let text = text.format_finite(f).as_bytes();
+    // ryu writes `123.0`, `0.00123`, `1.5e300` or `1e-7`: read the digits back from any form.
+    let (mantissa, exp) = match text.iter().position(|c| *c == b'e') {
+        Some(e) => {
+            let exp = std::str::from_utf8(&text[e + 1..]).ok().and_then(|x| x.parse().ok());
+            (&text[..e], exp.unwrap_or(0))
+        }
+        None => (text, 0),
+    };
+    let point = mantissa.iter().position(|c| *c == b'.').unwrap_or(mantissa.len());
+    let mut digits = [0u8; 32];
+    let (mut len, mut leading_zeros) = (0, 0);
+    for &c in mantissa.iter().filter(|c| **c != b'.') {
+        if len == 0 && c == b'0' {
+            leading_zeros += 1;
+        } else {
+            digits[len] = c;
+            len += 1;
         }
     }
-    (String::from_utf8(digits).unwrap_or_default(), exp)
+    while len > 1 && digits[len - 1] == b'0' {
+        len -= 1;
+    }
+    (digits, len, exp + point as i32 - 1 - leading_zeros)
 }
 
 /// ECMAScript Number::toString(10) for a finite double.
@@ -401,7 +403,7 @@ pub fn es_number(f: f64) -> String {
 }
 
 /// [`es_number`], appended to `out`.
-fn write_es_number(f: f64, out: &mut Vec<u8>) {
+pub(crate) fn write_es_number(f: f64, out: &mut Vec<u8>) {
     use std::io::Write as _;
     if f == 0.0 {
         out.push(b'0');
@@ -409,8 +411,8 @@ fn write_es_number(f: f64, out: &mut Vec<u8>) {
     }
     // The shortest digits that round-trip, ties to even as ECMAScript prints them (see
     // `shortest_digits`: Rust's `{:e}` rounds ties up).
-    let (digits, exp) = shortest_digits(f.abs());
-    let digits = digits.as_bytes();
+    let (digits, len, exp) = shortest_digits(f.abs());
+    let digits = &digits[..len];
     let k = digits.len() as i32;
     let n = exp + 1;
     if f < 0.0 {

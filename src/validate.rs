@@ -6,7 +6,7 @@
 
 use crate::acl::Identity;
 use crate::config::{Config, RateLimit};
-use crate::envelope::{self, Envelope, Reason, Rejection};
+use crate::envelope::{self, Envelope, Reason, Rejection, Scratch};
 use crate::host::printable;
 use crate::registry::Registry;
 use crate::replay::{self, IdDigest, ReplayCache, ReplayCheck};
@@ -86,8 +86,8 @@ pub struct Validator {
     max_payload: usize,
     replay_cap: usize,
     rate: Option<RateLimiter>,
-    /// Reused for the canonical form of every message (no allocation per message).
-    canon: Vec<u8>,
+    /// The envelope reader's working memory, reused for every message.
+    scratch: Scratch,
 }
 
 impl Validator {
@@ -108,7 +108,7 @@ impl Validator {
             max_payload: cfg.max_payload_bytes,
             replay_cap: cfg.replay_cache_size,
             rate: cfg.rate_limit.map(|limit| RateLimiter { limit, buckets: HashMap::new() }),
-            canon: Vec::with_capacity(1024),
+            scratch: Scratch::default(),
         }
     }
 
@@ -120,7 +120,7 @@ impl Validator {
         payload: &[u8],
         now: i64,
     ) -> Result<Accepted, Rejected> {
-        let env = Envelope::parse(payload, self.max_payload)
+        let env = Envelope::parse_with(payload, self.max_payload, &mut self.scratch)
             .map_err(|rejection| Rejected { rejection, message_id: None })?;
         let reject = |reason: Reason, detail: String| Rejected {
             rejection: Rejection::new(reason, detail),
@@ -201,9 +201,8 @@ impl Validator {
                 ))
             }
         }
-        self.canon.clear();
-        env.write_canonical(&mut self.canon);
-        if !keys.secrets_at(now).any(|s| envelope::verify(s, &self.canon, &env.signature)) {
+        let signed = env.signed_bytes();
+        if !keys.secrets_at(now).any(|s| envelope::verify(s, signed, &env.signature)) {
             return Err(reject(Reason::Signature, "HMAC mismatch".into()));
         }
         let expires_at = env.timestamp.saturating_add(tol);
