@@ -863,9 +863,10 @@ mod tests {
         Cluster::start(&cfg, Duration::from_secs(600), Arc::new(|| {})).unwrap()
     }
 
-    /// Polls `f` until it gives Some, for at most 5 s.
+    /// Polls `f` until it gives Some, for at most 20 s (milliseconds when the machine is idle;
+    /// the bound is for a loaded one).
     fn within<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-        let end = std::time::Instant::now() + Duration::from_secs(5);
+        let end = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(v) = f() {
                 return v;
