@@ -108,10 +108,10 @@ pub struct Incoming {
 
 #[derive(Default)]
 struct Outgoing {
-    /// Pre-formatted id lines (formatting is cheap and keeps the lock short for the broker).
+    /// (device, digest, expires_at, accepted at µs): formatted by the publisher, off the
+    /// broker thread.
     ids: Vec<(Box<str>, IdDigest, i64, i64)>,
     sessions: Vec<(Box<str>, i64)>,
-    dropped: u64,
 }
 
 /// Counters kept by the cluster threads and the claimers (atomics: no lock on the broker thread).
@@ -325,7 +325,7 @@ impl Cluster {
     pub fn announce_id(&self, device: &str, digest: IdDigest, expires_at: i64) {
         let mut out = self.shared.outgoing.lock().unwrap_or_else(|p| p.into_inner());
         if out.ids.len() >= MAX_OUTGOING {
-            out.dropped += 1;
+            self.shared.stats.ids_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
         out.ids.push((device.into(), digest, expires_at, unix_now_us()));
@@ -425,6 +425,15 @@ fn pause(s: &Shared, d: Duration) -> bool {
     }
 }
 
+/// After a failure of `role`: records the outage, waits `backoff` and doubles it (capped).
+/// False if stopping.
+fn back_off(s: &Shared, role: Role, e: &redis::RedisError, backoff: &mut Duration) -> bool {
+    s.down(role, e);
+    let go_on = pause(s, *backoff);
+    *backoff = (*backoff * 2).min(RECONNECT_MAX);
+    go_on
+}
+
 fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
     let c = client.get_connection_with_timeout(COMMAND_TIMEOUT)?;
     c.set_read_timeout(Some(COMMAND_TIMEOUT))?;
@@ -460,10 +469,6 @@ fn publisher(s: &Shared, client: &redis::Client) {
             let mut out = s.outgoing.lock().unwrap_or_else(|p| p.into_inner());
             ids.append(&mut out.ids);
             sessions.append(&mut out.sessions);
-            let dropped = std::mem::take(&mut out.dropped);
-            if dropped > 0 {
-                s.stats.ids_dropped.fetch_add(dropped, Ordering::Relaxed);
-            }
         }
         if ids.len() > MAX_OUTGOING {
             let extra = ids.len() - MAX_OUTGOING;
@@ -474,11 +479,9 @@ fn publisher(s: &Shared, client: &redis::Client) {
             match connect(client) {
                 Ok(c) => conn = Some(c),
                 Err(e) => {
-                    s.down(Role::Publisher, &e);
-                    if !pause(s, backoff) {
+                    if !back_off(s, Role::Publisher, &e, &mut backoff) {
                         return;
                     }
-                    backoff = (backoff * 2).min(RECONNECT_MAX);
                     continue;
                 }
             }
@@ -490,12 +493,10 @@ fn publisher(s: &Shared, client: &redis::Client) {
                 backoff = RECONNECT_MIN;
             }
             Err(e) => {
-                s.down(Role::Publisher, &e);
                 conn = None;
-                if !pause(s, backoff) {
+                if !back_off(s, Role::Publisher, &e, &mut backoff) {
                     return;
                 }
-                backoff = (backoff * 2).min(RECONNECT_MAX);
             }
         }
     }
@@ -537,11 +538,9 @@ fn subscriber(s: &Shared, client: &redis::Client) {
         let mut conn = match connect(client) {
             Ok(c) => c,
             Err(e) => {
-                s.down(Role::Subscriber, &e);
-                if !pause(s, backoff) {
+                if !back_off(s, Role::Subscriber, &e, &mut backoff) {
                     return;
                 }
-                backoff = (backoff * 2).min(RECONNECT_MAX);
                 continue;
             }
         };
@@ -550,11 +549,9 @@ fn subscriber(s: &Shared, client: &redis::Client) {
             .subscribe(&[IDS_CHANNEL, SESSIONS_CHANNEL])
             .and_then(|()| ps.set_read_timeout(Some(SUBSCRIBER_POLL)));
         if let Err(e) = ready {
-            s.down(Role::Subscriber, &e);
-            if !pause(s, backoff) {
+            if !back_off(s, Role::Subscriber, &e, &mut backoff) {
                 return;
             }
-            backoff = (backoff * 2).min(RECONNECT_MAX);
             continue;
         }
         s.up(Role::Subscriber);

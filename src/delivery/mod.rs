@@ -220,30 +220,30 @@ impl Delivery {
                 self.bodies_truncated += 1;
             }
             if let Some(e) = &d.claimed_elsewhere {
-                if e.same_content {
+                // A byte-identical copy is what a device retransmits after reconnecting through
+                // another node: no alarm. Other content under the same id is one.
+                let (level, what) = if e.same_content {
                     self.claimed_same += 1;
-                    // No alarm: what a device retransmits after reconnecting through another node.
-                    logs.push(LogLine {
-                        level: Level::Notice,
-                        text: format!(
-                            "not forwarded: device={} message_id={} was already accepted by node {} with the same content (a replay or a retransmission through another node)",
-                            printable(&d.message.device_id),
-                            printable(&d.message.message_id),
-                            printable(&e.node)
-                        ),
-                    });
+                    (
+                        Level::Notice,
+                        "the same content (a replay or a retransmission through another node)",
+                    )
                 } else {
                     self.claimed_different += 1;
-                    logs.push(LogLine {
-                        level: Level::Warning,
-                        text: format!(
-                            "not forwarded: device={} message_id={} was accepted by node {} with DIFFERENT content (a replay with altered data, or a device reusing ids)",
-                            printable(&d.message.device_id),
-                            printable(&d.message.message_id),
-                            printable(&e.node)
-                        ),
-                    });
-                }
+                    (
+                        Level::Warning,
+                        "DIFFERENT content (a replay with altered data, or a device reusing ids)",
+                    )
+                };
+                logs.push(LogLine {
+                    level,
+                    text: format!(
+                        "not forwarded: device={} message_id={} was already accepted by node {} with {what}",
+                        printable(&d.message.device_id),
+                        printable(&d.message.message_id),
+                        printable(&e.node)
+                    ),
+                });
             } else if d.delivered {
                 self.delivered += 1;
             } else {
