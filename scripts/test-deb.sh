@@ -107,7 +107,10 @@ start_broker() {
 	log=$WORK/broker-$2.log
 	mkdir -p "$ROOT/run/mosquitto"
 	in_root chown mosquitto: /run/mosquitto 2>/dev/null || true
-	in_root mosquitto -c /etc/mosquitto/mosquitto.conf > "$log" 2>&1 &
+	# Not through the in_root function: backgrounded, a function runs in a subshell, $! would be
+	# that subshell, and killing it left the broker running. chroot and env exec, so $! is the
+	# broker itself.
+	"${IN[@]}" mosquitto -c /etc/mosquitto/mosquitto.conf > "$log" 2>&1 &
 	pid=$!
 	for _ in $(seq 1 200); do
 		kill -0 "$pid" 2>/dev/null || { pid=; fail "mosquitto exited at start-up"; }

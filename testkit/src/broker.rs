@@ -263,10 +263,7 @@ impl Broker {
 
     /// kill -9 and reap.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        crate::kill_and_reap(&mut self.child);
     }
 
     pub fn alive(&mut self) -> bool {

@@ -38,6 +38,14 @@ pub use sink::{sink_url, Req, Sink};
 
 use secure_iot_gateway::json::Json;
 
+/// Kills a server this kit started (SIGKILL) and reaps it; nothing if it is not running.
+fn kill_and_reap(child: &mut Option<std::process::Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 /// The devices every [`Env`] registers, with their secrets.
 pub const SECRETS: [(&str, &str); 3] = [
     ("sensor_001", "supersecretkey123"),

@@ -187,13 +187,20 @@ impl Postgres {
 
     /// Fast shutdown (SIGINT: clients are disconnected at once), waited for: an outage.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal(&c, "INT");
-            if !wait_exit(&mut c, Duration::from_secs(10)) {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+        self.shut_down(Duration::from_secs(10));
+    }
+
+    /// SIGINT, not SIGTERM: to PostgreSQL SIGTERM is a "smart" shutdown that waits for every
+    /// client, e.g. a broker of the same test still connected (seen: 10+ s). SIGKILL after
+    /// `within`.
+    fn shut_down(&mut self, within: Duration) {
+        if let Some(c) = &self.child {
+            signal(c, "INT");
         }
+        if self.child.as_mut().is_some_and(|c| wait_exit(c, within)) {
+            self.child = None;
+        }
+        crate::kill_and_reap(&mut self.child);
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -222,15 +229,7 @@ fn wait_exit(c: &mut Child, within: Duration) -> bool {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SIGINT, not SIGTERM: to PostgreSQL SIGTERM is a "smart" shutdown that waits for
-            // every client, e.g. a broker of the same test still connected (seen: 10+ s).
-            signal(&c, "INT");
-            if !wait_exit(&mut c, Duration::from_secs(5)) {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
+        self.shut_down(Duration::from_secs(5));
         // The TempDir removes itself (root may remove nobody's files).
     }
 }

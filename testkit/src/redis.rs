@@ -173,10 +173,7 @@ impl Redis {
     /// Kills the server (SIGKILL: an outage, not a shutdown) and waits until the port refuses
     /// connections.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        crate::kill_and_reap(&mut self.child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", self.port.get())).is_ok() {
             assert!(Instant::now() < deadline, "port {} still open after kill", self.port.get());
@@ -232,10 +229,7 @@ impl Redis {
 
 impl Drop for Redis {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        crate::kill_and_reap(&mut self.child);
     }
 }
 
