@@ -39,6 +39,10 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (  # noqa: E402
+    access_lines, free_port, proc_cpu, run, split_conf, stat_cpu, write_nginx_conf)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 DEVICES = int(os.environ.get("DEVICES", "6"))
@@ -46,25 +50,12 @@ M = int(os.environ.get("MESSAGES", "10000"))
 NODE_COUNTS = [int(x) for x in os.environ.get("NODES", "1,2,3").split(",")]
 TIMEOUT = float(os.environ.get("BENCH_TIMEOUT", "120"))
 REL = os.path.join(ROOT, "target", "release")
-TCK = os.sysconf("SC_CLK_TCK")
 TOTAL = DEVICES * M
 DEVS = [f"bench_c{i:02d}" for i in range(DEVICES)]
 SECRETS = {d: f"bench-cluster-secret-{i:02d}-0123456789" for i, d in enumerate(DEVS)}
 REPL_METRIC = "iotgw_cluster_replication_delay_seconds"
 
 procs = []  # (Popen, stop signal), stopped in reverse order at exit
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def run(*args, **kw):
-    return subprocess.run(args, check=True, **kw)
 
 
 def start(args, log, sig=signal.SIGTERM, stdin=None):
@@ -141,14 +132,6 @@ def metrics(port):
     return out
 
 
-def proc_cpu(pid, tid=None):
-    """utime+stime seconds of the process (every thread) or of one thread."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    with open(path) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TCK
-
-
 def thread_groups(pid):
     """CPU seconds per thread group of a broker: the broker thread, the forwarding workers
     (claims + HTTP), the cluster publisher and subscriber, and the rest (clock, exporter, ...)."""
@@ -160,8 +143,7 @@ def thread_groups(pid):
         except OSError:
             continue
         comm = raw[raw.index("(") + 1:raw.rindex(")")]
-        fields = raw.rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / TCK
+        cpu = stat_cpu(raw)
         if int(tid) == pid:
             g = "broker"
         elif comm.startswith("iotgw-fwd"):
@@ -221,14 +203,6 @@ class Redis:
             if l.startswith(field + ":"):
                 return l.split(":", 1)[1]
         return None
-
-
-def access_lines(path):
-    try:
-        with open(path) as f:
-            return f.read().splitlines()
-    except FileNotFoundError:
-        return []
 
 
 def quantile_bound(buckets, q):
@@ -329,30 +303,14 @@ def bench(d, pgbin):
         run(iotgw, "device", "add", dev, "--dir", gw, "--registry-url", pg_url, "--secret", SECRETS[dev],
             stdout=subprocess.DEVNULL)
 
-    base = open(f"{gw}/mosquitto.conf").read().splitlines()
-    tls_keys = ("cafile", "certfile", "keyfile", "require_certificate", "use_identity_as_username")
-    tls = [l for l in base if l.startswith(tls_keys)]
-    common = [l for l in base if not l.startswith(("plugin", "listener", "acl_file", "log_type") + tls_keys)]
+    tls, common = split_conf(gw)
     common += ["log_type error", "log_type warning", "log_type notice", "user root"]
     with open(f"{gw}/acl.plain", "w") as f:
         f.write(open(f"{gw}/acl").read() + "".join(f"\nuser {x}\ntopic write device/{x}/data\n" for x in DEVS))
 
     # nginx: 200 to every POST; logs the request's end time, URI and X-Message-Id.
     ng_port = free_port()
-    access = os.path.join(d, "access.log")
-    ngconf = os.path.join(d, "nginx.conf")
-    with open(ngconf, "w") as f:
-        f.write(f"""daemon off; master_process off; worker_processes 1;
-pid {d}/nginx.pid; error_log {d}/nginx-error.log;
-events {{ worker_connections 512; }}
-http {{
-  client_body_temp_path {d}/ngx-body; proxy_temp_path {d}/ngx-proxy;
-  fastcgi_temp_path {d}/ngx-fcgi; uwsgi_temp_path {d}/ngx-uwsgi; scgi_temp_path {d}/ngx-scgi;
-  log_format t '$msec $uri $http_x_message_id'; access_log {access} t buffer=64k flush=100ms;
-  keepalive_requests 100000000; keepalive_timeout 60s;
-  server {{ listen 127.0.0.1:{ng_port}; location / {{ return 200 '{{"ok":true}}'; }} }}
-}}
-""")
+    ngconf, access = write_nginx_conf(d, ng_port, "$msec $uri $http_x_message_id", 512)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     ng = start([nginx, "-c", ngconf, "-p", d], os.path.join(d, "nginx.out"))
     wait_until("nginx listening", lambda: port_open(ng_port), 10, os.path.join(d, "nginx-error.log"), ng)

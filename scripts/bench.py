@@ -24,6 +24,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import access_lines, free_port, proc_cpu, run, split_conf, write_nginx_conf  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
 N = int(os.environ.get("MESSAGES", "60000"))
@@ -31,21 +34,8 @@ TIMEOUT = float(os.environ.get("BENCH_TIMEOUT", "120"))
 REL = os.path.join(ROOT, "target", "release")
 DEVICE = "bench_000"
 SECRET = "bench-secret-0123456789abcdef"
-TCK = os.sysconf("SC_CLK_TCK")
 
 procs = []
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def run(*args, **kw):
-    return subprocess.run(args, check=True, **kw)
 
 
 def wait_port(port, proc, log):
@@ -79,17 +69,7 @@ def stop(p):
 
 def thread_cpu(pid):
     """Broker thread (the main thread) CPU seconds."""
-    with open(f"/proc/{pid}/task/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TCK
-
-
-def access_lines(path):
-    try:
-        with open(path) as f:
-            return f.read().splitlines()
-    except FileNotFoundError:
-        return []
+    return proc_cpu(pid, pid)
 
 
 def main():
@@ -127,10 +107,7 @@ def bench(d, nginx, env):
         "-keyout", sub_key, "-out", sub_pem + ".csr", stderr=subprocess.DEVNULL)
     run("openssl", "x509", "-req", "-in", sub_pem + ".csr", "-CA", f"{gw}/ca.pem", "-CAkey",
         f"{gw}/ca.key", "-CAcreateserial", "-days", "2", "-out", sub_pem, stderr=subprocess.DEVNULL)
-    base = open(f"{gw}/mosquitto.conf").read().splitlines()
-    tls_keys = ("cafile", "certfile", "keyfile", "require_certificate", "use_identity_as_username")
-    tls = [l for l in base if l.startswith(tls_keys)]
-    common = [l for l in base if not l.startswith(("plugin", "listener", "acl_file", "log_type") + tls_keys)]
+    tls, common = split_conf(gw)
     # Same user for all three (the plugin writes its outbox under the temp dir).
     common += ["log_type error", "log_type warning", "log_type notice", "user root"]
     # The plain broker's acl_file gives the device what the plugin would: write its data topic.
@@ -163,21 +140,7 @@ def bench(d, nginx, env):
         wait_port(ports[name], p, log)
         brokers[name] = p
 
-    # nginx from Debian: a loopback-only, non-daemon child with its own config; 200 to every POST.
-    access = os.path.join(d, "access.log")
-    ngconf = os.path.join(d, "nginx.conf")
-    with open(ngconf, "w") as f:
-        f.write(f"""daemon off; master_process off; worker_processes 1;
-pid {d}/nginx.pid; error_log {d}/nginx-error.log;
-events {{ worker_connections 256; }}
-http {{
-  client_body_temp_path {d}/ngx-body; proxy_temp_path {d}/ngx-proxy;
-  fastcgi_temp_path {d}/ngx-fcgi; uwsgi_temp_path {d}/ngx-uwsgi; scgi_temp_path {d}/ngx-scgi;
-  log_format t '$msec'; access_log {access} t buffer=64k flush=100ms;
-  keepalive_requests 100000000; keepalive_timeout 60s;
-  server {{ listen 127.0.0.1:{ports['nginx']}; location / {{ return 200 '{{"ok":true}}'; }} }}
-}}
-""")
+    ngconf, access = write_nginx_conf(d, ports["nginx"], "$msec", 256)
     ng = None
 
     def nginx_start():
