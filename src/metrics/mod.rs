@@ -538,6 +538,11 @@ fn render_cluster(o: &mut String, c: &ClusterView) {
             c.sessions_published,
         ),
         (
+            "iotgw_cluster_sessions_received_total",
+            "Session starts other nodes announced, received.",
+            c.sessions_received,
+        ),
+        (
             "iotgw_cluster_sessions_closed_total",
             "Sessions closed here because the device started a newer one on another node.",
             c.sessions_closed,
