@@ -392,7 +392,7 @@ impl Gateway {
     /// One line describing the running instance, for the start-up log.
     pub fn describe(&self) -> String {
         format!(
-            "{} devices in registry {}, data topic {}, tolerance {} s, replay cap {} per device (about {:.1} msg/s per device), {} ids remembered, outbox {} ({} pending), backend {}",
+            "{} devices in registry {}, data topic {}, tolerance {} s, replay cap {} per device (about {:.1} msg/s per device), {} ids remembered, outbox {} ({} pending, {}), backend {}",
             self.validator.devices(),
             self.cfg.registry,
             self.cfg.data_topic,
@@ -402,6 +402,7 @@ impl Gateway {
             self.validator.replay_ids(),
             self.cfg.spool_path.display(),
             self.delivery.pending(),
+            self.delivery.write_mode(),
             match &self.cfg.backend {
                 Some(b) => format!("{} with {} workers", b.url_template, b.workers),
                 None => "none (validation only)".into(),

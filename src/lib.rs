@@ -8,7 +8,9 @@
 //!   ones to delivery, the backend's answers back to devices as signed responses; the counters.
 //! - [`validate`]: the spec's checks (envelope, identity, registry, timestamp, replay, HMAC) →
 //!   `Accepted` or a rejection with its reason.
-//! - [`delivery`]: everything after acceptance: the durable outbox ([`delivery::outbox`]), the
+//! - [`delivery`]: everything after acceptance: the durable outbox ([`delivery::outbox`]; its
+//!   current segment is written through a file mapping, `delivery::mapped`, the one unsafe
+//!   module besides `plugin`: a record costs no system call), the
 //!   lane of a device, spilling and refilling, the HTTP workers ([`delivery::workers`]),
 //!   settlement of their answers and the delivery counts.
 //! - [`cluster`]: cluster mode: accepted ids and session starts shared with the other nodes

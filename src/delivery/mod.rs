@@ -7,6 +7,8 @@
 //! a backlog, a spill to disk), and [`Delivery::poll`] when woken (answers settled in the
 //! outbox, freed lanes refilled). Workers (`workers`) only POST what they are given.
 
+#[allow(unsafe_code)]
+mod mapped;
 pub mod outbox;
 pub mod workers;
 
@@ -316,6 +318,11 @@ impl Delivery {
     }
 
     /// Messages waiting for delivery.
+    /// How the outbox writes its records (for the start-up line).
+    pub fn write_mode(&self) -> &'static str {
+        self.outbox.write_mode()
+    }
+
     pub fn pending(&self) -> usize {
         self.outbox.pending_count().unwrap_or(0) as usize
     }

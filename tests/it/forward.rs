@@ -261,7 +261,7 @@ fn sigterm_with_a_full_outbox_exits_cleanly_and_delivers_after_restart() {
     assert_eq!(pending, 20);
     let sink = Sink::start_on(sink_port.get());
     let broker = Broker::start_on(&env, &bport, &backend_opts(sink_port.get()));
-    assert!(broker.log().contains("(20 pending)"), "{}", broker.log());
+    assert!(broker.log().contains("(20 pending, "), "{}", broker.log());
     let got = sink.wait_for(20, Duration::from_secs(30));
     assert_eq!(got.len(), 20, "{}", broker.log());
 }

@@ -159,8 +159,11 @@ fn outbox_flipped_byte_in_record_20_keeps_records_21_to_39_and_their_replay_ids(
 fn outbox_torn_tail_keeps_every_record_before_it() {
     let run = forty(20);
     let last = &run.spans[N - 1];
-    let len = std::fs::metadata(&last.file).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&last.file).unwrap().set_len(len - 7).unwrap();
+    // kill -9 left the mapped segment's reserved zero tail after the last record (cutting into
+    // that would tear nothing), so the cut is counted from the record's end.
+    let end = last.offset + last.len;
+    assert!(std::fs::metadata(&last.file).unwrap().len() > end, "a zero tail after kill -9");
+    std::fs::OpenOptions::new().write(true).open(&last.file).unwrap().set_len(end - 7).unwrap();
     let w = only_warning(&run);
     assert_eq!((w.kind, w.offset), (DamageKind::TornTail, last.offset));
     let (broker, _sink) = run.restart_and_expect(&all_but(&[N - 1]));
