@@ -119,6 +119,11 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// Hands this envelope's memory to `scratch` for the next [`Envelope::parse_with`].
+    pub fn recycle(self, scratch: &mut Scratch) {
+        scratch.recycle(self.buf);
+    }
+
     /// Parses and type-checks an uplink envelope (checks 1 and 2 of the spec).
     pub fn parse(bytes: &[u8], max_bytes: usize) -> Result<Envelope, Rejection> {
         Envelope::parse_with(bytes, max_bytes, &mut Scratch::default())
@@ -338,11 +343,11 @@ pub fn hmac(secret: &[u8], data: &[u8]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
-/// Constant-time check of `signature` over `data`.
+/// Constant-time check of `signature` over `data`. OpenSSL's `CRYPTO_memcmp` is as constant-time
+/// as `verify_slice` (subtle) and about ten times cheaper: subtle puts an optimisation barrier
+/// around every byte (0.6 % of the broker thread in a `perf` profile of `make bench`).
 pub fn verify(secret: &[u8], data: &[u8], signature: &[u8; 32]) -> bool {
-    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(data);
-    mac.verify_slice(signature).is_ok()
+    openssl::memcmp::eq(&hmac(secret, data), signature)
 }
 
 /// Signs `members` (without a signature) and returns the envelope text with `signature` added,
@@ -375,18 +380,33 @@ fn decode_hex32(s: &str) -> Option<[u8; 32]> {
     if b.len() != 64 {
         return None;
     }
-    let nib = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    };
     let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = nib(b[2 * i])? << 4 | nib(b[2 * i + 1])?;
+    // Branch-free per digit; one check for the whole string at the end.
+    let mut bad = 0u8;
+    for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
+        let (hi, lo) = (HEX_DIGIT[pair[0] as usize], HEX_DIGIT[pair[1] as usize]);
+        bad |= hi | lo;
+        *o = hi << 4 | lo;
     }
-    Some(out)
+    (bad & 0xf0 == 0).then_some(out)
 }
+
+/// The value of each hex digit (either case); 0xff for every other byte.
+const HEX_DIGIT: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
 
 /// A random UUID v4 string (fresh downlink message ids).
 pub fn uuid_v4() -> String {
@@ -474,6 +494,26 @@ mod tests {
         let a = decode_hex32(&"Ab".repeat(32)).unwrap();
         let b = decode_hex32(&"aB".repeat(32)).unwrap();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn every_ascii_character_in_every_position_of_a_signature_decodes_as_hex_or_not_at_all() {
+        for at in 0..64 {
+            for c in 0u8..128 {
+                let mut s = vec![b'0'; 64];
+                s[at] = c;
+                let got = decode_hex32(std::str::from_utf8(&s).unwrap());
+                let want = c.is_ascii_hexdigit().then(|| {
+                    let mut w = [0u8; 32];
+                    w[at / 2] = u8::from_str_radix(&(c as char).to_string(), 16).unwrap()
+                        << if at % 2 == 0 { 4 } else { 0 };
+                    w
+                });
+                assert_eq!(got, want, "{:?} at {at}", c as char);
+            }
+        }
+        assert_eq!(decode_hex32(&"0".repeat(63)), None);
+        assert_eq!(decode_hex32(&format!("{}é", "0".repeat(62))), None, "64 bytes, not hex");
     }
 
     #[test]

@@ -658,6 +658,7 @@ impl Gateway {
         if let Some(c) = &self.cluster {
             c.announce_id(a.device(), a.digest(), a.expires_at);
         }
+        self.validator.recycle(a);
         Ok(())
     }
 
