@@ -25,7 +25,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import access_lines, free_port, proc_cpu, run, split_conf, write_nginx_conf  # noqa: E402
+from benchlib import (access_lines, free_port, proc_cpu, run, split_conf,  # noqa: E402
+                      thread_cpus, write_nginx_conf)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
@@ -177,6 +178,9 @@ def bench(d, nginx, env):
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(rec)
             time.sleep(0.3)
+        ng_pid = ng.pid if ng is not None and ng.poll() is None else None
+        threads0 = thread_cpus(pid)
+        ng0 = proc_cpu(ng_pid) if ng_pid else 0.0
         c0, t0 = thread_cpu(pid), time.time()
         with open(path) as inp:
             subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, *dev, "-t",
@@ -197,6 +201,13 @@ def bench(d, nginx, env):
                 end = max(t1, last)
                 be_rate = N / (last - t0)
         c1 = thread_cpu(pid)
+        if name != "plain":
+            # Where the rest of the CPU went: the plugin's threads (by name) and nginx.
+            threads1 = thread_cpus(pid)
+            spent = {k: (v - threads0.get(k, 0.0)) * 1e6 / N for k, v in threads1.items()}
+            spent["nginx"] = ((proc_cpu(ng_pid) - ng0) * 1e6 / N) if ng_pid else 0.0
+            print(f"  {name} QoS {qos} CPU µs/msg by thread: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in sorted(spent.items()) if v >= 0.05), flush=True)
         if rec is not None:
             rec.send_signal(signal.SIGINT)
             rec.wait(30)

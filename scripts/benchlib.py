@@ -33,6 +33,19 @@ def proc_cpu(pid, tid=None):
         return stat_cpu(f.read())
 
 
+def thread_cpus(pid):
+    """CPU seconds of each thread of a process, summed by thread name (comm)."""
+    out = {}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/comm") as f:
+                comm = f.read().strip()
+            out[comm] = out.get(comm, 0.0) + proc_cpu(pid, int(t))
+        except OSError:
+            pass  # the thread ended between listing and reading
+    return out
+
+
 def access_lines(path):
     try:
         with open(path) as f:

@@ -21,6 +21,13 @@
 //!
 //! `SA_RESTART` keeps every other interrupted syscall of the broker transparent. One real-time
 //! signal, never used by Mosquitto, is installed while any instance is loaded.
+//!
+//! Under a stream of results (forwarding at thousands of messages a second) nearly every result
+//! is a new request, since the busy broker ticks between them. Signals are therefore sent at most
+//! once per [`KICK_EVERY`], whoever asks, and a worker wakes the kicker only when it is not already
+//! polling: a signal per result plus one from the kicker cost the broker thread a signal
+//! delivery each and the kicker ~10 µs per message (`make bench`, BENCHMARKS.md). A request made
+//! after a quiet spell is still signalled at once.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -31,6 +38,9 @@ use std::time::{Duration, Instant};
 pub const PERIOD: Duration = Duration::from_millis(100);
 /// Re-send interval while a requested tick has not started yet.
 pub const KICK_EVERY: Duration = Duration::from_micros(200);
+/// The kicker keeps polling this long after the last request, so that a stream of requests (one
+/// per tick while forwarding) does not wake it through the condition variable each time.
+const LINGER: Duration = Duration::from_millis(10);
 /// Kicking at full rate stops after this long without a tick (e.g. 2.0.11 never ticks with
 /// `per_listener_settings true`); it then continues at [`PERIOD`].
 const KICK_GIVE_UP: Duration = Duration::from_millis(20);
@@ -57,6 +67,13 @@ struct Shared {
     stop: AtomicBool,
     lock: Mutex<()>,
     cv: Condvar,
+    /// Nanoseconds since `epoch` when the last signal was sent.
+    last_kick_ns: AtomicU64,
+    /// Nanoseconds since `epoch` of the last new request.
+    last_request_ns: AtomicU64,
+    /// The kicker is polling at the fast rate (it checks `owing` within [`KICK_EVERY`], so a
+    /// request need not wake it).
+    polling: AtomicBool,
     /// `IOTGW_NO_WAKE=1` turns the signal off (to measure its effect).
     enabled: bool,
 }
@@ -68,7 +85,20 @@ unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
 impl Shared {
+    /// Signals the broker thread unless a signal went out less than [`KICK_EVERY`] ago.
     fn kick(&self) {
+        let now = self.since_epoch().max(1);
+        let last = self.last_kick_ns.load(Ordering::Acquire);
+        if last != 0 && now.saturating_sub(last) < KICK_EVERY.as_nanos() as u64 {
+            return;
+        }
+        if self
+            .last_kick_ns
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return; // another thread is signalling right now
+        }
         if self.enabled {
             // SAFETY: `main` is the broker thread, alive until cleanup, which stops the kicker and
             // joins every worker before the Waker is dropped.
@@ -81,7 +111,8 @@ impl Shared {
     }
 
     fn owing(&self) -> bool {
-        self.ticks.load(Ordering::Acquire) < self.owed.load(Ordering::Acquire)
+        // SeqCst: pairs with `request`'s store of `owed` and load of `polling` (see `run`).
+        self.ticks.load(Ordering::SeqCst) < self.owed.load(Ordering::SeqCst)
     }
 
     fn run(&self) {
@@ -89,12 +120,24 @@ impl Shared {
         while !self.stop.load(Ordering::Acquire) {
             if self.owing() {
                 // Kick until the tick starts; give up the fast rate if the broker never ticks.
-                let since = Instant::now();
-                while self.owing() && !self.stop.load(Ordering::Acquire) {
-                    self.kick();
+                let mut since = Instant::now();
+                self.polling.store(true, Ordering::SeqCst);
+                let lingering = || {
+                    let last = self.last_request_ns.load(Ordering::Acquire);
+                    self.since_epoch().saturating_sub(last) < LINGER.as_nanos() as u64
+                };
+                while (self.owing() || lingering()) && !self.stop.load(Ordering::Acquire) {
+                    if self.owing() {
+                        self.kick();
+                    } else {
+                        since = Instant::now();
+                    }
                     let wait = if since.elapsed() < KICK_GIVE_UP { KICK_EVERY } else { PERIOD };
                     g = self.cv.wait_timeout(g, wait).unwrap_or_else(|p| p.into_inner()).0;
                 }
+                // A request that saw `polling` still set was not notified: the loop above goes
+                // round again if one came in (SeqCst on both sides: one of us sees the other).
+                self.polling.store(false, Ordering::SeqCst);
                 continue;
             }
             let idle = Duration::from_nanos(
@@ -111,10 +154,14 @@ impl Shared {
 
     fn request(&self, kick_now: bool) {
         let want = self.ticks.load(Ordering::Acquire) + 1;
-        if self.owed.fetch_max(want, Ordering::AcqRel) < want {
+        if self.owed.fetch_max(want, Ordering::SeqCst) < want {
+            self.last_request_ns.store(self.since_epoch(), Ordering::Release);
             if kick_now {
                 // The first signal straight from the caller saves the kicker's wake-up time.
                 self.kick();
+            }
+            if self.polling.load(Ordering::SeqCst) {
+                return; // the kicker looks at `owing` again within KICK_EVERY
             }
             // Lock so the notification cannot slip between the kicker's check and its wait.
             drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()));
@@ -155,6 +202,9 @@ impl Waker {
             ticks: AtomicU64::new(0),
             owed: AtomicU64::new(0),
             last_tick_ns: AtomicU64::new(0),
+            last_kick_ns: AtomicU64::new(0),
+            last_request_ns: AtomicU64::new(0),
+            polling: AtomicBool::new(false),
             epoch: Instant::now(),
             stop: AtomicBool::new(false),
             lock: Mutex::new(()),
