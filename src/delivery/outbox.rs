@@ -1754,6 +1754,14 @@ mod tests {
             s.append("d", &format!("m{i}"), 100, Some(&big)).unwrap();
         }
         assert!(s.segments.len() >= 2);
+        for (first, m) in &s.segments {
+            let len = std::fs::metadata(seg_path(dir.path(), *first)).unwrap().len();
+            if *first == s.current_id {
+                assert!(len >= m.bytes, "the current segment: its records and reserved space");
+            } else {
+                assert_eq!(len, m.bytes, "a finished segment is trimmed to its records");
+            }
+        }
         assert_eq!(s.prune(1000).unwrap(), 0, "pending messages keep their segment");
         let all = s.pending_after(0, usize::MAX).unwrap();
         let answers: Vec<Done> = all.iter().map(|m| answer(m, 200, b"")).collect();
