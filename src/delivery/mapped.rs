@@ -15,6 +15,13 @@
 //! - *The file grows by a window at a time*, zero-filled beyond the last record. The outbox's
 //!   recovery reads a zero tail as space not yet written, and a clean stop trims it.
 //!
+//! What it cannot do as `write()` does: report a disk that fails to *read*. A store into the
+//! partly written page at the end of the log, after that page was written back and evicted,
+//! first reads it back; an I/O error there is a SIGBUS, which stops the broker (where `write()`
+//! would have refused the message with EIO). Nothing acknowledged is lost either way (the pages
+//! already written are on disk or in the page cache); a broker on a failing disk stops instead of
+//! refusing. Fresh reserved pages are never read (unwritten extents read as zeros).
+//!
 //! Only this module and the plugin's FFI shim contain `unsafe` code: mapping a file is unsafe
 //! because another process could truncate or rewrite it under us. The outbox directory is locked
 //! against a second broker or plugin instance and must be writable by the broker's user alone
