@@ -1147,7 +1147,8 @@ impl Store {
     /// Unmaps the current segment and cuts its reserved zero tail (a tidy file; recovery would
     /// skip the zeros anyway).
     fn trim(&mut self) {
-        if self.window.take().is_some() {
+        self.window = None;
+        if self.mapped {
             let _ = self.current.set_len(self.offset);
         }
     }
