@@ -107,8 +107,9 @@ pub use scan::Scratch;
 #[derive(Debug, Clone)]
 pub struct Envelope {
     /// The signed bytes (all members but `signature`, RFC 8785 canonical), then the decoded
-    /// message id when its canonical text differs (it has escapes).
-    buf: Vec<u8>,
+    /// message id when its canonical text differs (it has escapes). A `String`: checked as
+    /// UTF-8 once here, so the ids are slices, not re-checked at every use.
+    buf: String,
     canon_len: usize,
     device: Range<usize>,
     message_id: Range<usize>,
@@ -121,7 +122,7 @@ pub struct Envelope {
 impl Envelope {
     /// Hands this envelope's memory to `scratch` for the next [`Envelope::parse_with`].
     pub fn recycle(self, scratch: &mut Scratch) {
-        scratch.recycle(self.buf);
+        scratch.recycle(self.buf.into_bytes());
     }
 
     /// Parses and type-checks an uplink envelope (checks 1 and 2 of the spec).
@@ -148,15 +149,19 @@ impl Envelope {
             ));
         }
         match scan::scan(bytes, scratch) {
-            Some(Ok(s)) => Ok(Envelope {
-                canon_len: s.buf.len(),
-                buf: s.buf,
-                device: s.device,
-                message_id: s.message_id,
-                payload: s.payload,
-                signature: s.signature,
-                timestamp: s.timestamp,
-            }),
+            Some(Ok(s)) => match String::from_utf8(s.buf) {
+                Ok(buf) => Ok(Envelope {
+                    canon_len: buf.len(),
+                    buf,
+                    device: s.device,
+                    message_id: s.message_id,
+                    payload: s.payload,
+                    signature: s.signature,
+                    timestamp: s.timestamp,
+                }),
+                // Cannot happen (UTF-8 in, UTF-8 pieces out); the reference decides if it does.
+                Err(_) => Ok(Envelope::from_reference(Reference::parse(bytes)?)),
+            },
             Some(Err(missing)) => {
                 Err(Rejection::new(Reason::RequiredFields, format!("missing {missing}")))
             }
@@ -193,6 +198,20 @@ impl Envelope {
             message_id = buf.len()..buf.len() + mid.len();
             buf.extend_from_slice(mid.as_bytes());
         }
+        // json's writers emit UTF-8 only; were that ever broken, the envelope is empty (its
+        // identity then fails) rather than a panic.
+        let Ok(buf) = String::from_utf8(buf) else {
+            let none = 0..0;
+            return Envelope {
+                buf: String::new(),
+                canon_len: 0,
+                device: none.clone(),
+                message_id: none.clone(),
+                payload: none,
+                signature: r.signature,
+                timestamp: r.timestamp,
+            };
+        };
         Envelope {
             buf,
             canon_len,
@@ -205,8 +224,8 @@ impl Envelope {
     }
 
     fn text(&self, r: &Range<usize>) -> &str {
-        // Always UTF-8: cut from UTF-8 at string boundaries.
-        std::str::from_utf8(&self.buf[r.clone()]).unwrap_or_default()
+        // Ranges are at string boundaries; `get` keeps a wrong one from panicking.
+        self.buf.get(r.clone()).unwrap_or_default()
     }
 
     pub fn device_id(&self) -> &str {
@@ -219,12 +238,12 @@ impl Envelope {
 
     /// The signed bytes: the envelope without `signature`, RFC 8785 canonical.
     pub fn signed_bytes(&self) -> &[u8] {
-        &self.buf[..self.canon_len]
+        &self.buf.as_bytes()[..self.canon_len]
     }
 
     /// The payload's canonical text: what the backend receives.
     pub fn payload_bytes(&self) -> &[u8] {
-        &self.buf[self.payload.clone()]
+        &self.buf.as_bytes()[self.payload.clone()]
     }
 
     /// Appends the signed bytes.
@@ -290,7 +309,8 @@ impl Reference {
                         "message_id must be a string of 1-128 characters",
                     ))
                 }
-                ("signature", Json::String(s)) if s.len() == 64 && decode_hex32(s).is_some() => {}
+                ("signature", Json::String(s))
+                    if s.len() == 64 && decode_hex32(s.as_bytes()).is_some() => {}
                 ("signature", _) => {
                     return Err(Rejection::new(
                         Reason::Malformed,
@@ -306,7 +326,7 @@ impl Reference {
         let sig_pos = members.iter().position(|(k, _)| k == "signature").unwrap_or_default();
         let (_, sig) = members.remove(sig_pos);
         let signature = match sig {
-            Json::String(s) => decode_hex32(&s).unwrap_or_default(),
+            Json::String(s) => decode_hex32(s.as_bytes()).unwrap_or_default(),
             _ => [0; 32],
         };
         Ok(Reference { members, signature, timestamp: timestamp.unwrap_or_default() })
@@ -375,8 +395,7 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
-fn decode_hex32(s: &str) -> Option<[u8; 32]> {
-    let b = s.as_bytes();
+fn decode_hex32(b: &[u8]) -> Option<[u8; 32]> {
     if b.len() != 64 {
         return None;
     }
@@ -491,18 +510,18 @@ mod tests {
 
     #[test]
     fn uppercase_hex_signature_is_accepted_as_the_same_bytes() {
-        let a = decode_hex32(&"Ab".repeat(32)).unwrap();
-        let b = decode_hex32(&"aB".repeat(32)).unwrap();
+        let a = decode_hex32("Ab".repeat(32).as_bytes()).unwrap();
+        let b = decode_hex32("aB".repeat(32).as_bytes()).unwrap();
         assert_eq!(a, b);
     }
 
     #[test]
-    fn every_ascii_character_in_every_position_of_a_signature_decodes_as_hex_or_not_at_all() {
+    fn every_byte_in_every_position_of_a_signature_decodes_as_hex_or_not_at_all() {
         for at in 0..64 {
-            for c in 0u8..128 {
+            for c in 0u8..=255 {
                 let mut s = vec![b'0'; 64];
                 s[at] = c;
-                let got = decode_hex32(std::str::from_utf8(&s).unwrap());
+                let got = decode_hex32(&s);
                 let want = c.is_ascii_hexdigit().then(|| {
                     let mut w = [0u8; 32];
                     w[at / 2] = u8::from_str_radix(&(c as char).to_string(), 16).unwrap()
@@ -512,8 +531,12 @@ mod tests {
                 assert_eq!(got, want, "{:?} at {at}", c as char);
             }
         }
-        assert_eq!(decode_hex32(&"0".repeat(63)), None);
-        assert_eq!(decode_hex32(&format!("{}é", "0".repeat(62))), None, "64 bytes, not hex");
+        assert_eq!(decode_hex32("0".repeat(63).as_bytes()), None);
+        assert_eq!(
+            decode_hex32(format!("{}é", "0".repeat(62)).as_bytes()),
+            None,
+            "64 bytes, not hex"
+        );
     }
 
     #[test]
