@@ -2,8 +2,9 @@
 //! it durably to an HTTP backend.
 //!
 //! # Layout (one owner per concern; dependencies point down this list, never up)
-//! - `plugin` (private): the only unsafe code, the FFI shim Mosquitto calls. It turns broker
-//!   events into calls on the [`gateway`] and implements [`host::Host`] with the broker API.
+//! - `plugin` (private): the FFI shim Mosquitto calls, unsafe code (as is `delivery::mapped`,
+//!   and nothing else). It turns broker events into calls on the [`gateway`] and implements
+//!   [`host::Host`] with the broker API.
 //! - [`gateway`]: the broker-thread router: data-topic publishes to the validator, accepted
 //!   ones to delivery, the backend's answers back to devices as signed responses; the counters.
 //! - [`validate`]: the spec's checks (envelope, identity, registry, timestamp, replay, HMAC) →
@@ -27,8 +28,8 @@
 //! - [`config`]: `plugin_opt_*` parsing and validation.
 //! - [`host`]: the [`host::Host`] trait, log levels and small helpers every part may use.
 //! - [`pki`]: certificates for the CLI and the tests (not used by the plugin itself).
-//! - `plugin` (private, not in unit-test builds): the only unsafe code, the FFI shim Mosquitto
-//!   calls (listed first above for the direction of flow).
+//! - `plugin` (private, not in unit-test builds): the FFI shim Mosquitto calls (listed first
+//!   above for the direction of flow).
 //!
 //! Workspace members beside this crate: `iotgw/` (the command line: PKI, registry, signing,
 //! simulator, demo backend; kept out of the plugin `.so`) and `testkit/` (the one test kit:

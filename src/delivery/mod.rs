@@ -7,6 +7,7 @@
 //! a backlog, a spill to disk), and [`Delivery::poll`] when woken (answers settled in the
 //! outbox, freed lanes refilled). Workers (`workers`) only POST what they are given.
 
+// The one unsafe module outside the FFI shim: mapping a file (see its module comment).
 #[allow(unsafe_code)]
 mod mapped;
 pub mod outbox;
