@@ -318,12 +318,12 @@ impl Delivery {
         }
     }
 
-    /// Messages waiting for delivery.
     /// How the outbox writes its records (for the start-up line).
     pub fn write_mode(&self) -> &'static str {
         self.outbox.write_mode()
     }
 
+    /// Messages waiting for delivery.
     pub fn pending(&self) -> usize {
         self.outbox.pending_count().unwrap_or(0) as usize
     }

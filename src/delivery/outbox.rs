@@ -1347,8 +1347,6 @@ mod tests {
         assert_eq!(s.segments.len(), 1);
     }
 
-    /// 40 pending messages `m00`..`m39` of `payload_len` bytes each; returns the store dir's
-    /// record spans by message id.
     /// What `kill -9` leaves of a live store: its files as the page cache holds them, copied
     /// while it is still open (no unmapping, no trim, no sync).
     fn killed_copy(from: &Path, to: &Path) {
@@ -1491,6 +1489,8 @@ mod tests {
         }
     }
 
+    /// 40 pending messages `m00`..`m39` of `payload_len` bytes each; returns the store dir's
+    /// record spans by message id.
     fn forty(dir: &Path, payload_len: usize) -> Vec<RecordSpan> {
         let mut s = Store::open(dir, u64::MAX).unwrap();
         for i in 0..40 {
