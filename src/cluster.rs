@@ -29,7 +29,7 @@
 //! TLS (`rediss://`). It can never make a message be accepted: every check runs locally.
 
 use crate::config::ClusterConfig;
-use crate::envelope::valid_device_id;
+use crate::envelope::{decode_hex, hex, valid_device_id};
 use crate::host::{unix_now_us, Level, LogLine};
 use crate::metrics::histogram::{Histogram, REPLICATION_BOUNDS};
 use crate::replay::IdDigest;
@@ -265,26 +265,6 @@ fn random_u64() -> u64 {
         Ok(()) => u64::from_le_bytes(b),
         Err(_) => (unix_now_us() as u64) ^ (u64::from(std::process::id()) << 40),
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
-
-fn unhex16(s: &str) -> Option<IdDigest> {
-    if s.len() != 32 {
-        return None;
-    }
-    let mut d = [0u8; 16];
-    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
-        let txt = std::str::from_utf8(chunk).ok()?;
-        d[i] = u8::from_str_radix(txt, 16).ok()?;
-    }
-    Some(d)
 }
 
 impl Cluster {
@@ -616,7 +596,7 @@ fn receive(s: &Shared, channel: &str, payload: &[u8]) {
         let f: Vec<&str> = line.split(' ').collect();
         match (channel, f.as_slice()) {
             (IDS_CHANNEL, [d, h, exp, at]) if valid_device_id(d) => {
-                match (unhex16(h), exp.parse::<i64>(), at.parse::<i64>()) {
+                match (decode_hex::<16>(h.as_bytes()), exp.parse::<i64>(), at.parse::<i64>()) {
                     (Some(digest), Ok(expires_at), Ok(at)) => {
                         s.stats.replication_delay.observe(Duration::from_micros(
                             received_us.saturating_sub(at).max(0) as u64,
@@ -851,8 +831,10 @@ mod tests {
             claim_key("dev-1", "m"),
             format!("iotgw:claim:dev-1:{}", hex(&crate::replay::digest("m")))
         );
-        assert_eq!(unhex16(&hex(&[7u8; 16])), Some([7u8; 16]));
-        assert_eq!(unhex16("0g000000000000000000000000000000"), None);
+        assert_eq!(decode_hex::<16>(hex(&[7u8; 16]).as_bytes()), Some([7u8; 16]));
+        assert_eq!(decode_hex::<16>(b"0g000000000000000000000000000000"), None);
+        // from_str_radix, used here before, took a sign: "+7" read as 7.
+        assert_eq!(decode_hex::<16>(b"+7070707070707070707070707070707"), None);
     }
 
     fn node(redis: &testkit::Redis, id: &str) -> Cluster {

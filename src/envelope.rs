@@ -310,7 +310,7 @@ impl Reference {
                     ))
                 }
                 ("signature", Json::String(s))
-                    if s.len() == 64 && decode_hex32(s.as_bytes()).is_some() => {}
+                    if s.len() == 64 && decode_hex::<32>(s.as_bytes()).is_some() => {}
                 ("signature", _) => {
                     return Err(Rejection::new(
                         Reason::Malformed,
@@ -326,7 +326,7 @@ impl Reference {
         let sig_pos = members.iter().position(|(k, _)| k == "signature").unwrap_or_default();
         let (_, sig) = members.remove(sig_pos);
         let signature = match sig {
-            Json::String(s) => decode_hex32(s.as_bytes()).unwrap_or_default(),
+            Json::String(s) => decode_hex::<32>(s.as_bytes()).unwrap_or_default(),
             _ => [0; 32],
         };
         Ok(Reference { members, signature, timestamp: timestamp.unwrap_or_default() })
@@ -395,11 +395,12 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
-fn decode_hex32(b: &[u8]) -> Option<[u8; 32]> {
-    if b.len() != 64 {
+/// Hex (either case) of exactly `N` bytes; None for any other length or any other byte.
+pub fn decode_hex<const N: usize>(b: &[u8]) -> Option<[u8; N]> {
+    if b.len() != 2 * N {
         return None;
     }
-    let mut out = [0u8; 32];
+    let mut out = [0u8; N];
     // Branch-free per digit; one check for the whole string at the end.
     let mut bad = 0u8;
     for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
@@ -510,8 +511,8 @@ mod tests {
 
     #[test]
     fn uppercase_hex_signature_is_accepted_as_the_same_bytes() {
-        let a = decode_hex32("Ab".repeat(32).as_bytes()).unwrap();
-        let b = decode_hex32("aB".repeat(32).as_bytes()).unwrap();
+        let a = decode_hex::<32>("Ab".repeat(32).as_bytes()).unwrap();
+        let b = decode_hex::<32>("aB".repeat(32).as_bytes()).unwrap();
         assert_eq!(a, b);
     }
 
@@ -521,7 +522,7 @@ mod tests {
             for c in 0u8..=255 {
                 let mut s = vec![b'0'; 64];
                 s[at] = c;
-                let got = decode_hex32(&s);
+                let got = decode_hex::<32>(&s);
                 let want = c.is_ascii_hexdigit().then(|| {
                     let mut w = [0u8; 32];
                     w[at / 2] = u8::from_str_radix(&(c as char).to_string(), 16).unwrap()
@@ -531,9 +532,9 @@ mod tests {
                 assert_eq!(got, want, "{:?} at {at}", c as char);
             }
         }
-        assert_eq!(decode_hex32("0".repeat(63).as_bytes()), None);
+        assert_eq!(decode_hex::<32>("0".repeat(63).as_bytes()), None);
         assert_eq!(
-            decode_hex32(format!("{}é", "0".repeat(62)).as_bytes()),
+            decode_hex::<32>(format!("{}é", "0".repeat(62)).as_bytes()),
             None,
             "64 bytes, not hex"
         );

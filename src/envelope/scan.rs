@@ -137,7 +137,7 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static st
                 mid.is_some()
             }
             (b"signature", Kind::Str) => {
-                signature = crate::envelope::decode_hex32(&top[v.start + 1..v.end - 1]);
+                signature = crate::envelope::decode_hex::<32>(&top[v.start + 1..v.end - 1]);
                 signature.is_some()
             }
             (b"device_id" | b"timestamp" | b"message_id" | b"signature", _) => false,
