@@ -199,21 +199,18 @@ impl Broker {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("broker exited during start-up ({status}); log:\n{}", self.log());
-            }
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "broker not ready within 10 s; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        crate::Starting {
+            what: "broker",
+            within: Duration::from_secs(10),
+            every: Duration::from_millis(20),
+            child: |b: &mut Broker| &mut b.child,
+            ready: |b| {
+                let port = ("127.0.0.1", b.port);
+                std::net::TcpStream::connect(port).map(drop).map_err(|e| e.to_string())
+            },
+            log: Broker::log,
         }
+        .wait(self);
     }
 
     pub fn log(&self) -> String {

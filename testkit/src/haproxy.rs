@@ -111,25 +111,18 @@ impl Haproxy {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("haproxy exited during start-up ({status}); log:\n{}", self.log());
-            }
+        crate::Starting {
+            what: "haproxy",
+            within: Duration::from_secs(10),
+            every: Duration::from_millis(20),
+            child: |h: &mut Haproxy| &mut h.child,
             // HAProxy binds every listener before it serves the admin socket, so an answer
             // there means clients can come. (A probe connection to the frontend would be
             // forwarded to a broker and take a turn of the round robin.)
-            if self.try_admin("show info").is_ok() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "haproxy not ready within 10 s; log:\n{}\nconfig:\n{}",
-                self.log(),
-                self.config()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            ready: |h| h.try_admin("show info").map(drop).map_err(|e| e.to_string()),
+            log: |h| format!("{}\nconfig:\n{}", h.log(), h.config()),
         }
+        .wait(self);
     }
 
     /// The frontend's port, where devices connect.

@@ -46,6 +46,49 @@ fn kill_and_reap(child: &mut Option<std::process::Child>) {
     }
 }
 
+/// How a server this kit starts is watched while it starts: its process, whether it answers
+/// yet (`Err`: what it said instead), and what to show when it does not.
+struct Starting<S> {
+    what: &'static str,
+    within: std::time::Duration,
+    every: std::time::Duration,
+    child: fn(&mut S) -> &mut Option<std::process::Child>,
+    ready: fn(&S) -> Result<(), String>,
+    log: fn(&S) -> String,
+}
+
+impl<S> Starting<S> {
+    /// Polls until the server is ready. Panics, with its log, if its process exits first (the
+    /// child is then taken: nothing is left to kill) or if it is not ready in time.
+    fn wait(&self, server: &mut S) {
+        let deadline = std::time::Instant::now() + self.within;
+        loop {
+            let child = (self.child)(server);
+            let exited = child.as_mut().and_then(|c| c.try_wait().unwrap());
+            if let Some(status) = exited {
+                *child = None;
+                panic!(
+                    "{} exited during start-up ({status}); log:\n{}",
+                    self.what,
+                    (self.log)(server)
+                );
+            }
+            let last = match (self.ready)(server) {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} not ready within {:?} ({last}); log:\n{}",
+                self.what,
+                self.within,
+                (self.log)(server)
+            );
+            std::thread::sleep(self.every);
+        }
+    }
+}
+
 /// The devices every [`Env`] registers, with their secrets.
 pub const SECRETS: [(&str, &str); 3] = [
     ("sensor_001", "supersecretkey123"),
@@ -93,6 +136,67 @@ pub fn uid() -> String {
 mod tests {
     use super::*;
     use secure_iot_gateway::envelope::{self, Envelope};
+    use std::time::Duration;
+
+    /// A stand-in server: a shell command, ready after `polls` probes.
+    struct Fake {
+        child: Option<std::process::Child>,
+        polls: std::cell::Cell<u32>,
+        ready_after: u32,
+    }
+
+    fn fake(script: &str, ready_after: u32) -> Fake {
+        let child = std::process::Command::new("sh").args(["-c", script]).spawn().unwrap();
+        Fake { child: Some(child), polls: 0.into(), ready_after }
+    }
+
+    fn starting(within: Duration) -> Starting<Fake> {
+        Starting {
+            what: "fake",
+            within,
+            every: Duration::from_millis(20),
+            child: |f: &mut Fake| &mut f.child,
+            ready: |f| {
+                f.polls.set(f.polls.get() + 1);
+                if f.polls.get() > f.ready_after {
+                    Ok(())
+                } else {
+                    Err(format!("poll {}", f.polls.get()))
+                }
+            },
+            log: |_| "the fake's log".into(),
+        }
+    }
+
+    fn panic_text(f: impl FnOnce() + std::panic::UnwindSafe) -> String {
+        let e = std::panic::catch_unwind(f).expect_err("should have panicked");
+        e.downcast_ref::<String>().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn a_server_is_waited_for_until_ready_and_one_that_dies_or_hangs_is_reported_with_its_log() {
+        // Ready on the third probe: returns, the process still running.
+        let mut f = fake("sleep 5", 2);
+        starting(Duration::from_secs(5)).wait(&mut f);
+        assert_eq!(f.polls.get(), 3);
+        kill_and_reap(&mut f.child);
+        // Exits during start-up: said at once, with the log, and nothing left to kill.
+        let text = panic_text(|| {
+            let mut f = fake("exit 3", u32::MAX);
+            std::thread::sleep(Duration::from_millis(200));
+            starting(Duration::from_secs(5)).wait(&mut f);
+        });
+        assert!(text.contains("fake exited during start-up"), "{text}");
+        assert!(text.contains("the fake's log"), "{text}");
+        // Never ready: the deadline, with the last answer and the log.
+        let mut f = fake("sleep 5", u32::MAX);
+        let text = panic_text(std::panic::AssertUnwindSafe(|| {
+            starting(Duration::from_millis(100)).wait(&mut f)
+        }));
+        kill_and_reap(&mut f.child);
+        assert!(text.contains("fake not ready within 100ms (poll "), "{text}");
+        assert!(text.contains("the fake's log"), "{text}");
+    }
 
     #[test]
     fn signed_envelopes_verify_with_their_secret_only() {

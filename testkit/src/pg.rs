@@ -163,26 +163,19 @@ impl Postgres {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                panic!("postgres exited during start-up ({s}); log:\n{}", self.log());
-            }
-            let last = match postgres::Client::connect(&self.url(), postgres::NoTls) {
-                Ok(mut c) => match c.simple_query("SELECT 1") {
-                    Ok(_) => return,
-                    Err(e) => e.to_string(),
-                },
-                Err(e) => e.to_string(),
-            };
-            assert!(
-                Instant::now() < deadline,
-                "postgres not ready within 20 s ({last}); log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        crate::Starting {
+            what: "postgres",
+            within: Duration::from_secs(20),
+            every: Duration::from_millis(50),
+            child: |p: &mut Postgres| &mut p.child,
+            ready: |p| {
+                let mut c = postgres::Client::connect(&p.url(), postgres::NoTls)
+                    .map_err(|e| e.to_string())?;
+                c.simple_query("SELECT 1").map(drop).map_err(|e| e.to_string())
+            },
+            log: Postgres::log,
         }
+        .wait(self);
     }
 
     /// Fast shutdown (SIGINT: clients are disconnected at once), waited for: an outage.

@@ -152,22 +152,18 @@ impl Redis {
                 panic!("cannot run {} ({e}); `make deps` installs redis-server", redis_bin())
             });
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                panic!("redis-server exited during start-up ({status}); log:\n{}", self.log());
-            }
-            if self.try_cmd(&["PING"]).is_ok_and(|r| r == Reply::Status("PONG".into())) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not answer PING within 10 s; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        crate::Starting {
+            what: "redis-server",
+            within: Duration::from_secs(10),
+            every: Duration::from_millis(20),
+            child: |r: &mut Redis| &mut r.child,
+            ready: |r| match r.try_cmd(&["PING"]) {
+                Ok(Reply::Status(s)) if s == "PONG" => Ok(()),
+                other => Err(format!("PING: {other:?}")),
+            },
+            log: Redis::log,
         }
+        .wait(self);
     }
 
     /// Kills the server (SIGKILL: an outage, not a shutdown) and waits until the port refuses
