@@ -41,7 +41,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (  # noqa: E402
-    access_lines, free_port, proc_cpu, run, split_conf, stat_cpu, write_nginx_conf)
+    access_lines, exchange, free_port, proc_cpu, run, split_conf, stat_cpu, write_nginx_conf)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
@@ -105,15 +105,7 @@ def http_get(port, path):
     """(status, body) or (0, error)."""
     try:
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
-        s.settimeout(5)
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
-        raw = b""
-        while True:
-            b = s.recv(65536)
-            if not b:
-                break
-            raw += b
-        s.close()
+        raw = exchange(s, f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
         head, _, body = raw.decode(errors="replace").partition("\r\n\r\n")
         return int(head.split(" ")[1]), body
     except (OSError, ValueError, IndexError) as e:
@@ -391,15 +383,7 @@ backend brokers
             s = socket.socket(socket.AF_UNIX)
             s.settimeout(5)
             s.connect(sock)
-            s.sendall(command.encode() + b"\n")
-            out = b""
-            while True:
-                b = s.recv(65536)
-                if not b:
-                    break
-                out += b
-            s.close()
-            return out.decode()
+            return exchange(s, command.encode() + b"\n").decode()
 
         def all_up():
             try:

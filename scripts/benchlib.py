@@ -46,6 +46,20 @@ def thread_cpus(pid):
     return out
 
 
+def exchange(sock, request):
+    """Sends `request` (bytes) on a connected socket, reads until the peer closes, closes it."""
+    with sock:
+        sock.settimeout(5)
+        sock.sendall(request)
+        chunks = []
+        while True:
+            b = sock.recv(65536)
+            if not b:
+                break
+            chunks.append(b)
+    return b"".join(chunks)
+
+
 def access_lines(path):
     try:
         with open(path) as f:
