@@ -182,17 +182,11 @@ impl Broker {
             "broker-{port}-{}.log",
             Instant::now().elapsed().as_nanos() ^ std::process::id() as u128 ^ rand_u32() as u128
         ));
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(mosquitto_bin())
-            .arg("-c")
-            .arg(&conf_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run {} ({e}); `make deps` installs mosquitto", mosquitto_bin())
-            });
+        let child = crate::spawn_logged(
+            Command::new(mosquitto_bin()).arg("-c").arg(&conf_path),
+            &log_path,
+            &format!("{} (`make deps` installs mosquitto)", mosquitto_bin()),
+        );
         let mut b = Broker { child: Some(child), port, log_path, conf_path, _reserved: reserved };
         b.wait_ready();
         b

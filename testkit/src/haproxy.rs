@@ -10,7 +10,7 @@ use crate::Port;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 pub fn haproxy_bin() -> String {
@@ -86,18 +86,11 @@ impl Haproxy {
         let conf_path = dir.path().join("haproxy.cfg");
         std::fs::write(&conf_path, conf).unwrap();
         let log_path = dir.path().join("haproxy.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(haproxy_bin())
-            .arg("-db")
-            .arg("-f")
-            .arg(&conf_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run {} ({e}); `make deps` installs haproxy", haproxy_bin())
-            });
+        let child = crate::spawn_logged(
+            Command::new(haproxy_bin()).arg("-db").arg("-f").arg(&conf_path),
+            &log_path,
+            &format!("{} (`make deps` installs haproxy)", haproxy_bin()),
+        );
         let mut h = Haproxy {
             child: Some(child),
             frontend,

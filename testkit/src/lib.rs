@@ -46,6 +46,21 @@ fn kill_and_reap(child: &mut Option<std::process::Child>) {
     }
 }
 
+/// Starts a server this kit runs: stdin closed, stdout and stderr appended to `log_path` (so a
+/// restart keeps the earlier run's lines). `what` names it, and how to get it, if it cannot run.
+fn spawn_logged(
+    cmd: &mut std::process::Command,
+    log_path: &std::path::Path,
+    what: &str,
+) -> std::process::Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path).unwrap();
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"))
+}
+
 /// How a server this kit starts is watched while it starts: its process, whether it answers
 /// yet (`Err`: what it said instead), and what to show when it does not.
 struct Starting<S> {

@@ -11,7 +11,7 @@
 use crate::Port;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// A running (or stopped, see [`Postgres::stop`]) PostgreSQL server; killed on drop.
@@ -147,17 +147,11 @@ impl Postgres {
     /// until it answers a query.
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
-        let child = self
-            .command("postgres")
-            .arg("-D")
-            .arg(self.data())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run postgres: {e}"));
+        let child = crate::spawn_logged(
+            self.command("postgres").arg("-D").arg(self.data()),
+            &self.log_path(),
+            "postgres",
+        );
         self.child = Some(child);
         self.wait_ready();
     }

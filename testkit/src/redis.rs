@@ -9,7 +9,7 @@ use crate::Port;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 pub fn redis_bin() -> String {
@@ -135,22 +135,17 @@ impl Redis {
     /// persisted), and waits until it answers PING.
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "redis-server is already running");
-        // Appended to, so a failure after a restart still shows the first run's log.
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
+        // The log is appended to, so a failure after a restart still shows the first run's log.
         let port = self.port.get().to_string();
-        let child = Command::new(redis_bin())
-            .args(["--bind", "127.0.0.1", "--port", &port, "--save", "", "--appendonly", "no"])
-            .args(["--daemonize", "no", "--logfile", ""])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run {} ({e}); `make deps` installs redis-server", redis_bin())
-            });
+        let child = crate::spawn_logged(
+            Command::new(redis_bin())
+                .args(["--bind", "127.0.0.1", "--port", &port, "--save", "", "--appendonly", "no"])
+                .args(["--daemonize", "no", "--logfile", ""])
+                .arg("--dir")
+                .arg(self.dir.path()),
+            &self.log_path,
+            &format!("{} (`make deps` installs redis-server)", redis_bin()),
+        );
         self.child = Some(child);
         crate::Starting {
             what: "redis-server",
