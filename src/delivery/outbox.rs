@@ -1398,68 +1398,6 @@ mod tests {
         drop(s);
     }
 
-    /// Child side of the kill -9 test: appends to the outbox in `IOTGW_OUTBOX_CHILD` until
-    /// killed, printing each id once `append` has returned (the moment the broker would PUBACK).
-    /// Payload sizes vary up to 300 KB so records cross the 4 MiB windows often.
-    fn append_until_killed(dir: &Path) -> ! {
-        let mut s = Store::open(dir, u64::MAX).unwrap();
-        assert!(s.mapped, "{}", s.write_mode());
-        let mut out = std::io::stdout().lock();
-        for i in 0u64.. {
-            let len = (i.wrapping_mul(2_654_435_761) % 300_000) as usize;
-            let payload = vec![b'a' + (i % 26) as u8; len];
-            let id = s.append("dev", &format!("k{i}"), 1000, Some(&payload)).unwrap();
-            writeln!(out, "{id} {len}").unwrap();
-            out.flush().unwrap();
-        }
-        unreachable!()
-    }
-
-    #[test]
-    fn kill_9_while_appending_through_the_mapping_loses_no_acknowledged_record() {
-        if let Some(dir) = std::env::var_os("IOTGW_OUTBOX_CHILD") {
-            append_until_killed(Path::new(&dir));
-        }
-        use std::io::BufRead;
-        let dir = tempfile::tempdir().unwrap();
-        let mut acked: BTreeMap<i64, usize> = BTreeMap::new();
-        // Killed after different numbers of acknowledged records; each run appends after the
-        // previous one's recovery.
-        for kill_after in [1usize, 7, 40, 150, 400] {
-            let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "--nocapture"])
-                .arg("delivery::outbox::tests::kill_9_while_appending_through_the_mapping_loses_no_acknowledged_record")
-                .env("IOTGW_OUTBOX_CHILD", dir.path())
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-            let mut seen = 0;
-            while seen < kill_after {
-                let line = lines.next().expect("the child stopped early").unwrap();
-                let mut f = line.split(' ').map(|x| x.parse::<i64>());
-                if let (Some(Ok(id)), Some(Ok(len))) = (f.next(), f.next()) {
-                    acked.insert(id, len as usize);
-                    seen += 1;
-                }
-            }
-            child.kill().unwrap(); // SIGKILL, mid-append more often than not
-            child.wait().unwrap();
-            let mut r = Store::open(dir.path(), u64::MAX).unwrap();
-            // At most the record being copied when the signal landed is torn.
-            assert!(
-                r.warnings.iter().all(|w| w.kind == DamageKind::TornTail && w.cut),
-                "{:?}",
-                r.warnings
-            );
-            for (id, len) in &acked {
-                let m = r.read(*id).unwrap().unwrap_or_else(|| panic!("acknowledged {id} lost"));
-                assert_eq!(m.payload.len(), *len, "message {id}");
-            }
-            assert!(r.pending_count().unwrap() as usize >= acked.len());
-        }
-    }
-
     #[test]
     fn both_ways_of_writing_read_back_the_same_and_each_reads_the_others_segments() {
         for (first, second) in [(true, false), (false, true)] {
