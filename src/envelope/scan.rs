@@ -90,6 +90,8 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static st
     if p.peek()? == b'}' {
         return None; // no members: required_fields, the reference says which
     }
+    // Signers send canonical order (RFC 8785 sorts members): then no sort is needed.
+    let mut sorted = true;
     loop {
         p.ws();
         let (key, span_start) = p.member_name(&mut st, 0, top)?;
@@ -97,6 +99,9 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static st
             let v = top.len();
             (p.value(&mut st, 1, top)?, v)
         };
+        if let Some(prev) = st.members.last() {
+            sorted &= key_cmp(&st.keys[prev.key.clone()], &st.keys[key.clone()]).is_lt();
+        }
         st.members.push(Member { key: key.clone(), span: span_start..top.len() });
         kinds.push((key, value_start..top.len(), kind));
         p.ws();
@@ -119,29 +124,33 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static st
     let (mut device, mut mid, mut timestamp, mut signature, mut payload) =
         (None, None, None, None, false);
     for (k, v, kind) in kinds.iter() {
-        let ok = match (&keys[k.clone()], kind) {
-            (b"device_id", Kind::Str) => {
+        let ok = match (field(&keys[k.clone()]), kind) {
+            (Some(Field::DeviceId), Kind::Str) => {
                 device = inner(v).filter(|d| valid_device_id(d));
                 device.is_some()
             }
-            (b"timestamp", Kind::Int(t)) => {
+            (Some(Field::Timestamp), Kind::Int(t)) => {
                 timestamp = Some(*t);
                 true
             }
-            (b"message_id", Kind::Str) => {
+            (Some(Field::MessageId), Kind::Str) => {
                 mid = inner(v).filter(|m| {
+                    // A byte loop: ids are short, and `str::contains` sets up a searcher.
                     !m.is_empty()
-                        && !m.contains('\\')
-                        && m.chars().count() <= crate::envelope::MAX_ID_CHARS
+                        && !m.bytes().any(|b| b == b'\\')
+                        && (m.len() <= crate::envelope::MAX_ID_CHARS
+                            || m.chars().count() <= crate::envelope::MAX_ID_CHARS)
                 });
                 mid.is_some()
             }
-            (b"signature", Kind::Str) => {
+            (Some(Field::Signature), Kind::Str) => {
                 signature = crate::envelope::decode_hex::<32>(&top[v.start + 1..v.end - 1]);
                 signature.is_some()
             }
-            (b"device_id" | b"timestamp" | b"message_id" | b"signature", _) => false,
-            (b"payload", _) => {
+            (Some(Field::DeviceId | Field::Timestamp | Field::MessageId | Field::Signature), _) => {
+                false
+            }
+            (Some(Field::Payload), _) => {
                 payload = true;
                 true
             }
@@ -161,7 +170,9 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static st
 
     order.clear();
     order.extend(0..kinds.len());
-    order.sort_by(|&a, &b| key_cmp(&keys[kinds[a].0.clone()], &keys[kinds[b].0.clone()]));
+    if !sorted {
+        order.sort_by(|&a, &b| key_cmp(&keys[kinds[a].0.clone()], &keys[kinds[b].0.clone()]));
+    }
     let mut buf = std::mem::take(spare);
     buf.clear();
     buf.reserve(top.len() + kinds.len());
@@ -169,8 +180,8 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static st
     buf.push(b'{');
     for &m in order.iter() {
         let (k, v, _) = &kinds[m];
-        let name = &keys[k.clone()];
-        if name == b"signature" {
+        let name = field(&keys[k.clone()]);
+        if name == Some(Field::Signature) {
             continue;
         }
         if buf.len() > 1 {
@@ -181,9 +192,9 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static st
         buf.extend_from_slice(&top[span.clone()]);
         let r = at..at + v.len();
         match name {
-            b"device_id" => device_r = r.start + 1..r.end - 1,
-            b"message_id" => mid_r = r.start + 1..r.end - 1,
-            b"payload" => payload_r = r,
+            Some(Field::DeviceId) => device_r = r.start + 1..r.end - 1,
+            Some(Field::MessageId) => mid_r = r.start + 1..r.end - 1,
+            Some(Field::Payload) => payload_r = r,
             _ => {}
         }
     }
@@ -196,6 +207,35 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static st
         signature,
         timestamp,
     }))
+}
+
+/// The envelope's own members.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Field {
+    DeviceId,
+    Timestamp,
+    MessageId,
+    Payload,
+    Signature,
+}
+
+/// Which envelope member `name` is. Fixed-size arrays compare inline; slice patterns call
+/// `memcmp` once per arm (three of the names have nine bytes), for every member of every
+/// message.
+fn field(name: &[u8]) -> Option<Field> {
+    if let Ok(n) = <&[u8; 9]>::try_from(name) {
+        return match n {
+            b"device_id" => Some(Field::DeviceId),
+            b"timestamp" => Some(Field::Timestamp),
+            b"signature" => Some(Field::Signature),
+            _ => None,
+        };
+    }
+    match name {
+        b"message_id" => Some(Field::MessageId),
+        b"payload" => Some(Field::Payload),
+        _ => None,
+    }
 }
 
 /// RFC 8785 §3.2.3 member order: by UTF-16 code units. UTF-8 byte order is code point order,
@@ -1045,6 +1085,26 @@ mod tests {
         // Both paths and the rejections are exercised, not just one of them.
         assert!(t.fast > 1000 && t.reference_ok > 100 && t.rejected > 3000, "{t:?}");
         assert!(t.missing > 100, "{t:?}");
+    }
+
+    #[test]
+    fn field_names_only_the_five_members_exactly() {
+        for (name, f) in [
+            ("device_id", Field::DeviceId),
+            ("timestamp", Field::Timestamp),
+            ("message_id", Field::MessageId),
+            ("payload", Field::Payload),
+            ("signature", Field::Signature),
+        ] {
+            assert_eq!(field(name.as_bytes()), Some(f));
+            // Same length, one byte off; a prefix; an extension.
+            let mut off = name.as_bytes().to_vec();
+            off[4] ^= 0x20;
+            assert_eq!(field(&off), None);
+            assert_eq!(field(&name.as_bytes()[..name.len() - 1]), None);
+            assert_eq!(field(format!("{name}_").as_bytes()), None);
+        }
+        assert_eq!(field(b""), None);
     }
 
     #[test]
