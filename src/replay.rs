@@ -10,9 +10,10 @@
 //! An entry is a 16-byte digest of the id plus an 8-byte expiry, held once in a hash set and once
 //! in a min-heap ordered by expiry (about 50 bytes with table overhead).
 
+use crate::fasthash::{Map, Set};
 use sha2::{Digest, Sha256};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::BinaryHeap;
 
 /// Fixed-size stand-in for a message id (truncated SHA-256: stable across restarts).
 pub type IdDigest = [u8; 16];
@@ -35,7 +36,7 @@ pub enum ReplayCheck {
 
 #[derive(Default)]
 struct DeviceIds {
-    live: HashSet<IdDigest>,
+    live: Set<IdDigest>,
     by_expiry: BinaryHeap<Reverse<(i64, IdDigest)>>,
 }
 
@@ -54,12 +55,12 @@ impl DeviceIds {
 /// Per-device sets of recently accepted message ids.
 pub struct ReplayCache {
     cap: usize,
-    devices: HashMap<Box<str>, DeviceIds>,
+    devices: Map<Box<str>, DeviceIds>,
 }
 
 impl ReplayCache {
     pub fn new(cap_per_device: usize) -> Self {
-        ReplayCache { cap: cap_per_device, devices: HashMap::new() }
+        ReplayCache { cap: cap_per_device, devices: Map::default() }
     }
 
     /// Is `id` new for `device` at time `now`? Forgets ids whose window has closed first.

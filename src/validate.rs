@@ -6,11 +6,10 @@
 
 use crate::acl::Identity;
 use crate::config::{Config, RateLimit};
-use crate::envelope::{self, Envelope, Reason, Rejection, Scratch};
+use crate::envelope::{Envelope, Reason, Rejection, Scratch};
 use crate::host::printable;
 use crate::registry::Registry;
 use crate::replay::{self, IdDigest, ReplayCache, ReplayCheck};
-use std::collections::HashMap;
 use std::time::Instant;
 
 /// One device's token bucket.
@@ -24,7 +23,7 @@ struct Bucket {
 /// registry lookup), so memory is bounded by the registry, not by what clients claim.
 struct RateLimiter {
     limit: RateLimit,
-    buckets: HashMap<Box<str>, Bucket>,
+    buckets: crate::fasthash::Map<Box<str>, Bucket>,
 }
 
 impl RateLimiter {
@@ -107,7 +106,7 @@ impl Validator {
             tolerance: cfg.timestamp_tolerance,
             max_payload: cfg.max_payload_bytes,
             replay_cap: cfg.replay_cache_size,
-            rate: cfg.rate_limit.map(|limit| RateLimiter { limit, buckets: HashMap::new() }),
+            rate: cfg.rate_limit.map(|limit| RateLimiter { limit, buckets: Default::default() }),
             scratch: Scratch::default(),
         }
     }
@@ -202,7 +201,7 @@ impl Validator {
             }
         }
         let signed = env.signed_bytes();
-        if !keys.secrets_at(now).any(|s| envelope::verify(s, signed, &env.signature)) {
+        if !keys.secrets_at(now).any(|k| k.verify(signed, &env.signature)) {
             return Err(reject(Reason::Signature, "HMAC mismatch".into()));
         }
         let expires_at = env.timestamp.saturating_add(tol);
@@ -288,7 +287,7 @@ mod tests {
     fn token_bucket_allows_a_burst_then_the_rate() {
         let mut r = RateLimiter {
             limit: RateLimit { per_second: 10.0, burst: 3 },
-            buckets: HashMap::new(),
+            buckets: Default::default(),
         };
         let t0 = Instant::now();
         assert!((0..3).all(|_| r.take("a", t0)), "a full bucket serves the burst");

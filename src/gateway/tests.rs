@@ -5,6 +5,7 @@ use super::*;
 use crate::acl::{acl_verdict, identity, Access};
 use crate::delivery::outbox::Store;
 use crate::envelope::{Envelope, Reason};
+use crate::json::Json;
 use crate::replay;
 use rusqlite::Connection;
 use std::path::Path;
@@ -486,16 +487,56 @@ fn disabled_device_is_refused_after_a_registry_snapshot() {
 
 #[test]
 fn downlink_verifies_with_the_device_secret() {
-    let text = downlink(b"k", "d1", "orig", 200, br#"{"status":"ok"}"#, NOW);
+    let key = envelope::Key::new(b"k".as_slice().into());
+    let text = downlink(&key, "d1", "orig", 200, br#"{"status":"ok"}"#, NOW);
     let env = Envelope::parse(text.as_bytes(), 65536).unwrap();
     assert!(envelope::verify(b"k", &env.canonical(), &env.signature));
+    assert!(!envelope::verify(b"k2", &env.canonical(), &env.signature));
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["in_reply_to"], "orig");
     assert_eq!(v["status"], 200);
     assert_eq!(v["payload"]["status"], "ok");
-    let text = downlink(b"k", "d1", "orig", 400, b"not json", NOW);
+    let text = downlink(&key, "d1", "orig", 400, b"not json", NOW);
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["payload"], "not json");
+}
+
+#[test]
+fn downlink_writes_what_signing_the_members_writes() {
+    // The direct writer against the generic signer (tree, sorted members), on bodies that
+    // exercise the payload's canonical form, text that needs escapes, and non-UTF-8.
+    let key = envelope::Key::new(b"0123456789abcdef".as_slice().into());
+    let bodies: [&[u8]; 8] = [
+        b"",
+        br#"{"z":1,"a":[1.50,"\u00e9",null],"m":{"b":true,"a":1e3}}"#,
+        b"not json \"quoted\" \\ \n\t\x01",
+        "\u{e9}t\u{e9} \u{1f600}".as_bytes(),
+        b"\xff\xfe broken",
+        b"123",
+        br#""just a string""#,
+        br#"{"a":1,"a":2}"#,
+    ];
+    for (i, body) in bodies.iter().enumerate() {
+        for (device, reply, status, now) in
+            [("d1", "orig", 200u16, NOW), ("sensor.x-9", "id \"q\" \u{e9}", 503, -5)]
+        {
+            let id = format!("00000000-0000-4000-8000-{i:012}");
+            let fast = downlink_with_id(&key, device, reply, &id, status, body, now);
+            let payload = match json::parse_strict(body) {
+                Ok(v) => v,
+                Err(_) => Json::String(String::from_utf8_lossy(body).into_owned()),
+            };
+            let members = vec![
+                ("device_id".to_string(), Json::String(device.into())),
+                ("timestamp".to_string(), Json::Number(now.into())),
+                ("message_id".to_string(), Json::String(id.clone())),
+                ("in_reply_to".to_string(), Json::String(reply.into())),
+                ("status".to_string(), Json::Number(status.into())),
+                ("payload".to_string(), payload),
+            ];
+            assert_eq!(fast, envelope::sign_members(b"0123456789abcdef", &members), "body {i}");
+        }
+    }
 }
 
 #[test]

@@ -13,7 +13,6 @@ pub mod histogram;
 pub mod server;
 
 use histogram::{Histogram, HistogramSnapshot, VALIDATION_BOUNDS};
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,7 +46,7 @@ pub struct DeviceRow {
 /// asks the registry's memory first), so a flood of random certificate names costs nothing.
 #[derive(Debug, Default)]
 pub struct DeviceTable {
-    map: HashMap<Box<str>, Counts>,
+    map: crate::fasthash::Map<Box<str>, Counts>,
     dirty: bool,
     /// Off without an exporter: nothing reads the table then, so nothing is counted.
     off: bool,

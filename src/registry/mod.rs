@@ -29,6 +29,7 @@ pub use sqlite::{
     POLL_INTERVAL,
 };
 
+use crate::envelope::Key;
 use crate::host::{Level, LogLine};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -112,9 +113,9 @@ impl From<rusqlite::Error> for RegistryError {
 /// A device's key material, as the verifier needs it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct DeviceKeys {
-    pub secret: Box<[u8]>,
+    pub secret: Key,
     /// The secret before the last rotation and the Unix second after which it stops working.
-    pub previous: Option<(Box<[u8]>, i64)>,
+    pub previous: Option<(Key, i64)>,
 }
 
 impl std::fmt::Debug for DeviceKeys {
@@ -128,13 +129,13 @@ impl std::fmt::Debug for DeviceKeys {
 
 impl DeviceKeys {
     /// The secrets valid at `now`: the current one, then the previous one during its grace period.
-    pub fn secrets_at(&self, now: i64) -> impl Iterator<Item = &[u8]> {
-        let prev = self.previous.as_ref().filter(|(_, until)| now <= *until).map(|(s, _)| &s[..]);
-        std::iter::once(&self.secret[..]).chain(prev)
+    pub fn secrets_at(&self, now: i64) -> impl Iterator<Item = &Key> {
+        let prev = self.previous.as_ref().filter(|(_, until)| now <= *until).map(|(s, _)| s);
+        std::iter::once(&self.secret).chain(prev)
     }
 }
 
-pub type Devices = HashMap<Box<str>, DeviceKeys>;
+pub type Devices = crate::fasthash::Map<Box<str>, DeviceKeys>;
 
 /// Why a registered, enabled row is not a usable device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,10 +247,10 @@ fn row(r: &impl Fields) -> Row {
             ignored_previous = true;
             None
         }
-        (Some(p), Some(u)) => Some((p.into_bytes().into_boxed_slice(), u)),
+        (Some(p), Some(u)) => Some((Key::new(p.into_bytes().into_boxed_slice()), u)),
         _ => None,
     };
-    let keys = DeviceKeys { secret: secret.into_bytes().into_boxed_slice(), previous };
+    let keys = DeviceKeys { secret: Key::new(secret.into_bytes().into_boxed_slice()), previous };
     Row::Usable { id, keys, ignored_previous }
 }
 
