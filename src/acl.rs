@@ -37,14 +37,43 @@ pub fn identity<'a>(
     username: Option<&'a [u8]>,
     cert_cn: Option<&[u8]>,
 ) -> Identity<'a> {
+    classify(cfg, username, cert_cn).of(username)
+}
+
+/// What [`identity`] decides, without the name: the shim keeps it with a connection's
+/// certificate, so the grammar and the service list are not consulted on every ACL check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Device,
+    Service,
+    Invalid,
+    None,
+}
+
+impl Class {
+    /// The identity of a client of this class with this username (the one it was classified
+    /// with).
+    pub fn of(self, username: Option<&[u8]>) -> Identity<'_> {
+        let name = || username.and_then(|u| std::str::from_utf8(u).ok());
+        match (self, name()) {
+            (Class::Device, Some(s)) => Identity::Device(s),
+            (Class::Service, Some(s)) => Identity::Service(s),
+            (Class::None, _) => Identity::None,
+            _ => Identity::Invalid,
+        }
+    }
+}
+
+/// See [`identity`].
+pub fn classify(cfg: &Config, username: Option<&[u8]>, cert_cn: Option<&[u8]>) -> Class {
     match (username, cert_cn) {
         (Some(u), Some(cn)) if u == cn => match std::str::from_utf8(u) {
             // Service names obey the same grammar (checked in the configuration).
-            Ok(s) if cfg.is_service(s) => Identity::Service(s),
-            Ok(s) if crate::envelope::valid_device_id(s) => Identity::Device(s),
-            _ => Identity::Invalid,
+            Ok(s) if cfg.is_service(s) => Class::Service,
+            Ok(s) if crate::envelope::valid_device_id(s) => Class::Device,
+            _ => Class::Invalid,
         },
-        _ => Identity::None,
+        _ => Class::None,
     }
 }
 

@@ -15,7 +15,6 @@ use foreign_types::ForeignType;
 use openssl::nid::Nid;
 use openssl::x509::X509;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
 /// What the gateway reads from a client's verified certificate.
@@ -24,6 +23,8 @@ pub struct ClientCert {
     pub cn: Box<[u8]>,
     /// The serial number (big-endian), when asked for.
     pub serial: Option<Box<[u8]>>,
+    /// Who the connection is ([`crate::acl::classify`] with the entry's username), once asked.
+    pub class: std::cell::Cell<Option<crate::acl::Class>>,
 }
 
 struct Entry {
@@ -40,7 +41,7 @@ const MAX_ENTRIES: usize = 1 << 20;
 /// Per-instance cache; broker thread only (not `Send`: holds `Rc`).
 #[derive(Default)]
 pub struct Identities {
-    map: RefCell<HashMap<usize, Entry>>,
+    map: RefCell<crate::fasthash::Map<usize, Entry>>,
 }
 
 impl Identities {
@@ -100,5 +101,9 @@ fn read(x509: &X509, with_serial: bool) -> ClientCert {
     } else {
         None
     };
-    ClientCert { cn: cn.map(|e| e.data().as_slice().into()).unwrap_or_default(), serial }
+    ClientCert {
+        cn: cn.map(|e| e.data().as_slice().into()).unwrap_or_default(),
+        serial,
+        class: Default::default(),
+    }
 }

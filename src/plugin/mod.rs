@@ -319,7 +319,19 @@ unsafe fn client_identity<'a>(
         Some((c, new)) => (Some(c), new),
         None => (None, false),
     };
-    let who = acl::identity(&inst.cfg, username, cert.as_ref().map(|c| &*c.cn));
+    let who = match &cert {
+        // Classified once per connection: the entry is only returned for the same certificate
+        // object and username.
+        Some(c) => {
+            let class = c.class.get().unwrap_or_else(|| {
+                let class = acl::classify(&inst.cfg, username, Some(&c.cn));
+                c.class.set(Some(class));
+                class
+            });
+            class.of(username)
+        }
+        None => acl::identity(&inst.cfg, username, None),
+    };
     if new && inst.cfg.cluster.is_some() {
         // A new connection: in cluster mode the other nodes close any older session of it.
         // Skipped when the gateway is busy (a re-entered check); the next new session tells.
@@ -468,8 +480,11 @@ unsafe extern "C" fn on_tick(
         }
         // SAFETY: registered with an Instance pointer that lives until cleanup.
         let inst = unsafe { &*(userdata as *const Instance) };
-        inst.waker.tick_started();
+        let full = inst.waker.tick_started();
         if let Ok(mut gw) = inst.gateway.try_borrow_mut() {
+            if !full && !gw.wants_tick() {
+                return ERR_SUCCESS;
+            }
             // SAFETY: inside the tick callback, on the broker thread.
             let mut host = unsafe { BrokerHost::new() };
             gw.on_tick(&mut host, unix_now());

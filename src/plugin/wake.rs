@@ -22,12 +22,20 @@
 //! `SA_RESTART` keeps every other interrupted syscall of the broker transparent. One real-time
 //! signal, never used by Mosquitto, is installed while any instance is loaded.
 //!
+//! A tick that nobody asked for does no work unless [`FULL_TICK_EVERY`] has passed since the last
+//! one that did: a busy 2.x broker ticks once per pass of its loop, which is once or twice per
+//! message, and the gateway's tick (draining channels, reading clocks, timers) cost ~1 µs each time
+//! (`perf` of `make bench`). Anything a thread queues for the tick comes with a request, which
+//! makes the next tick a full one (see [`Waker::tick_started`]).
+//!
 //! Under a stream of results (forwarding at thousands of messages a second) nearly every result
 //! is a new request, since the busy broker ticks between them. Signals are therefore sent at most
 //! once per [`KICK_EVERY`], whoever asks, and a worker wakes the kicker only when it is not already
 //! polling: a signal per result plus one from the kicker cost the broker thread a signal
-//! delivery each and the kicker ~10 µs per message (`make bench`, BENCHMARKS.md). A request made
-//! after a quiet spell is still signalled at once.
+//! delivery each and the kicker ~10 µs per message (`make bench`, BENCHMARKS.md). Nor is a broker
+//! signalled that started a tick less than [`KICK_EVERY`] ago: it is going round its loop and
+//! will tick again by itself; if it went to sleep instead, the kicker signals it within another
+//! [`KICK_EVERY`]. A request made after a quiet spell is still signalled at once.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -36,6 +44,9 @@ use std::time::{Duration, Instant};
 
 /// Housekeeping period: the longest the broker goes without our tick (2.0's idle tick rate).
 pub const PERIOD: Duration = Duration::from_millis(100);
+/// The longest a busy broker goes without a full tick when nothing asked for one (timers: log
+/// flushes, `$SYS`, metrics snapshots, the CRL file).
+pub const FULL_TICK_EVERY: Duration = Duration::from_millis(1);
 /// Re-send interval while a requested tick has not started yet.
 pub const KICK_EVERY: Duration = Duration::from_micros(200);
 /// The kicker keeps polling this long after the last request, so that a stream of requests (one
@@ -63,6 +74,10 @@ struct Shared {
     owed: AtomicU64,
     /// Nanoseconds since `epoch` at the last tick start.
     last_tick_ns: AtomicU64,
+    /// Something was queued for the tick since the last full one (set before `owed` moves).
+    pending: AtomicBool,
+    /// Nanoseconds since `epoch` at the start of the last full tick (broker thread only).
+    last_full_ns: AtomicU64,
     epoch: Instant,
     stop: AtomicBool,
     lock: Mutex<()>,
@@ -85,9 +100,36 @@ unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
 impl Shared {
-    /// Signals the broker thread unless a signal went out less than [`KICK_EVERY`] ago.
+    fn new(main: libc::pthread_t) -> Shared {
+        Shared {
+            main,
+            ticks: AtomicU64::new(0),
+            owed: AtomicU64::new(0),
+            last_tick_ns: AtomicU64::new(0),
+            pending: AtomicBool::new(false),
+            last_full_ns: AtomicU64::new(0),
+            last_kick_ns: AtomicU64::new(0),
+            last_request_ns: AtomicU64::new(0),
+            polling: AtomicBool::new(false),
+            epoch: Instant::now(),
+            stop: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            cv: Condvar::new(),
+            enabled: std::env::var_os("IOTGW_NO_WAKE").is_none(),
+        }
+    }
+
+    /// Signals the broker thread unless a signal went out, or a tick started, less than
+    /// [`KICK_EVERY`] ago. A broker that ticked that recently is going round its loop and ticks
+    /// again on its own (a busy 2.x ticks every pass); a signal would only interrupt it, at a
+    /// few µs of its thread each (`make bench`, forwarding). The kicker looks again within
+    /// [`KICK_EVERY`], so a broker that went to sleep right after its tick is signalled then.
     fn kick(&self) {
         let now = self.since_epoch().max(1);
+        let ticked = self.last_tick_ns.load(Ordering::Acquire);
+        if ticked != 0 && now.saturating_sub(ticked) < KICK_EVERY.as_nanos() as u64 {
+            return;
+        }
         let last = self.last_kick_ns.load(Ordering::Acquire);
         if last != 0 && now.saturating_sub(last) < KICK_EVERY.as_nanos() as u64 {
             return;
@@ -104,6 +146,20 @@ impl Shared {
             // joins every worker before the Waker is dropped.
             unsafe { libc::pthread_kill(self.main, signo()) };
         }
+    }
+
+    fn tick_started(&self) -> bool {
+        let now = self.since_epoch().max(1);
+        self.last_tick_ns.store(now, Ordering::Release);
+        // Counted before the flag is taken (SeqCst, as in `request`).
+        self.ticks.fetch_add(1, Ordering::SeqCst);
+        let asked = self.pending.swap(false, Ordering::SeqCst);
+        let last = self.last_full_ns.load(Ordering::Relaxed);
+        let due = asked || last == 0 || now - last >= FULL_TICK_EVERY.as_nanos() as u64;
+        if due {
+            self.last_full_ns.store(now, Ordering::Relaxed);
+        }
+        due
     }
 
     fn since_epoch(&self) -> u64 {
@@ -153,6 +209,10 @@ impl Shared {
     }
 
     fn request(&self, kick_now: bool) {
+        // Before `ticks` is read (SeqCst, as in `tick_started`): a tick that misses this flag
+        // counted itself before we read `ticks`, so the tick we ask for is a later one, which
+        // sees the flag.
+        self.pending.store(true, Ordering::SeqCst);
         let want = self.ticks.load(Ordering::Acquire) + 1;
         if self.owed.fetch_max(want, Ordering::SeqCst) < want {
             self.last_request_ns.store(self.since_epoch(), Ordering::Release);
@@ -196,21 +256,8 @@ impl Waker {
             }
             *OLD_ACTION.lock().unwrap_or_else(|p| p.into_inner()) = Some(old);
         }
-        let shared = Arc::new(Shared {
-            // SAFETY: pthread_self has no preconditions.
-            main: unsafe { libc::pthread_self() },
-            ticks: AtomicU64::new(0),
-            owed: AtomicU64::new(0),
-            last_tick_ns: AtomicU64::new(0),
-            last_kick_ns: AtomicU64::new(0),
-            last_request_ns: AtomicU64::new(0),
-            polling: AtomicBool::new(false),
-            epoch: Instant::now(),
-            stop: AtomicBool::new(false),
-            lock: Mutex::new(()),
-            cv: Condvar::new(),
-            enabled: std::env::var_os("IOTGW_NO_WAKE").is_none(),
-        });
+        // SAFETY: pthread_self has no preconditions.
+        let shared = Arc::new(Shared::new(unsafe { libc::pthread_self() }));
         let s = shared.clone();
         let kicker = std::thread::Builder::new().name("iotgw-clock".into()).spawn(move || s.run());
         match kicker {
@@ -235,11 +282,10 @@ impl Waker {
     }
 
     /// Called by the tick before it drains anything: a request made after this point is owed
-    /// the *next* tick.
-    pub fn tick_started(&self) {
-        let s = &self.shared;
-        s.last_tick_ns.store(s.since_epoch(), Ordering::Release);
-        s.ticks.fetch_add(1, Ordering::AcqRel);
+    /// the *next* tick. Says whether this tick is a full one: something was requested since the
+    /// last full tick, or [`FULL_TICK_EVERY`] has passed.
+    pub fn tick_started(&self) -> bool {
+        self.shared.tick_started()
     }
 
     /// Stops and joins the kicker; no signal is sent afterwards. Idempotent.
@@ -264,5 +310,87 @@ impl Drop for Waker {
                 unsafe { libc::sigaction(signo(), &old, std::ptr::null_mut()) };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Shared {
+        // SAFETY: pthread_self has no preconditions. No signal is sent: no request kicks here.
+        let mut s = Shared::new(unsafe { libc::pthread_self() });
+        s.enabled = false;
+        s
+    }
+
+    #[test]
+    fn only_asked_for_or_periodic_ticks_are_full() {
+        let s = shared();
+        assert!(s.tick_started(), "the first tick is a full one");
+        // Positive control for the skip: nothing asked, right after a full tick.
+        assert!(!s.tick_started());
+        assert!(!s.tick_started());
+        s.request(false);
+        assert!(s.tick_started(), "a request makes the next tick full");
+        assert!(!s.tick_started(), "and only that one");
+        std::thread::sleep(FULL_TICK_EVERY + Duration::from_millis(1));
+        assert!(s.tick_started(), "the timers get a full tick at least every FULL_TICK_EVERY");
+        assert!(!s.tick_started());
+    }
+
+    #[test]
+    fn a_broker_that_just_ticked_is_not_signalled_until_it_stops_ticking() {
+        let s = shared();
+        assert!(s.tick_started());
+        s.request(true);
+        assert_eq!(s.last_kick_ns.load(Ordering::SeqCst), 0, "ticked just now: no signal");
+        std::thread::sleep(KICK_EVERY + Duration::from_micros(100));
+        // Still owed and no tick since: now it is signalled (what the kicker does when it
+        // looks again); the positive control for the skip above.
+        assert!(s.owing());
+        s.kick();
+        assert_ne!(s.last_kick_ns.load(Ordering::SeqCst), 0, "no tick for a while: signalled");
+    }
+
+    #[test]
+    fn a_request_racing_a_tick_is_never_lost() {
+        // A request and a tick at the same moment, many times: afterwards, either a full tick
+        // took the request or it is still marked and still owed a tick (which the kicker
+        // signals for). A marked request that is owed nothing would wait for the idle period.
+        let s = Arc::new(shared());
+        let go = Arc::new(std::sync::Barrier::new(3));
+        let ticker = {
+            let (s, go) = (s.clone(), go.clone());
+            std::thread::spawn(move || {
+                for _ in 0..20_000 {
+                    go.wait();
+                    s.tick_started();
+                    go.wait();
+                }
+            })
+        };
+        let requester = {
+            let (s, go) = (s.clone(), go.clone());
+            std::thread::spawn(move || {
+                for _ in 0..20_000 {
+                    go.wait();
+                    s.request(false);
+                    go.wait();
+                }
+            })
+        };
+        for i in 0..20_000 {
+            go.wait();
+            go.wait();
+            let pending = s.pending.load(Ordering::SeqCst);
+            assert!(!pending || s.owing(), "round {i}: a request is marked but no tick is owed");
+            // Settle: the owed tick runs (full), so the next round starts from a clean state.
+            if s.owing() {
+                assert!(s.tick_started() || !pending);
+            }
+        }
+        ticker.join().unwrap();
+        requester.join().unwrap();
     }
 }
