@@ -70,13 +70,17 @@ impl TopicPattern {
     pub fn device_of<'t>(&self, topic: &'t str) -> Option<&'t str> {
         let mut found = None;
         let mut n = 0;
-        for (i, part) in topic.split('/').enumerate() {
+        let mut start = 0;
+        // Split on the byte: `str::split('/')` sets up a char searcher, on every ACL check.
+        for (i, part) in topic.as_bytes().split(|&b| b == b'/').enumerate() {
             let want = self.levels.get(i)?;
             if i == self.device_level {
-                found = Some(part);
-            } else if part != want {
+                // Bounded by '/' (ASCII) or the ends: char boundaries, so this cannot fail.
+                found = topic.get(start..start + part.len());
+            } else if part != want.as_bytes() {
                 return None;
             }
+            start += part.len() + 1;
             n += 1;
         }
         if n == self.levels.len() {
@@ -767,6 +771,16 @@ mod tests {
         assert_eq!(p.device_of("device//data"), Some(""));
         assert!(p.is_topic_of("device/s1/data", "s1"));
         assert!(!p.is_topic_of("device/s2/data", "s1"));
+        assert_eq!(p.device_of("device/s1/data/"), None);
+        assert_eq!(p.device_of("/device/s1/data"), None);
+        // Multi-byte levels on either side of the device's.
+        let p = TopicPattern::parse("pré/+/données").unwrap();
+        assert_eq!(p.device_of("pré/é/données"), Some("é"));
+        assert_eq!(p.device_of("pre/é/données"), None);
+        let p = TopicPattern::parse("+/up").unwrap();
+        assert_eq!(p.device_of("ü/up"), Some("ü"));
+        assert_eq!(p.device_of("/up"), Some(""));
+        assert_eq!(p.device_of("ü/up/"), None);
     }
 
     #[test]
