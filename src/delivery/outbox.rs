@@ -265,6 +265,15 @@ struct SyncShared {
     files: Mutex<Vec<PathBuf>>,
     /// Completed passes over the files (each one fdatasyncs them).
     passes: std::sync::atomic::AtomicU64,
+    /// A syncer thread is running: pruned segments are deleted by it, not by the broker thread.
+    /// Unlinking a synced 64 MiB segment took ~50 ms on ext4 here (page cache and extents
+    /// freed in the call): a stall of every client, ~5 minutes after each 64 MiB of traffic,
+    /// that showed as a p99 of ~11 ms in `make bench`'s latency run.
+    running: std::sync::atomic::AtomicBool,
+    /// Segments pruned, for the syncer to delete at its next pass.
+    doomed: Mutex<Vec<PathBuf>>,
+    /// What deleting them failed with, reported by the next prune.
+    failed: Mutex<Vec<io::Error>>,
 }
 
 fn seg_path(dir: &Path, first: u64) -> PathBuf {
@@ -1128,7 +1137,16 @@ impl Store {
             self.readers.remove(first);
             let path = seg_path(&self.dir, *first);
             self.sync.files.lock().unwrap_or_else(|p| p.into_inner()).retain(|p| *p != path);
-            std::fs::remove_file(&path)?;
+            if self.sync.running.load(Ordering::Acquire) {
+                self.sync.doomed.lock().unwrap_or_else(|p| p.into_inner()).push(path);
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        // A segment the syncer could not delete is still settled and expired: recovery reads
+        // it as such, and it is deleted after the next start.
+        if let Some(e) = self.sync.failed.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Err(e);
         }
         Ok(gone.len())
     }
@@ -1170,6 +1188,8 @@ pub struct Syncer(Background);
 
 impl Syncer {
     fn start(shared: Arc<SyncShared>, dir: PathBuf) -> io::Result<Syncer> {
+        shared.running.store(true, Ordering::Release);
+        let ours = shared.clone();
         let thread = Background::spawn("iotgw-sync", move |stop| {
             let mut synced_dir_for = 0usize;
             loop {
@@ -1188,12 +1208,28 @@ impl Syncer {
                         let _ = f.sync_data();
                     }
                 }
+                let doomed =
+                    std::mem::take(&mut *shared.doomed.lock().unwrap_or_else(|p| p.into_inner()));
+                for p in doomed {
+                    match std::fs::remove_file(&p) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                            shared.failed.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+                        }
+                        _ => {}
+                    }
+                }
                 shared.passes.fetch_add(1, Ordering::Relaxed);
                 if stop.is_set() {
+                    // From now on the store deletes for itself.
+                    shared.running.store(false, Ordering::Release);
                     break;
                 }
             }
-        })?;
+        });
+        if thread.is_err() {
+            ours.running.store(false, Ordering::Release);
+        }
+        let thread = thread?;
         Ok(Syncer(thread))
     }
 
@@ -1774,6 +1810,37 @@ mod tests {
         drop(s);
         let s = Store::open(dir.path(), u64::MAX).unwrap();
         assert_eq!(s.pending_count().unwrap(), 0);
+    }
+
+    #[test]
+    fn with_a_syncer_running_pruned_segments_are_deleted_by_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), u64::MAX).unwrap();
+        let mut y = s.start_syncer().unwrap();
+        let big = vec![b'x'; 1 << 20];
+        for i in 0..(SEGMENT_BYTES / (1 << 20)) + 8 {
+            s.append("d", &format!("m{i}"), 100, Some(&big)).unwrap();
+        }
+        let all = s.pending_after(0, usize::MAX).unwrap();
+        let answers: Vec<Done> = all.iter().map(|m| answer(m, 200, b"")).collect();
+        s.settle(&answers, 0).unwrap();
+        let oldest = seg_path(dir.path(), *s.segments.keys().next().unwrap());
+        assert!(s.prune(1000).unwrap() >= 1);
+        // Gone from the store at once, from the disk at the syncer's next pass (not on the
+        // broker thread, which calls prune).
+        assert!(oldest.exists(), "deleted by the caller");
+        // A deletion that fails is reported by the next prune (positive control for the
+        // error path: a non-empty directory where a segment was expected).
+        let stuck = dir.path().join("stuck");
+        std::fs::create_dir(&stuck).unwrap();
+        std::fs::write(stuck.join("f"), b"x").unwrap();
+        s.sync.doomed.lock().unwrap().push(stuck);
+        y.stop();
+        assert!(!oldest.exists(), "the syncer's last pass deletes what was pruned");
+        assert!(s.prune(1000).is_err(), "the failed deletion is reported");
+        assert!(s.prune(1000).is_ok(), "once");
+        // With no syncer running, prune deletes for itself.
+        assert!(!s.sync.running.load(Ordering::SeqCst));
     }
 
     #[test]
