@@ -54,7 +54,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_are_random_per_process_and_shared_by_its_maps() {
+    fn keys_are_not_the_fixed_ones_and_are_shared_by_the_maps() {
         let (a, b) = (Keyed::default(), Keyed::default());
         // Same process: the same keys, so the same hash.
         assert_eq!(a.hash_one("sensor_001"), b.hash_one("sensor_001"));
