@@ -963,13 +963,10 @@ fn downlink_with_id(
     let at = out.len();
     // Writing to a Vec cannot fail.
     let _ = write!(out, r#","status":{status},"timestamp":{now}}}"#);
-    let signature = envelope::hex(&key.sign(&out));
-    let mut text = Vec::with_capacity(out.len() + 80);
-    text.extend_from_slice(&out[..at]);
-    text.extend_from_slice(br#","signature":"#);
-    json::write_string(&signature, &mut text);
-    text.extend_from_slice(&out[at..]);
-    String::from_utf8(text).expect("canonical JSON is UTF-8")
+    let mut signature = br#","signature":"#.to_vec();
+    json::write_string(&envelope::hex(&key.sign(&out)), &mut signature);
+    out.splice(at..at, signature);
+    String::from_utf8(out).expect("canonical JSON is UTF-8")
 }
 
 #[cfg(test)]

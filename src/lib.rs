@@ -53,15 +53,15 @@ pub mod metrics;
 pub mod pki;
 // Not in the unit-test build: that build is a second copy of this crate, linked beside the
 // normal one whenever a unit test uses `testkit` (which depends on the normal one), and only one
-// copy may define the plugin's `#[no_mangle]` exports. The plugin has no unit tests; the
-// integration tests load the real `.so`.
+// copy may define the plugin's `#[no_mangle]` exports. Its unit tests are its clock's
+// (`wake`, below); the integration tests load the real `.so`.
 #[cfg(not(test))]
 #[allow(unsafe_code)]
 mod plugin;
-// The plugin's clock has no exports, so its own unit tests can run in that build.
 pub mod registry;
 pub mod replay;
 pub mod validate;
+// The plugin's clock has no exports, so its own unit tests run in that build.
 #[cfg(test)]
 #[allow(unsafe_code, dead_code)]
 #[path = "plugin/wake.rs"]

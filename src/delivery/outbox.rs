@@ -1188,7 +1188,6 @@ pub struct Syncer(Background);
 
 impl Syncer {
     fn start(shared: Arc<SyncShared>, dir: PathBuf) -> io::Result<Syncer> {
-        shared.running.store(true, Ordering::Release);
         let ours = shared.clone();
         let thread = Background::spawn("iotgw-sync", move |stop| {
             let mut synced_dir_for = 0usize;
@@ -1225,11 +1224,9 @@ impl Syncer {
                     break;
                 }
             }
-        });
-        if thread.is_err() {
-            ours.running.store(false, Ordering::Release);
-        }
-        let thread = thread?;
+        })?;
+        // Cleared by the thread's last pass, after which the store deletes for itself.
+        ours.running.store(true, Ordering::Release);
         Ok(Syncer(thread))
     }
 

@@ -26,8 +26,8 @@ pub struct Scratch {
     /// Object bodies being put in canonical order; decoded escaped strings.
     tmp: Vec<u8>,
     dec: Vec<u8>,
-    /// The top level's members: name in `keys`, value in `top`, kind.
-    kinds: Vec<(Range<usize>, Range<usize>, Kind)>,
+    /// The top level's members.
+    kinds: Vec<TopMember>,
     order: Vec<usize>,
     /// A finished envelope's buffer handed back ([`Scratch::recycle`]): the next one's.
     spare: Vec<u8>,
@@ -39,6 +39,15 @@ impl Scratch {
     pub fn recycle(&mut self, buf: Vec<u8>) {
         self.spare = buf;
     }
+}
+
+/// A top-level member: name in `keys`, value in `top`, its kind, and which envelope member it
+/// is (looked up once).
+struct TopMember {
+    key: Range<usize>,
+    value: Range<usize>,
+    kind: Kind,
+    field: Option<Field>,
 }
 
 #[derive(Clone)]
@@ -103,7 +112,8 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static st
             sorted &= key_cmp(&st.keys[prev.key.clone()], &st.keys[key.clone()]).is_lt();
         }
         st.members.push(Member { key: key.clone(), span: span_start..top.len() });
-        kinds.push((key, value_start..top.len(), kind));
+        let which = field(&st.keys[key.clone()]);
+        kinds.push(TopMember { key, value: value_start..top.len(), kind, field: which });
         p.ws();
         match p.next()? {
             b',' => {}
@@ -123,8 +133,8 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static st
     // device ids or signatures) are left to the reference, as is any failing check (its detail).
     let (mut device, mut mid, mut timestamp, mut signature, mut payload) =
         (None, None, None, None, false);
-    for (k, v, kind) in kinds.iter() {
-        let ok = match (field(&keys[k.clone()]), kind) {
+    for TopMember { value: v, kind, field, .. } in kinds.iter() {
+        let ok = match (field, kind) {
             (Some(Field::DeviceId), Kind::Str) => {
                 device = inner(v).filter(|d| valid_device_id(d));
                 device.is_some()
@@ -171,7 +181,7 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static st
     order.clear();
     order.extend(0..kinds.len());
     if !sorted {
-        order.sort_by(|&a, &b| key_cmp(&keys[kinds[a].0.clone()], &keys[kinds[b].0.clone()]));
+        order.sort_by(|&a, &b| key_cmp(&keys[kinds[a].key.clone()], &keys[kinds[b].key.clone()]));
     }
     let mut buf = std::mem::take(spare);
     buf.clear();
@@ -179,9 +189,8 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static st
     let (mut device_r, mut mid_r, mut payload_r) = (0..0, 0..0, 0..0);
     buf.push(b'{');
     for &m in order.iter() {
-        let (k, v, _) = &kinds[m];
-        let name = field(&keys[k.clone()]);
-        if name == Some(Field::Signature) {
+        let TopMember { value: v, field, .. } = &kinds[m];
+        if *field == Some(Field::Signature) {
             continue;
         }
         if buf.len() > 1 {
@@ -191,7 +200,7 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static st
         let at = buf.len() + (v.start - span.start);
         buf.extend_from_slice(&top[span.clone()]);
         let r = at..at + v.len();
-        match name {
+        match field {
             Some(Field::DeviceId) => device_r = r.start + 1..r.end - 1,
             Some(Field::MessageId) => mid_r = r.start + 1..r.end - 1,
             Some(Field::Payload) => payload_r = r,
