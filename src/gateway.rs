@@ -250,6 +250,8 @@ pub struct Gateway {
     monitor: Monitor,
     last_prune: Instant,
     last_stats: Instant,
+    /// Message ids for the responses.
+    uuids: envelope::Uuids,
     /// Cluster mode: ids and sessions shared with the other nodes, claims before forwarding.
     cluster: Option<Cluster>,
     /// Cluster mode: when this node last saw a session of each device start (unix ms), to tell
@@ -356,6 +358,7 @@ impl Gateway {
             logged: Stats::default(),
             monitor,
             last_prune: now,
+            uuids: envelope::Uuids::default(),
             last_stats: now,
             cluster,
             sessions: Default::default(),
@@ -894,7 +897,15 @@ impl Gateway {
                 return;
             }
         };
-        let text = downlink(&keys.secret, device, &d.message.message_id, d.status, &d.body, now);
+        let text = downlink(
+            &keys.secret,
+            device,
+            &d.message.message_id,
+            &mut self.uuids,
+            d.status,
+            &d.body,
+            now,
+        );
         let topic = self.cfg.response_topic.topic_for(device);
         if host.publish(&topic, text.as_bytes()) {
             self.verdicts.responses += 1;
@@ -923,15 +934,17 @@ impl Gateway {
 
 /// The signed response to a device: `payload` is the backend's body (its canonical form if it is
 /// strict JSON, else the text), `in_reply_to` the device's message id, with a fresh message id.
+#[allow(clippy::too_many_arguments)]
 pub fn downlink(
     key: &envelope::Key,
     device: &str,
     in_reply_to: &str,
+    ids: &mut envelope::Uuids,
     status: u16,
     body: &[u8],
     now: i64,
 ) -> String {
-    downlink_with_id(key, device, in_reply_to, &envelope::uuid_v4(), status, body, now)
+    downlink_with_id(key, device, in_reply_to, &ids.next_id(), status, body, now)
 }
 
 /// [`downlink`] with a given message id. Writes the canonical text once, in RFC 8785 member
@@ -960,12 +973,24 @@ fn downlink_with_id(
         Ok(v) => json::write_canonical(&v, &mut out),
         Err(_) => json::write_string(&String::from_utf8_lossy(body), &mut out),
     }
-    let at = out.len();
-    // Writing to a Vec cannot fail.
-    let _ = write!(out, r#","status":{status},"timestamp":{now}}}"#);
-    let mut signature = br#","signature":"#.to_vec();
-    json::write_string(&envelope::hex(&key.sign(&out)), &mut signature);
-    out.splice(at..at, signature);
+    // The members after the signature, signed as if they followed `payload` directly.
+    let mut tail = [0u8; 64];
+    let tail_len = {
+        let mut w = &mut tail[..];
+        // 64 bytes hold both numbers at their widest (u16, i64): cannot fail.
+        let _ = write!(w, r#","status":{status},"timestamp":{now}}}"#);
+        64 - w.len()
+    };
+    let tail = &tail[..tail_len];
+    let sig = key.sign_parts(&[&out, tail]);
+    out.extend_from_slice(br#","signature":""#);
+    for b in sig {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        out.push(HEX[(b >> 4) as usize]);
+        out.push(HEX[(b & 0xf) as usize]);
+    }
+    out.push(b'"');
+    out.extend_from_slice(tail);
     String::from_utf8(out).expect("canonical JSON is UTF-8")
 }
 

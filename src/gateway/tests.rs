@@ -488,7 +488,15 @@ fn disabled_device_is_refused_after_a_registry_snapshot() {
 #[test]
 fn downlink_verifies_with_the_device_secret() {
     let key = envelope::Key::new(b"k".as_slice().into());
-    let text = downlink(&key, "d1", "orig", 200, br#"{"status":"ok"}"#, NOW);
+    let text = downlink(
+        &key,
+        "d1",
+        "orig",
+        &mut envelope::Uuids::default(),
+        200,
+        br#"{"status":"ok"}"#,
+        NOW,
+    );
     let env = Envelope::parse(text.as_bytes(), 65536).unwrap();
     assert!(envelope::verify(b"k", &env.canonical(), &env.signature));
     assert!(!envelope::verify(b"k2", &env.canonical(), &env.signature));
@@ -496,7 +504,7 @@ fn downlink_verifies_with_the_device_secret() {
     assert_eq!(v["in_reply_to"], "orig");
     assert_eq!(v["status"], 200);
     assert_eq!(v["payload"]["status"], "ok");
-    let text = downlink(&key, "d1", "orig", 400, b"not json", NOW);
+    let text = downlink(&key, "d1", "orig", &mut envelope::Uuids::default(), 400, b"not json", NOW);
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["payload"], "not json");
 }
