@@ -7,6 +7,7 @@
 Load: `mosquitto_pub -l` (one device, ~235-byte envelopes pre-signed by
 examples/bench_envelopes.rs before each round, never inside the timed region) and
 `mosquitto_sub -C N` counting, on the same mutual-TLS listener config for all three brokers.
+The brokers take turns in an order that rotates every run, so none always goes first.
 Rate = messages / (publisher start -> subscriber got all N); for forwarding also until nginx
 logged all N requests. Broker CPU per message = broker thread's utime+stime delta
 (/proc/PID/task/PID/stat) / N. Drain: a QoS 0 burst of N queued while nginx is down, then
@@ -225,7 +226,11 @@ def bench(d, nginx, env):
                 run(os.path.join(REL, "examples", "bench_envelopes"), SECRET, DEVICE, str(N),
                     str(int(time.time())), f"{r:02x}{qos:02x}{os.getpid() & 0xffff:04x}", stdout=f)
             res = {}
-            for name in ("plain", "valid", "fwd") + (("base",) if base_so else ()):
+            # The order rotates every round: no build always runs first or right after the
+            # forwarding broker, whose nginx and worker leave the caches and scheduler changed.
+            names = ("plain", "valid", "fwd") + (("base",) if base_so else ())
+            k = (2 * r + qos) % len(names)
+            for name in names[k:] + names[:k]:
                 before = len(access_lines(access)) if name == "fwd" else None
                 res[name] = load(name, qos, path, before)
             row = (r + 1, qos, res)
