@@ -438,13 +438,18 @@ pub fn sign_members(secret: &[u8], members: &[(String, Json)]) -> String {
 
 /// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    write_hex(bytes, &mut out);
+    String::from_utf8(out).expect("hex digits are ASCII")
+}
+
+/// Lower-case hex of `bytes`, appended to `out`.
+pub fn write_hex(bytes: &[u8], out: &mut Vec<u8>) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        s.push(HEX[(b >> 4) as usize] as char);
-        s.push(HEX[(b & 0xf) as usize] as char);
+        out.push(HEX[(b >> 4) as usize]);
+        out.push(HEX[(b & 0xf) as usize]);
     }
-    s
 }
 
 /// Hex (either case) of exactly `N` bytes; None for any other length or any other byte.
@@ -521,16 +526,15 @@ pub fn uuid_v4() -> String {
 fn uuid_v4_from(mut b: [u8; 16]) -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(36);
-    for (i, b) in b.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            s.push('-');
+    let mut out = Vec::with_capacity(36);
+    for (i, group) in [&b[0..4], &b[4..6], &b[6..8], &b[8..10], &b[10..16]].into_iter().enumerate()
+    {
+        if i > 0 {
+            out.push(b'-');
         }
-        s.push(HEX[(b >> 4) as usize] as char);
-        s.push(HEX[(b & 0xf) as usize] as char);
+        write_hex(group, &mut out);
     }
-    s
+    String::from_utf8(out).expect("hex digits are ASCII")
 }
 
 #[cfg(test)]

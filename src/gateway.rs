@@ -984,11 +984,7 @@ fn downlink_with_id(
     let tail = &tail[..tail_len];
     let sig = key.sign_parts(&[&out, tail]);
     out.extend_from_slice(br#","signature":""#);
-    for b in sig {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        out.push(HEX[(b >> 4) as usize]);
-        out.push(HEX[(b & 0xf) as usize]);
-    }
+    envelope::write_hex(&sig, &mut out);
     out.push(b'"');
     out.extend_from_slice(tail);
     String::from_utf8(out).expect("canonical JSON is UTF-8")
