@@ -488,7 +488,8 @@ const HEX_DIGIT: [u8; 256] = {
 /// Fresh random UUID v4 strings (downlink message ids), from random bytes drawn 64 ids at a
 /// time: a call into OpenSSL's generator costs ~1.6 µs whatever its size (locks, a fork check),
 /// which was most of a response's cost on the broker thread; 1 KiB costs the same as 16 bytes.
-/// It starts empty, so bytes are drawn at the first id, never before a fork.
+/// It starts empty, so bytes are drawn at the first response, inside the broker's loop: after any
+/// fork of Mosquitto's (it forks only to daemonise, before loading plugins), never before it.
 pub struct Uuids {
     buf: [u8; 16 * 64],
     next: usize,
