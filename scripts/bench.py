@@ -7,7 +7,7 @@
 Load: `mosquitto_pub -l` (one device, ~235-byte envelopes pre-signed by
 examples/bench_envelopes.rs before each round, never inside the timed region) and
 `mosquitto_sub -C N` counting, on the same mutual-TLS listener config for all three brokers.
-The brokers take turns in an order that rotates every run, so none always goes first.
+The brokers take turns in an order that rotates every round, so none always goes first.
 Rate = messages / (publisher start -> subscriber got all N); for forwarding also until nginx
 logged all N requests. Broker CPU per message = broker thread's utime+stime delta
 (/proc/PID/task/PID/stat) / N. Drain: a QoS 0 burst of N queued while nginx is down, then
