@@ -26,6 +26,13 @@ pub struct Response {
     pub truncated: bool,
 }
 
+/// One POST of a batch (see [`Client::post_all`]).
+pub struct Request<'a> {
+    pub path: &'a str,
+    pub headers: &'a [(&'a str, &'a str)],
+    pub body: &'a [u8],
+}
+
 /// A keep-alive connection to one `host:port`.
 pub struct Client {
     host_header: String,
@@ -127,46 +134,92 @@ impl Client {
         Err(last)
     }
 
-    /// POSTs `body` to `path` with `headers`, all within one deadline of `timeout` from now:
-    /// connecting, writing, reading, and the one retry on a fresh connection that a request on
-    /// a reused connection the server had already closed gets (nothing was processed then).
+    /// Appends one request to the write buffer.
+    fn write_request(&mut self, r: &Request<'_>) -> io::Result<()> {
+        write!(
+            self.wbuf,
+            "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: secure-iot-gateway/0.1\r\n",
+            r.path, self.host_header
+        )?;
+        for (k, v) in r.headers {
+            write!(self.wbuf, "{k}: {}\r\n", header_value(v))?;
+        }
+        write!(self.wbuf, "Content-Length: {}\r\n\r\n", r.body.len())?;
+        self.wbuf.extend_from_slice(r.body);
+        Ok(())
+    }
+
+    /// POSTs `body` to `path` with `headers`: [`Client::post_all`] with one request.
     pub fn post(
         &mut self,
         path: &str,
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> io::Result<Response> {
-        self.wbuf.clear();
-        write!(
-            self.wbuf,
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: secure-iot-gateway/0.1\r\n",
-            self.host_header
-        )?;
-        for (k, v) in headers {
-            write!(self.wbuf, "{k}: {}\r\n", header_value(v))?;
-        }
-        write!(self.wbuf, "Content-Length: {}\r\n\r\n", body.len())?;
-        self.wbuf.extend_from_slice(body);
-        let until = Instant::now() + self.timeout;
-        let reused = self.conn.is_some();
-        match self.exchange(until) {
-            Ok(r) => Ok(r),
-            // Only a stale connection is worth a second try, and only with time left for it.
-            Err((e, got_bytes)) if reused && !got_bytes && e.kind() != io::ErrorKind::TimedOut => {
-                self.conn = None;
-                self.exchange(until).map_err(|(e, _)| e)
+        let mut answers = Vec::with_capacity(1);
+        self.post_all(&[Request { path, headers, body }], &mut answers)?;
+        Ok(answers.pop().expect("one request answered"))
+    }
+
+    /// POSTs `reqs` back to back on one kept-alive connection (HTTP/1.1 pipelining: one
+    /// `write`, and the answers read as they come) and appends their answers to `answers`, in
+    /// order. Connecting, writing and the first answer share one deadline of `timeout` from now;
+    /// each later answer gets `timeout` from the one before, so no request waits longer for its
+    /// answer than it would have alone. When the server closes the connection after an answer
+    /// (`Connection: close`, or simply closing where the next answer should start), the
+    /// unanswered requests go out again on a new connection; a reused connection the server had
+    /// already closed gets one retry on a fresh one when nothing came back at all.
+    ///
+    /// On Err, the requests from the first unanswered one on got no answer; the backend may have
+    /// processed some of them.
+    pub fn post_all(
+        &mut self,
+        reqs: &[Request<'_>],
+        answers: &mut Vec<Response>,
+    ) -> io::Result<()> {
+        let first = answers.len();
+        let mut until = Instant::now() + self.timeout;
+        let mut stale_retry = true;
+        loop {
+            let done = answers.len() - first;
+            if done == reqs.len() {
+                return Ok(());
             }
-            Err((e, _)) => Err(e),
+            let reused = self.conn.is_some();
+            if let Err((e, got_bytes)) = self.exchange(&reqs[done..], answers, &mut until) {
+                // A connection that closed where an answer should start is retried on a new one:
+                // after answers on it (RFC 9112 9.3.2: the server stopped there, like a server
+                // that says `Connection: close`), or once when it was a reused one that gave
+                // nothing at all (it was stale). Never after a timeout or a partial answer.
+                let progress = answers.len() - first > done;
+                let clean = !got_bytes && e.kind() != io::ErrorKind::TimedOut;
+                if clean && (progress || (reused && stale_retry)) {
+                    stale_retry &= progress;
+                    continue;
+                }
+                return Err(e);
+            }
         }
     }
 
-    /// One request/response before `until`; the bool says whether any response byte arrived.
-    fn exchange(&mut self, until: Instant) -> Result<Response, (io::Error, bool)> {
+    /// Writes `reqs` and reads their answers until all came or the server closed after one
+    /// (Ok either way); on Err the bool says whether any byte of the awaited answer arrived.
+    /// The connection is dropped on Err and after a closing answer.
+    fn exchange(
+        &mut self,
+        reqs: &[Request<'_>],
+        answers: &mut Vec<Response>,
+        until: &mut Instant,
+    ) -> Result<(), (io::Error, bool)> {
+        self.wbuf.clear();
+        for r in reqs {
+            self.write_request(r).map_err(|e| (e, false))?;
+        }
         if self.conn.is_none() {
-            self.conn = Some(self.connect(until).map_err(|e| (e, false))?);
+            self.conn = Some(self.connect(*until).map_err(|e| (e, false))?);
         }
         let stream = self.conn.as_mut().expect("connected above");
-        let written = left(until, "request")
+        let written = left(*until, "request")
             .and_then(|l| stream.set_write_timeout(Some(l)))
             .and_then(|()| stream.write_all(&self.wbuf))
             .map_err(|e| match e.kind() {
@@ -178,20 +231,24 @@ impl Client {
             return Err((e, false));
         }
         self.rbuf.clear();
-        let r = read_response(&mut Deadline { stream, until }, &mut self.rbuf);
-        match r {
-            Ok((resp, keep)) => {
-                if !keep {
-                    self.conn = None;
+        for _ in reqs {
+            let stream = self.conn.as_mut().expect("kept while answers come");
+            match read_response(&mut Deadline { stream, until: *until }, &mut self.rbuf) {
+                Ok((resp, keep)) => {
+                    answers.push(resp);
+                    *until = Instant::now() + self.timeout;
+                    if !keep {
+                        self.conn = None;
+                        return Ok(());
+                    }
                 }
-                Ok(resp)
-            }
-            Err(e) => {
-                self.conn = None;
-                let got = !self.rbuf.is_empty();
-                Err((e, got))
+                Err(e) => {
+                    self.conn = None;
+                    return Err((e, !self.rbuf.is_empty()));
+                }
             }
         }
+        Ok(())
     }
 }
 
@@ -207,7 +264,8 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Reads one response from `s` (using `buf`); returns it and whether the connection can be reused.
+/// Reads one response from `s`, starting with the bytes already in `buf`; returns it and whether
+/// the connection can be reused, and leaves in `buf` the bytes read past its end.
 pub fn read_response(s: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<(Response, bool)> {
     let head_end = loop {
         if let Some(p) = find(buf, b"\r\n\r\n") {
@@ -257,16 +315,22 @@ pub fn read_response(s: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<(Respon
         }
     }
     let mut rest = buf.split_off(head_end + 4);
+    // Bytes past this answer (the start of the next one, when pipelining) end up in `buf`; until
+    // then `buf` keeps the head, so an error still shows that bytes arrived.
+    let mut next = Vec::new();
     let no_body = status / 100 == 1 || status == 204 || status == 304;
     let mut longer = false;
     let body = if no_body {
+        next = std::mem::take(&mut rest);
         Vec::new()
     } else if chunked {
-        let (body, complete) = read_chunked(s, &mut rest)?;
+        let (body, complete, used) = read_chunked(s, &mut rest)?;
         if !complete {
             // The rest is not read: the connection cannot be reused.
             close = true;
             longer = true;
+        } else {
+            next = rest[used..].to_vec();
         }
         body
     } else if let Some(n) = length {
@@ -283,6 +347,7 @@ pub fn read_response(s: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<(Respon
                 ));
             }
         }
+        next = rest[want..].to_vec();
         rest.truncate(want);
         rest
     } else {
@@ -295,12 +360,14 @@ pub fn read_response(s: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<(Respon
     let mut body = body;
     let truncated = longer || body.len() > KEEP;
     body.truncate(KEEP);
+    *buf = next;
     Ok((Response { status, retry_after, body, truncated }, !close))
 }
 
 /// Reads a chunked body, up to [`DRAIN_MAX`] bytes; the bool is false when it was longer and
-/// the rest was left unread (a large body is no error: the status is the answer).
-fn read_chunked(s: &mut impl Read, rest: &mut Vec<u8>) -> io::Result<(Vec<u8>, bool)> {
+/// the rest was left unread (a large body is no error: the status is the answer). The usize is
+/// how many bytes of `rest` the body took.
+fn read_chunked(s: &mut impl Read, rest: &mut Vec<u8>) -> io::Result<(Vec<u8>, bool, usize)> {
     let mut body = Vec::new();
     let mut at = 0usize;
     loop {
@@ -322,17 +389,17 @@ fn read_chunked(s: &mut impl Read, rest: &mut Vec<u8>) -> io::Result<(Vec<u8>, b
             loop {
                 if let Some(p) = find(&rest[at..], b"\r\n") {
                     if p == 0 {
-                        return Ok((body, true));
+                        return Ok((body, true, at + 2));
                     }
                     at += p + 2;
                 } else if fill(s, rest)? == 0 {
-                    return Ok((body, true));
+                    return Ok((body, true, rest.len()));
                 }
             }
         }
         // Not `body.len() + size`: a chunk size near usize::MAX (found by fuzzing) overflowed it.
         if size > DRAIN_MAX - body.len() {
-            return Ok((body, false));
+            return Ok((body, false, rest.len()));
         }
         while rest.len() < at + size + 2 {
             if fill(s, rest)? == 0 {
@@ -503,6 +570,111 @@ mod tests {
         }
         // 7 requests, 3 per connection: 3 connections, each stale one replaced transparently.
         assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    fn batch<'a>(bodies: &'a [String], headers: &'a [(&'a str, &'a str)]) -> Vec<Request<'a>> {
+        bodies.iter().map(|b| Request { path: "/x", headers, body: b.as_bytes() }).collect()
+    }
+
+    #[test]
+    fn a_batch_goes_out_in_one_write_and_its_answers_are_read_in_order() {
+        // The server reads all four requests before it answers any: a client that waited for
+        // each answer would get none (it times out), so this passes only if it pipelines.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            for _ in 0..4 {
+                if !read_request(&mut r) {
+                    return;
+                }
+            }
+            // One write holding four answers of every framing: Content-Length, no body (204),
+            // chunked with a trailer, and a 503 with Retry-After.
+            let _ = (&s).write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none\
+                  HTTP/1.1 204 No Content\r\n\r\n\
+                  HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nthr\r\n2\r\nee\r\n0\r\nX-T: 1\r\n\r\n\
+                  HTTP/1.1 503 Busy\r\nRetry-After: 7\r\nContent-Length: 4\r\n\r\nfour",
+            );
+            std::thread::sleep(Duration::from_secs(2));
+        });
+        let mut c = Client::new("127.0.0.1", Some(port), Duration::from_secs(1));
+        let bodies: Vec<String> = (0..4).map(|i| format!("{{\"n\":{i}}}")).collect();
+        let mut answers = Vec::new();
+        c.post_all(&batch(&bodies, &[]), &mut answers).unwrap();
+        let got: Vec<(u16, &[u8], Option<&str>)> =
+            answers.iter().map(|a| (a.status, &a.body[..], a.retry_after.as_deref())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (200, &b"one"[..], None),
+                (204, &b""[..], None),
+                (201, &b"three"[..], None),
+                (503, &b"four"[..], Some("7")),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_batch_cut_short_by_the_server_closing_is_finished_on_new_connections() {
+        // The server answers 3 requests per connection, then closes without a word (the
+        // requests after them on that connection are never read): every request of the batch is
+        // still answered once, in order.
+        let (port, conns) = server(3);
+        let mut c = Client::new("127.0.0.1", Some(port), Duration::from_secs(5));
+        let bodies: Vec<String> = (0..8).map(|i| format!("{{\"n\":{i}}}")).collect();
+        let mut answers = Vec::new();
+        c.post_all(&batch(&bodies, &[("Content-Type", "application/json")]), &mut answers).unwrap();
+        let echoed: Vec<Vec<u8>> = answers.into_iter().map(|a| a.body).collect();
+        let sent: Vec<Vec<u8>> = bodies.into_iter().map(String::into_bytes).collect();
+        assert_eq!(echoed, sent);
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_batch_whose_answer_breaks_off_mid_way_is_an_error_after_the_whole_answers() {
+        // Half an answer is not a clean close: the server may have processed that request, so
+        // it is not sent again here (the worker retries it with its backoff).
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let a2 = accepted.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().take(3) {
+                let s = s.unwrap();
+                a2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                for _ in 0..3 {
+                    read_request(&mut r);
+                }
+                let _ = (&s).write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\
+                      HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+                );
+            }
+        });
+        let mut c = Client::new("127.0.0.1", Some(port), Duration::from_secs(5));
+        let bodies: Vec<String> = (0..3).map(|i| i.to_string()).collect();
+        let mut answers = Vec::new();
+        let e = c.post_all(&batch(&bodies, &[]), &mut answers).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+        assert_eq!(answers.len(), 1);
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "not sent again");
+    }
+
+    #[test]
+    fn bytes_after_an_answer_are_kept_for_the_next_one() {
+        let raw = b"HTTP/1.1 304 Not Modified\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\ny\r\n0\r\n\r\nHTTP/1.1 202";
+        let mut src = &raw[..];
+        let mut buf = Vec::new();
+        let mut bodies = Vec::new();
+        for _ in 0..3 {
+            bodies.push(read_response(&mut src, &mut buf).unwrap().0.body);
+        }
+        assert_eq!(bodies, vec![b"".to_vec(), b"x".to_vec(), b"y".to_vec()]);
+        assert_eq!(buf, b"HTTP/1.1 202");
     }
 
     #[test]
