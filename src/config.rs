@@ -17,13 +17,15 @@ pub const DEFAULT_WORKERS: usize = 4;
 pub const DEFAULT_SPOOL_PATH: &str = "/var/lib/secure-iot-gateway/outbox";
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
 pub const DEFAULT_HTTP_TIMEOUT_MS: u64 = 5000;
+/// Requests a worker may send back to back before it reads their answers (HTTP/1.1 pipelining).
+pub const DEFAULT_BACKEND_PIPELINE: usize = 8;
 /// Mosquitto's own default `sys_interval` (the plugin API cannot read the broker's value).
 pub const DEFAULT_SYS_INTERVAL_S: u64 = 10;
 /// Largest envelope the plugin will parse (Mosquitto's own `message_size_limit` may be lower).
 pub const MAX_PAYLOAD_LIMIT: usize = 16 << 20;
 
 /// Every option key the plugin understands, for the error message on a typo.
-pub const KEYS: [&str; 21] = [
+pub const KEYS: [&str; 22] = [
     "db_path",
     "registry_url",
     "cluster_url",
@@ -37,6 +39,7 @@ pub const KEYS: [&str; 21] = [
     "backend_url",
     "backend_ca_file",
     "workers",
+    "backend_pipeline",
     "spool_path",
     "spool_max_bytes",
     "http_timeout_ms",
@@ -121,6 +124,9 @@ pub struct BackendConfig {
     pub ca_file: Option<PathBuf>,
     pub workers: usize,
     pub http_timeout: Duration,
+    /// Most requests a worker sends back to back on its connection before reading the answers
+    /// (1: one at a time). Plain `http://` backends outside cluster mode only.
+    pub pipeline: usize,
 }
 
 /// Where the device registry lives: exactly one of `db_path` and `registry_url`.
@@ -312,6 +318,7 @@ impl Config {
         let mut backend_url = Some(DEFAULT_BACKEND_URL.to_string());
         let mut ca_file = None;
         let mut workers = DEFAULT_WORKERS;
+        let mut pipeline = DEFAULT_BACKEND_PIPELINE;
         let mut spool_path = PathBuf::from(DEFAULT_SPOOL_PATH);
         let mut spool_max_bytes = DEFAULT_SPOOL_MAX_BYTES;
         let mut http_timeout_ms = DEFAULT_HTTP_TIMEOUT_MS;
@@ -421,6 +428,7 @@ impl Config {
                     ca_file = Some(p);
                 }
                 "workers" => workers = number(key, v, 1, 256)?,
+                "backend_pipeline" => pipeline = number(key, v, 1, 64)?,
                 "spool_path" => spool_path = PathBuf::from(v),
                 "spool_max_bytes" => spool_max_bytes = number(key, v, 1 << 20, u64::MAX)?,
                 "http_timeout_ms" => http_timeout_ms = number(key, v, 100, 600_000)?,
@@ -516,6 +524,7 @@ impl Config {
             ca_file,
             workers,
             http_timeout: Duration::from_millis(http_timeout_ms),
+            pipeline,
         });
         Ok(Config {
             registry,
@@ -569,6 +578,7 @@ mod tests {
         assert_eq!(b.url_template, DEFAULT_BACKEND_URL);
         assert_eq!(b.workers, 4);
         assert_eq!(b.http_timeout, Duration::from_millis(5000));
+        assert_eq!(b.pipeline, 8);
         assert_eq!(c.spool_max_bytes, 1 << 30);
         assert_eq!(c.rate_limit, None);
     }
@@ -754,6 +764,16 @@ mod tests {
     #[test]
     fn config_tiny_spool_is_rejected() {
         assert_eq!(with_db(&[("spool_max_bytes", "1000")]).unwrap_err().key, "spool_max_bytes");
+    }
+
+    #[test]
+    fn config_backend_pipeline_is_1_to_64() {
+        assert_eq!(with_db(&[("backend_pipeline", "1")]).unwrap().backend.unwrap().pipeline, 1);
+        assert_eq!(with_db(&[("backend_pipeline", "64")]).unwrap().backend.unwrap().pipeline, 64);
+        for bad in ["0", "65", "-1", "eight", ""] {
+            let e = with_db(&[("backend_pipeline", bad)]).unwrap_err();
+            assert_eq!((e.key.as_str(), e.value.as_deref()), ("backend_pipeline", Some(bad)));
+        }
     }
 
     #[test]

@@ -368,6 +368,7 @@ mod tests {
             ca_file: None,
             workers: lanes,
             http_timeout: std::time::Duration::from_millis(100),
+            pipeline: 1,
         };
         let pool = Pool::start(&cfg, Arc::new(|| {}), None).unwrap();
         Forward { spilled: vec![VecDeque::new(); lanes], pool }

@@ -233,6 +233,46 @@ impl Backend {
         }
     }
 
+    /// POSTs `batch` back to back (HTTP/1.1 pipelining) when this is a plain `http://` backend
+    /// and there is more than one; the attempts of the first messages, in order. Fewer than the
+    /// batch: the rest got no answer (the connection failed; the error is the last attempt).
+    /// Otherwise one attempt, for the first message only.
+    pub fn attempt_all(&mut self, batch: &[QueuedMessage]) -> Vec<Attempt> {
+        let Backend::Plain { client, path } = self else {
+            return batch.first().map(|m| self.attempt(m)).into_iter().collect();
+        };
+        if batch.len() < 2 {
+            return batch.first().map(|m| self.attempt(m)).into_iter().collect();
+        }
+        let paths: Vec<String> = batch.iter().map(|m| url_for(path, &m.device_id)).collect();
+        let headers: Vec<[(&str, &str); 3]> = batch
+            .iter()
+            .map(|m| {
+                [
+                    ("Content-Type", "application/json"),
+                    ("X-Device-Id", m.device_id.as_str()),
+                    ("X-Message-Id", m.message_id.as_str()),
+                ]
+            })
+            .collect();
+        let reqs: Vec<crate::http::Request<'_>> = batch
+            .iter()
+            .zip(&paths)
+            .zip(&headers)
+            .map(|((m, path), headers)| crate::http::Request { path, headers, body: &m.payload })
+            .collect();
+        let mut answers = Vec::with_capacity(batch.len());
+        let failed = client.post_all(&reqs, &mut answers).err();
+        let mut attempts: Vec<Attempt> = answers
+            .into_iter()
+            .map(|r| outcome(r.status, r.retry_after.as_deref(), r.body, r.truncated))
+            .collect();
+        if let Some(e) = failed {
+            attempts.push(Attempt::Retry { why: e.to_string(), after: None });
+        }
+        attempts
+    }
+
     /// POSTs one message once.
     pub fn attempt(&mut self, m: &QueuedMessage) -> Attempt {
         match self {
@@ -327,16 +367,20 @@ impl Pool {
         for i in 0..cfg.workers {
             let (tx, rx) = std::sync::mpsc::sync_channel(pool.capacity);
             let d = Arc::new(AtomicUsize::new(0));
+            let backend = match first.take() {
+                Some(b) => b,
+                None => Backend::new(cfg)?,
+            };
+            // ureq (https) sends one request at a time.
+            let pipelines = cluster.is_none() && matches!(backend, Backend::Plain { .. });
             let worker = Worker {
                 rx,
                 depth: d.clone(),
-                backend: match first.take() {
-                    Some(b) => b,
-                    None => Backend::new(cfg)?,
-                },
+                backend,
                 shared: shared.clone(),
                 wake: wake.clone(),
                 claimer: cluster.map(Cluster::claimer),
+                pipeline: if pipelines { cfg.pipeline.max(1) } else { 1 },
             };
             // On an error here `pool` is dropped, which stops the workers already started.
             let h = std::thread::Builder::new()
@@ -405,6 +449,28 @@ impl Drop for Pool {
     }
 }
 
+/// A message's final answer from the backend: 2xx is delivered, anything else dead-lettered.
+fn answered(
+    message: QueuedMessage,
+    status: u16,
+    body: Vec<u8>,
+    body_truncated: bool,
+    attempts: u32,
+    answered_at: Instant,
+) -> Done {
+    let delivered = (200..300).contains(&status);
+    Done {
+        message,
+        status,
+        body,
+        body_truncated,
+        delivered,
+        attempts,
+        answered_at,
+        claimed_elsewhere: None,
+    }
+}
+
 struct Worker {
     rx: Receiver<QueuedMessage>,
     depth: Arc<AtomicUsize>,
@@ -412,6 +478,9 @@ struct Worker {
     shared: Arc<Shared>,
     wake: Arc<dyn Fn() + Send + Sync>,
     claimer: Option<Claimer>,
+    /// Most messages sent back to back (see [`Backend::attempt_all`]); 1 for `https://` and in
+    /// cluster mode, where each message is claimed in Redis just before its POST.
+    pipeline: usize,
 }
 
 impl Worker {
@@ -467,13 +536,24 @@ impl Worker {
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
             };
+            // What else is waiting goes out with it, up to `pipeline`; never waited for.
+            let mut batch = vec![m];
+            while batch.len() < self.pipeline {
+                match self.rx.try_recv() {
+                    Ok(m) => {
+                        self.depth.fetch_sub(1, Ordering::Relaxed);
+                        batch.push(m);
+                    }
+                    Err(_) => break,
+                }
+            }
             // A panic in one job must not silently shrink the pool.
             let outcome =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.deliver(m)));
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.deliver_all(batch)));
             if outcome.is_err() {
                 self.log(
                     Level::Warning,
-                    "forwarder worker caught a panic; the message stays in the outbox".into(),
+                    "forwarder worker caught a panic; its messages stay in the outbox".into(),
                 );
             }
             last = Instant::now();
@@ -518,70 +598,119 @@ impl Worker {
         }
     }
 
-    fn deliver(&mut self, m: QueuedMessage) {
-        let mut n = 0u32;
+    /// Delivers `batch`, in order: the first attempts go out together, then every message
+    /// whose attempt asks for a retry, and every one left unanswered, is delivered on its own,
+    /// in order, with the usual backoff.
+    fn deliver_all(&mut self, mut batch: Vec<QueuedMessage>) {
+        if batch.len() == 1 || self.claimer.is_some() {
+            for m in batch {
+                self.deliver(m, None);
+            }
+            return;
+        }
+        if self.stopping() {
+            return;
+        }
+        let started = Instant::now();
+        let attempts = self.backend.attempt_all(&batch);
+        let took = started.elapsed();
+        // The answered ones and the one that failed; the unanswered rest count when retried.
+        self.shared.stats.attempts.fetch_add(attempts.len() as u64, Ordering::Relaxed);
+        let answered_at = Instant::now();
+        let mut again = Vec::new();
+        let mut done = Vec::new();
+        let rest = batch.split_off(attempts.len().min(batch.len()));
+        for (m, attempt) in batch.into_iter().zip(attempts) {
+            // One figure for the batch: how long its last answer took.
+            self.shared.stats.request_duration.observe(took);
+            match attempt {
+                Attempt::Final { status, body, truncated } => {
+                    done.push(answered(m, status, body, truncated, 1, answered_at))
+                }
+                retry => again.push((m, Some(retry))),
+            }
+        }
+        // Sent but never answered: tried afresh, not counted as a failure of their own.
+        again.extend(rest.into_iter().map(|m| (m, None)));
+        if !done.is_empty() {
+            self.shared.results.lock().unwrap_or_else(|p| p.into_inner()).append(&mut done);
+            (self.wake)();
+        }
+        for (m, tried) in again {
+            self.deliver(m, tried);
+        }
+    }
+
+    /// Delivers one message, retrying until it gets a final answer (or shutdown); `tried` is
+    /// an attempt already made (it asked for a retry).
+    fn deliver(&mut self, mut m: QueuedMessage, mut tried: Option<Attempt>) {
+        let mut n = u32::from(tried.is_some());
         loop {
             if self.stopping() {
                 return;
             }
-            // Claimed before every attempt: a long backend outage may outlast the claim.
-            let Ok(elsewhere) = self.claim(&m) else { return };
-            if let Some(e) = elsewhere {
-                let done = Done {
-                    message: m,
-                    status: 0,
-                    body: Vec::new(),
-                    body_truncated: false,
-                    delivered: false,
-                    attempts: n,
-                    answered_at: Instant::now(),
-                    claimed_elsewhere: Some(e),
-                };
-                self.shared.results.lock().unwrap_or_else(|p| p.into_inner()).push(done);
-                (self.wake)();
-                return;
-            }
-            n += 1;
-            self.shared.stats.attempts.fetch_add(1, Ordering::Relaxed);
-            let started = Instant::now();
-            let attempt = self.backend.attempt(&m);
-            self.shared.stats.request_duration.observe(started.elapsed());
-            match attempt {
-                Attempt::Final { status, body, truncated } => {
-                    let delivered = (200..300).contains(&status);
-                    let done = Done {
-                        message: m,
-                        status,
-                        body,
-                        body_truncated: truncated,
-                        delivered,
-                        attempts: n,
-                        answered_at: Instant::now(),
-                        claimed_elsewhere: None,
-                    };
-                    self.shared.results.lock().unwrap_or_else(|p| p.into_inner()).push(done);
-                    (self.wake)();
-                    return;
-                }
-                Attempt::Retry { why, after } => {
-                    self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    let wait = after.unwrap_or_else(|| backoff(n));
-                    // Log the first failure and then every tenth, to keep an outage readable.
-                    if n == 1 || n.is_multiple_of(10) {
-                        self.log(
-                            Level::Warning,
-                            format!(
-                                "backend delivery failed for device {} message {} (attempt {n}: {why}); retrying in {} ms",
-                                m.device_id,
-                                m.message_id,
-                                wait.as_millis()
-                            ),
-                        );
-                    }
-                    if !self.sleep(wait) {
+            let attempt = match tried.take() {
+                Some(attempt) => attempt,
+                None => {
+                    // Claimed before every attempt: a long backend outage may outlast the claim.
+                    let Ok(elsewhere) = self.claim(&m) else { return };
+                    if let Some(e) = elsewhere {
+                        let done = Done {
+                            message: m,
+                            status: 0,
+                            body: Vec::new(),
+                            body_truncated: false,
+                            delivered: false,
+                            attempts: n,
+                            answered_at: Instant::now(),
+                            claimed_elsewhere: Some(e),
+                        };
+                        self.shared.results.lock().unwrap_or_else(|p| p.into_inner()).push(done);
+                        (self.wake)();
                         return;
                     }
+                    n += 1;
+                    self.shared.stats.attempts.fetch_add(1, Ordering::Relaxed);
+                    let started = Instant::now();
+                    let attempt = self.backend.attempt(&m);
+                    self.shared.stats.request_duration.observe(started.elapsed());
+                    attempt
                 }
+            };
+            match self.after(m, n, attempt) {
+                Some(again) => m = again,
+                None => return,
+            }
+        }
+    }
+
+    /// Acts on attempt number `n` of `m`: a final answer is queued for the tick (None); a retry
+    /// is counted, logged (the first and every tenth) and waited for, then `m` comes back
+    /// (None if shutdown began meanwhile).
+    fn after(&mut self, m: QueuedMessage, n: u32, attempt: Attempt) -> Option<QueuedMessage> {
+        match attempt {
+            Attempt::Final { status, body, truncated } => {
+                let done = answered(m, status, body, truncated, n, Instant::now());
+                self.shared.results.lock().unwrap_or_else(|p| p.into_inner()).push(done);
+                (self.wake)();
+                None
+            }
+            Attempt::Retry { why, after } => {
+                self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+                let wait = after.unwrap_or_else(|| backoff(n));
+                // Log the first failure and then every tenth, to keep an outage readable.
+                if n == 1 || n.is_multiple_of(10) {
+                    self.log(
+                        Level::Warning,
+                        format!(
+                            "backend delivery failed for device {} message {} (attempt {n}: {why}); retrying in {} ms",
+                            m.device_id,
+                            m.message_id,
+                            wait.as_millis()
+                        ),
+                    );
+                }
+                self.sleep(wait).then_some(m)
             }
         }
     }

@@ -21,16 +21,27 @@ pub struct Req {
 
 #[derive(Default)]
 struct Shared {
-    received: Mutex<Vec<Req>>,
+    /// With the number of its arrival.
+    received: Mutex<Vec<(u64, Req)>>,
+    /// Held while taking the next request: the number of the next arrival. Pipelined requests
+    /// (several on one connection before the first is answered) are served by several threads
+    /// at once, so arrival, not answering, is what keeps their order.
+    arrivals: Mutex<u64>,
     /// Every request, whatever it was answered.
     requests: std::sync::atomic::AtomicUsize,
     script: Mutex<VecDeque<u16>>,
     hang: AtomicBool,
+    /// Microseconds each answer waits (see [`Sink::set_delay`]).
+    delay_us: std::sync::atomic::AtomicU64,
+    /// Requests taken and not answered yet, and the most there ever were.
+    in_flight: std::sync::atomic::AtomicUsize,
+    max_in_flight: std::sync::atomic::AtomicUsize,
     stop: AtomicBool,
 }
 
 /// A loopback HTTP(S) backend: answers with scripted statuses (then 200), or hangs; records the
-/// requests it answered 2xx, in the order it answered them.
+/// requests it answered 2xx. Statuses are handed out, and records kept, in the order the
+/// requests arrived.
 pub struct Sink {
     port: u16,
     https: bool,
@@ -88,13 +99,20 @@ impl Sink {
                         // Blocking recv, not a polling timeout: cheaper under load; Drop
                         // unblocks each worker.
                         loop {
-                            let next = server.recv();
+                            let next = {
+                                let mut arrivals = shared.arrivals.lock().unwrap();
+                                // An error is a failed accept (or a stray unblock).
+                                server.recv().ok().map(|req| {
+                                    *arrivals += 1;
+                                    let status = shared.script.lock().unwrap().pop_front();
+                                    (req, *arrivals, status.unwrap_or(200))
+                                })
+                            };
                             if shared.stop.load(Ordering::SeqCst) {
                                 return;
                             }
-                            // An error is a failed accept (or a stray unblock): keep serving.
-                            if let Ok(req) = next {
-                                answer(&shared, req);
+                            if let Some((req, arrival, status)) = next {
+                                answer(&shared, req, arrival, status);
                             }
                         }
                     })
@@ -132,9 +150,23 @@ impl Sink {
         self.shared.hang.store(on, Ordering::SeqCst);
     }
 
-    /// The requests answered 2xx so far, in order.
+    /// Each answer waits this long (a slow backend: a client that pipelines has several
+    /// requests here at once).
+    pub fn set_delay(&self, d: Duration) {
+        self.shared.delay_us.store(d.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    /// The most requests this sink held unanswered at once. Over 1 with a single client
+    /// connection means that client pipelines.
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The requests answered 2xx so far, in the order they arrived.
     pub fn delivered(&self) -> Vec<Req> {
-        self.shared.received.lock().unwrap().clone()
+        let mut got = self.shared.received.lock().unwrap().clone();
+        got.sort_by_key(|(arrival, _)| *arrival);
+        got.into_iter().map(|(_, r)| r).collect()
     }
 
     /// How many requests were answered 2xx so far.
@@ -157,7 +189,9 @@ impl Sink {
     }
 }
 
-fn answer(shared: &Shared, mut req: tiny_http::Request) {
+fn answer(shared: &Shared, mut req: tiny_http::Request, arrival: u64, status: u16) {
+    let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
     let header = |name: &str| {
         req.headers()
             .iter()
@@ -191,12 +225,14 @@ fn answer(shared: &Shared, mut req: tiny_http::Request) {
     {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let status = shared.script.lock().unwrap().pop_front().unwrap_or(200);
+    std::thread::sleep(Duration::from_micros(shared.delay_us.load(Ordering::SeqCst)));
     let text = format!(r#"{{"status":"ok","seen":"{}"}}"#, rec.message_id);
     // Recorded before answering, so a client that saw the 2xx also finds the record.
     if status / 100 == 2 {
-        shared.received.lock().unwrap().push(rec);
+        shared.received.lock().unwrap().push((arrival, rec));
     }
+    // Before the answer leaves: a client waiting for it cannot have sent its next request yet.
+    shared.in_flight.fetch_sub(1, Ordering::SeqCst);
     let _ = req.respond(tiny_http::Response::from_string(text).with_status_code(status));
 }
 

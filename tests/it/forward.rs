@@ -82,6 +82,61 @@ fn backend_down_then_up_delivers_all_200_in_order_per_device() {
     }
 }
 
+/// Publishes `n` messages of sensor_001 (QoS 1, all acknowledged); returns their ids.
+fn publish_ids(dev: &mut Mqtt, prefix: &str, n: usize) -> Vec<String> {
+    let t = now();
+    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i:03}")).collect();
+    for mid in &ids {
+        let m = signed_as("sensor_001", t, mid, "{}");
+        assert!(dev.publish("device/sensor_001/data", 1, false, &m).is_ok());
+    }
+    ids
+}
+
+#[test]
+fn a_backlog_is_pipelined_to_the_backend_in_order_and_pipeline_1_sends_one_at_a_time() {
+    // A slow backend (50 ms an answer) and one worker: messages wait in the lane, and the
+    // worker sends up to `backend_pipeline` of them back to back on its one connection.
+    for (pipeline, most) in [(4usize, 2..=4usize), (1, 1..=1)] {
+        let env = Env::new();
+        let sink = Sink::start();
+        sink.set_delay(Duration::from_millis(50));
+        let opts = backend_opts(sink.port()).set("workers", 1).set("backend_pipeline", pipeline);
+        let broker = Broker::start(&env, &opts);
+        let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
+        let sent = publish_ids(&mut dev, "p", 30);
+        let got = sink.wait_for(sent.len(), Duration::from_secs(30));
+        let ids: Vec<String> = got.iter().map(|r| r.message_id.clone()).collect();
+        assert_eq!(ids, sent, "pipeline {pipeline}: order; {}", broker.log());
+        assert_eq!(sink.requests(), sent.len(), "pipeline {pipeline}: each sent once");
+        assert!(
+            most.contains(&sink.max_in_flight()),
+            "pipeline {pipeline}: the backend held {} requests at once",
+            sink.max_in_flight()
+        );
+    }
+}
+
+#[test]
+fn a_message_refused_inside_a_pipelined_batch_is_retried_alone_and_nothing_else_twice() {
+    let env = Env::new();
+    let sink = Sink::start();
+    sink.set_delay(Duration::from_millis(50));
+    // The second request to arrive is refused (retry later); all others are taken.
+    sink.script(&[200, 503]);
+    let opts = backend_opts(sink.port()).set("workers", 1);
+    let broker = Broker::start(&env, &opts);
+    let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
+    let sent = publish_ids(&mut dev, "r", 30);
+    let got = sink.wait_for(sent.len(), Duration::from_secs(30));
+    let mut ids: Vec<String> = got.iter().map(|r| r.message_id.clone()).collect();
+    ids.sort();
+    assert_eq!(ids, sent, "each delivered exactly once; {}", broker.log());
+    assert!(sink.max_in_flight() > 1, "the refusal came inside a pipelined batch");
+    // 30 answered 2xx plus the one refusal: nothing after the refused one was sent again.
+    assert_eq!(sink.requests(), sent.len() + 1, "{}", broker.log());
+}
+
 #[test]
 fn kill_9_mid_stream_loses_no_acknowledged_message() {
     let env = Env::new();
