@@ -42,6 +42,10 @@ pub struct Client {
     conn: Option<TcpStream>,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
+    /// See [`Client::took`].
+    took: Vec<Duration>,
+    /// The server closed the last connection after its first answer: send one at a time.
+    one_per_conn: bool,
 }
 
 /// Header values must be visible ASCII; anything else (a device-chosen message id may hold CR,
@@ -114,6 +118,8 @@ impl Client {
             conn: None,
             rbuf: Vec::with_capacity(4096),
             wbuf: Vec::with_capacity(1024),
+            took: Vec::new(),
+            one_per_conn: false,
         }
     }
 
@@ -157,7 +163,7 @@ impl Client {
         body: &[u8],
     ) -> io::Result<Response> {
         let mut answers = Vec::with_capacity(1);
-        self.post_all(&[Request { path, headers, body }], &mut answers)?;
+        self.post_all(&[Request { path, headers, body }], &mut answers, &|| false)?;
         Ok(answers.pop().expect("one request answered"))
     }
 
@@ -165,10 +171,12 @@ impl Client {
     /// `write`, and the answers read as they come) and appends their answers to `answers`, in
     /// order. Connecting, writing and the first answer share one deadline of `timeout` from now;
     /// each later answer gets `timeout` from the one before, so no request waits longer for its
-    /// answer than it would have alone. When the server closes the connection after an answer
+    /// answer than it would have alone, and `stop` is asked before each of them (shutdown waits
+    /// for one answer at most). When the server closes the connection after an answer
     /// (`Connection: close`, or simply closing where the next answer should start), the
-    /// unanswered requests go out again on a new connection; a reused connection the server had
-    /// already closed gets one retry on a fresh one when nothing came back at all.
+    /// unanswered requests go out again on a new connection (one at a time if the server
+    /// answers one per connection); a reused connection the server had already closed gets one
+    /// retry on a fresh one when nothing came back at all.
     ///
     /// On Err, the requests from the first unanswered one on got no answer; the backend may have
     /// processed some of them.
@@ -176,9 +184,12 @@ impl Client {
         &mut self,
         reqs: &[Request<'_>],
         answers: &mut Vec<Response>,
+        stop: &dyn Fn() -> bool,
     ) -> io::Result<()> {
         let first = answers.len();
-        let mut until = Instant::now() + self.timeout;
+        let started = Instant::now();
+        let mut until = started + self.timeout;
+        self.took.clear();
         let mut stale_retry = true;
         loop {
             let done = answers.len() - first;
@@ -186,13 +197,15 @@ impl Client {
                 return Ok(());
             }
             let reused = self.conn.is_some();
-            if let Err((e, got_bytes)) = self.exchange(&reqs[done..], answers, &mut until) {
+            let batch = if self.one_per_conn { &reqs[done..=done] } else { &reqs[done..] };
+            if let Err((e, got_bytes)) = self.exchange(batch, answers, &mut until, stop, started) {
                 // A connection that closed where an answer should start is retried on a new one:
                 // after answers on it (RFC 9112 9.3.2: the server stopped there, like a server
                 // that says `Connection: close`), or once when it was a reused one that gave
-                // nothing at all (it was stale). Never after a timeout or a partial answer.
+                // nothing at all (it was stale). Never after a timeout, a partial answer or stop.
                 let progress = answers.len() - first > done;
-                let clean = !got_bytes && e.kind() != io::ErrorKind::TimedOut;
+                let clean = !got_bytes
+                    && !matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::Interrupted);
                 if clean && (progress || (reused && stale_retry)) {
                     stale_retry &= progress;
                     continue;
@@ -202,14 +215,22 @@ impl Client {
         }
     }
 
+    /// How long each answer of the last [`Client::post_all`] took from its start, in order.
+    pub fn took(&self) -> &[Duration] {
+        &self.took
+    }
+
     /// Writes `reqs` and reads their answers until all came or the server closed after one
     /// (Ok either way); on Err the bool says whether any byte of the awaited answer arrived.
-    /// The connection is dropped on Err and after a closing answer.
+    /// The connection is dropped on Err, after a closing answer, and when bytes nobody asked
+    /// for follow the last answer (they would be taken for the next request's answer).
     fn exchange(
         &mut self,
         reqs: &[Request<'_>],
         answers: &mut Vec<Response>,
         until: &mut Instant,
+        stop: &dyn Fn() -> bool,
+        started: Instant,
     ) -> Result<(), (io::Error, bool)> {
         self.wbuf.clear();
         for r in reqs {
@@ -231,22 +252,33 @@ impl Client {
             return Err((e, false));
         }
         self.rbuf.clear();
-        for _ in reqs {
+        for i in 0..reqs.len() {
+            if i > 0 && stop() {
+                self.conn = None;
+                return Err((io::Error::new(io::ErrorKind::Interrupted, "stopping"), false));
+            }
             let stream = self.conn.as_mut().expect("kept while answers come");
             match read_response(&mut Deadline { stream, until: *until }, &mut self.rbuf) {
                 Ok((resp, keep)) => {
                     answers.push(resp);
+                    self.took.push(started.elapsed());
                     *until = Instant::now() + self.timeout;
                     if !keep {
+                        // A server that closes after every answer gets one request at a time.
+                        self.one_per_conn = i == 0;
                         self.conn = None;
                         return Ok(());
                     }
+                    self.one_per_conn = false;
                 }
                 Err(e) => {
                     self.conn = None;
                     return Err((e, !self.rbuf.is_empty()));
                 }
             }
+        }
+        if !self.rbuf.is_empty() {
+            self.conn = None;
         }
         Ok(())
     }
@@ -260,6 +292,17 @@ fn fill(s: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<usize> {
     n
 }
 
+/// The status of a head that is an HTTP/1.x 1xx answer.
+fn interim(head: &[u8]) -> Option<u16> {
+    let line = head.strip_prefix(b"HTTP/1.")?;
+    let (b' ', code) = (*line.get(1)?, line.get(2..5)?) else { return None };
+    if !matches!(line.get(5), None | Some(b' ' | b'\r')) {
+        return None;
+    }
+    let status: u16 = std::str::from_utf8(code).ok()?.parse().ok()?;
+    (100..200).contains(&status).then_some(status)
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
@@ -269,7 +312,17 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 pub fn read_response(s: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<(Response, bool)> {
     let head_end = loop {
         if let Some(p) = find(buf, b"\r\n\r\n") {
-            break p;
+            // An interim answer (100 Continue, 103 Early Hints) has no body and is followed by
+            // the real one: taken as the answer, it would shift every later answer of a
+            // pipelined batch onto the wrong request.
+            match interim(&buf[..p]) {
+                Some(101) => return Err(bad("the backend switched protocols")),
+                Some(_) => {
+                    buf.drain(..p + 4);
+                    continue;
+                }
+                None => break p,
+            }
         }
         if buf.len() > 64 * 1024 {
             return Err(bad("response headers too large"));
@@ -318,7 +371,7 @@ pub fn read_response(s: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<(Respon
     // Bytes past this answer (the start of the next one, when pipelining) end up in `buf`; until
     // then `buf` keeps the head, so an error still shows that bytes arrived.
     let mut next = Vec::new();
-    let no_body = status / 100 == 1 || status == 204 || status == 304;
+    let no_body = status == 204 || status == 304;
     let mut longer = false;
     let body = if no_body {
         next = std::mem::take(&mut rest);
@@ -603,7 +656,7 @@ mod tests {
         let mut c = Client::new("127.0.0.1", Some(port), Duration::from_secs(1));
         let bodies: Vec<String> = (0..4).map(|i| format!("{{\"n\":{i}}}")).collect();
         let mut answers = Vec::new();
-        c.post_all(&batch(&bodies, &[]), &mut answers).unwrap();
+        c.post_all(&batch(&bodies, &[]), &mut answers, &|| false).unwrap();
         let got: Vec<(u16, &[u8], Option<&str>)> =
             answers.iter().map(|a| (a.status, &a.body[..], a.retry_after.as_deref())).collect();
         assert_eq!(
@@ -620,13 +673,16 @@ mod tests {
     #[test]
     fn a_batch_cut_short_by_the_server_closing_is_finished_on_new_connections() {
         // The server answers 3 requests per connection, then closes without a word (the
-        // requests after them on that connection are never read): every request of the batch is
-        // still answered once, in order.
+        // requests after them on that connection are left unanswered): every request of the
+        // batch is still answered once, in order.
         let (port, conns) = server(3);
         let mut c = Client::new("127.0.0.1", Some(port), Duration::from_secs(5));
         let bodies: Vec<String> = (0..8).map(|i| format!("{{\"n\":{i}}}")).collect();
         let mut answers = Vec::new();
-        c.post_all(&batch(&bodies, &[("Content-Type", "application/json")]), &mut answers).unwrap();
+        c.post_all(&batch(&bodies, &[("Content-Type", "application/json")]), &mut answers, &|| {
+            false
+        })
+        .unwrap();
         let echoed: Vec<Vec<u8>> = answers.into_iter().map(|a| a.body).collect();
         let sent: Vec<Vec<u8>> = bodies.into_iter().map(String::into_bytes).collect();
         assert_eq!(echoed, sent);
@@ -658,10 +714,122 @@ mod tests {
         let mut c = Client::new("127.0.0.1", Some(port), Duration::from_secs(5));
         let bodies: Vec<String> = (0..3).map(|i| i.to_string()).collect();
         let mut answers = Vec::new();
-        let e = c.post_all(&batch(&bodies, &[]), &mut answers).unwrap_err();
+        let e = c.post_all(&batch(&bodies, &[]), &mut answers, &|| false).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
         assert_eq!(answers.len(), 1);
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "not sent again");
+    }
+
+    #[test]
+    fn interim_answers_are_skipped_and_a_protocol_switch_is_an_error() {
+        let raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let (r, keep) = parse(raw).unwrap();
+        assert_eq!((r.status, r.body.as_slice(), keep), (200, &b"ok"[..], true));
+        assert!(parse(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n").is_err());
+        // Not interim: a status of four digits is read (and refused) as it is.
+        assert!(interim(b"HTTP/1.1 1000 X").is_none());
+        assert_eq!(interim(b"HTTP/1.1 102"), Some(102));
+    }
+
+    #[test]
+    fn a_batch_on_a_connection_the_server_had_closed_is_sent_again_on_a_fresh_one() {
+        let (port, conns) = server(3);
+        let mut c = Client::new("127.0.0.1", Some(port), Duration::from_secs(5));
+        for round in 0..2 {
+            let bodies: Vec<String> = (0..3).map(|i| format!("{round}-{i}")).collect();
+            let mut answers = Vec::new();
+            c.post_all(&batch(&bodies, &[]), &mut answers, &|| false).unwrap();
+            let echoed: Vec<Vec<u8>> = answers.into_iter().map(|a| a.body).collect();
+            assert_eq!(echoed, bodies.into_iter().map(String::into_bytes).collect::<Vec<_>>());
+        }
+        // The second batch found the first connection closed and used a second one.
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_server_that_answers_one_request_per_connection_then_gets_one_at_a_time() {
+        // Each connection: read whatever requests came, answer the first with
+        // `Connection: close`. Without the fallback the rest of the batch would be written
+        // again on every new connection (4 + 3 + 2 + 1 requests); with it, 4 + 1 + 1 + 1.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let read = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let r2 = read.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().take(10) {
+                let s = s.unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut n = 0;
+                while read_request(&mut r) {
+                    n += 1;
+                }
+                r2.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                let _ = (&s).write_all(
+                    format!("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n{n}")
+                        .as_bytes(),
+                );
+            }
+        });
+        let mut c = Client::new("127.0.0.1", Some(port), Duration::from_secs(5));
+        let bodies: Vec<String> = (0..4).map(|i| i.to_string()).collect();
+        let mut answers = Vec::new();
+        c.post_all(&batch(&bodies, &[]), &mut answers, &|| false).unwrap();
+        let seen: Vec<Vec<u8>> = answers.into_iter().map(|a| a.body).collect();
+        assert_eq!(seen, vec![b"4".to_vec(), b"1".to_vec(), b"1".to_vec(), b"1".to_vec()]);
+        assert_eq!(read.load(std::sync::atomic::Ordering::SeqCst), 7);
+    }
+
+    #[test]
+    fn stop_is_asked_between_answers() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            read_request(&mut r);
+            let _ = (&s).write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+            // The second answer would come only after the client's 5 s timeout.
+            std::thread::sleep(Duration::from_secs(6));
+        });
+        let mut c = Client::new("127.0.0.1", Some(port), Duration::from_secs(5));
+        let bodies: Vec<String> = (0..2).map(|i| i.to_string()).collect();
+        let mut answers = Vec::new();
+        let t = Instant::now();
+        // Stopping all along: still the first answer is read (stop is asked only between them).
+        let e = c.post_all(&batch(&bodies, &[]), &mut answers, &|| true).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::Interrupted);
+        assert_eq!(answers.len(), 1);
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn bytes_nobody_asked_for_after_the_last_answer_are_not_taken_for_the_next_one() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for (k, s) in l.incoming().take(2).enumerate() {
+                let s = s.unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                read_request(&mut r);
+                if k == 0 {
+                    // A second answer to the one request starts in the same write and ends when
+                    // the next request comes: taken for that request's answer, it would break it.
+                    let _ = (&s).write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirstHTTP/1.1 200 OK\r\n",
+                    );
+                    if read_request(&mut r) {
+                        let _ = (&s).write_all(b"Content-Length: 5\r\n\r\nbogus");
+                    }
+                } else {
+                    let _ = (&s).write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond");
+                    let _ = read_request(&mut r);
+                }
+            }
+        });
+        let mut c = Client::new("127.0.0.1", Some(port), Duration::from_secs(5));
+        assert_eq!(c.post("/x", &[], b"1").unwrap().body, b"first");
+        assert_eq!(c.post("/x", &[], b"2").unwrap().body, b"second");
     }
 
     #[test]

@@ -234,16 +234,24 @@ impl Backend {
     }
 
     /// POSTs `batch` back to back (HTTP/1.1 pipelining) when this is a plain `http://` backend
-    /// and there is more than one; the attempts of the first messages, in order. Fewer than the
-    /// batch: the rest got no answer (the connection failed; the error is the last attempt).
-    /// Otherwise one attempt, for the first message only.
-    pub fn attempt_all(&mut self, batch: &[QueuedMessage]) -> Vec<Attempt> {
-        let Backend::Plain { client, path } = self else {
-            return batch.first().map(|m| self.attempt(m)).into_iter().collect();
+    /// and there is more than one; the attempts of the first messages, in order, each with how
+    /// long its answer took. Fewer than the batch: the rest got no answer (the connection failed
+    /// or `stop` said so; the error is the last attempt). Otherwise one attempt, for the first
+    /// message only.
+    pub fn attempt_all(
+        &mut self,
+        batch: &[QueuedMessage],
+        stop: &dyn Fn() -> bool,
+    ) -> Vec<(Attempt, Duration)> {
+        let one = |b: &mut Self| {
+            let started = Instant::now();
+            let first = batch.first().map(|m| b.attempt(m));
+            first.map(|a| (a, started.elapsed())).into_iter().collect()
         };
         if batch.len() < 2 {
-            return batch.first().map(|m| self.attempt(m)).into_iter().collect();
+            return one(self);
         }
+        let Backend::Plain { client, path } = self else { return one(self) };
         let paths: Vec<String> = batch.iter().map(|m| url_for(path, &m.device_id)).collect();
         let headers: Vec<[(&str, &str); 3]> = batch
             .iter()
@@ -262,13 +270,17 @@ impl Backend {
             .map(|((m, path), headers)| crate::http::Request { path, headers, body: &m.payload })
             .collect();
         let mut answers = Vec::with_capacity(batch.len());
-        let failed = client.post_all(&reqs, &mut answers).err();
-        let mut attempts: Vec<Attempt> = answers
+        let started = Instant::now();
+        let failed = client.post_all(&reqs, &mut answers, stop).err();
+        let mut attempts: Vec<(Attempt, Duration)> = answers
             .into_iter()
-            .map(|r| outcome(r.status, r.retry_after.as_deref(), r.body, r.truncated))
+            .zip(client.took())
+            .map(|(r, took)| {
+                (outcome(r.status, r.retry_after.as_deref(), r.body, r.truncated), *took)
+            })
             .collect();
         if let Some(e) = failed {
-            attempts.push(Attempt::Retry { why: e.to_string(), after: None });
+            attempts.push((Attempt::Retry { why: e.to_string(), after: None }, started.elapsed()));
         }
         attempts
     }
@@ -600,28 +612,27 @@ impl Worker {
 
     /// Delivers `batch`, in order: the first attempts go out together, then every message
     /// whose attempt asks for a retry, and every one left unanswered, is delivered on its own,
-    /// in order, with the usual backoff.
+    /// in order. Only the first of them waits its backoff (or `Retry-After`): once it got
+    /// through, the backend is taking messages again, so the next ones are tried at once.
     fn deliver_all(&mut self, mut batch: Vec<QueuedMessage>) {
         if batch.len() == 1 || self.claimer.is_some() {
             for m in batch {
-                self.deliver(m, None);
+                self.deliver(m, None, 0);
             }
             return;
         }
         if self.stopping() {
             return;
         }
-        let started = Instant::now();
-        let attempts = self.backend.attempt_all(&batch);
-        let took = started.elapsed();
+        let stopping = &self.shared.stopping;
+        let attempts = self.backend.attempt_all(&batch, &|| stopping.load(Ordering::SeqCst));
         // The answered ones and the one that failed; the unanswered rest count when retried.
         self.shared.stats.attempts.fetch_add(attempts.len() as u64, Ordering::Relaxed);
         let answered_at = Instant::now();
         let mut again = Vec::new();
         let mut done = Vec::new();
         let rest = batch.split_off(attempts.len().min(batch.len()));
-        for (m, attempt) in batch.into_iter().zip(attempts) {
-            // One figure for the batch: how long its last answer took.
+        for (m, (attempt, took)) in batch.into_iter().zip(attempts) {
             self.shared.stats.request_duration.observe(took);
             match attempt {
                 Attempt::Final { status, body, truncated } => {
@@ -630,21 +641,29 @@ impl Worker {
                 retry => again.push((m, Some(retry))),
             }
         }
-        // Sent but never answered: tried afresh, not counted as a failure of their own.
         again.extend(rest.into_iter().map(|m| (m, None)));
         if !done.is_empty() {
             self.shared.results.lock().unwrap_or_else(|p| p.into_inner()).append(&mut done);
             (self.wake)();
         }
-        for (m, tried) in again {
-            self.deliver(m, tried);
+        for (k, (m, tried)) in again.into_iter().enumerate() {
+            match tried {
+                Some(t) if k == 0 => self.deliver(m, Some(t), 0),
+                Some(_) => {
+                    // Refused too, but not waited for (see above): counted, then tried afresh.
+                    self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    self.deliver(m, None, 1);
+                }
+                // Sent but never answered: tried afresh, not counted as a failure of its own.
+                None => self.deliver(m, None, 0),
+            }
         }
     }
 
     /// Delivers one message, retrying until it gets a final answer (or shutdown); `tried` is
-    /// an attempt already made (it asked for a retry).
-    fn deliver(&mut self, mut m: QueuedMessage, mut tried: Option<Attempt>) {
-        let mut n = u32::from(tried.is_some());
+    /// an attempt already made (it asked for a retry), `earlier` attempts made before that.
+    fn deliver(&mut self, mut m: QueuedMessage, mut tried: Option<Attempt>, earlier: u32) {
+        let mut n = earlier + u32::from(tried.is_some());
         loop {
             if self.stopping() {
                 return;
