@@ -3,8 +3,9 @@
 //! Why not ureq here (ureq still serves `https://`): on the hot path ureq made about ten
 //! syscalls per request (a liveness peek with ioctl toggling, headers and body written
 //! separately), where one `write` and usually one `read` suffice. Workers were two thirds of the
-//! gateway's CPU (BENCHMARKS.md). This client does exactly one thing: POST a small JSON body on a
-//! kept-alive connection and read the answer (Content-Length, chunked, or until close).
+//! gateway's CPU (BENCHMARKS.md). This client does exactly one thing: POST small JSON bodies on a
+//! kept-alive connection, one at a time or pipelined, and read the answers (Content-Length,
+//! chunked, or until close).
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};

@@ -201,7 +201,7 @@ fn outcome(status: u16, retry_after: Option<&str>, body: Vec<u8>, truncated: boo
 }
 
 /// One worker's connection to the backend: the small built-in client for `http://` (the hot
-/// path: one write per request), ureq for `https://` (TLS, trust store).
+/// path: one write per request, or per pipelined batch), ureq for `https://` (TLS, trust store).
 pub enum Backend {
     Plain { client: crate::http::Client, path: String },
     Tls { agent: ureq::Agent, url: String },
