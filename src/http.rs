@@ -572,45 +572,41 @@ mod tests {
         assert_eq!((r.body.as_slice(), r.truncated, keep), (&b"ok"[..], false, true));
     }
 
-    /// A keep-alive server that closes the connection after every `per_conn` requests.
-    fn server(per_conn: usize) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    type Count = std::sync::Arc<std::sync::atomic::AtomicUsize>;
+
+    fn count(c: &Count) -> usize {
+        c.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A loopback server that runs `conn(k, stream)` for each of its first `n` connections in
+    /// turn; its port, and how many connections it accepted so far.
+    fn serve(n: usize, conn: impl Fn(usize, TcpStream) + Send + 'static) -> (u16, Count) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let conns = Count::default();
         let c2 = conns.clone();
         std::thread::spawn(move || {
-            for s in l.incoming().take(50) {
-                let s = s.unwrap();
+            for (k, s) in l.incoming().take(n).enumerate() {
                 c2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                let mut w = s;
-                for _ in 0..per_conn {
-                    let mut len = 0;
-                    let mut line = String::new();
-                    loop {
-                        line.clear();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap();
-                        }
-                    }
-                    let mut b = vec![0; len];
-                    r.read_exact(&mut b).unwrap();
-                    let _ = w.write_all(
-                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", b.len())
-                            .as_bytes(),
-                    );
-                    let _ = w.write_all(&b);
-                }
-                // Drop: the server closes an idle kept-alive connection.
+                conn(k, s.unwrap());
             }
         });
         (port, conns)
+    }
+
+    /// A keep-alive server that echoes each body and closes the connection after every
+    /// `per_conn` requests.
+    fn server(per_conn: usize) -> (u16, Count) {
+        serve(50, move |_, s| {
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            for _ in 0..per_conn {
+                let Some(b) = read_body(&mut r) else { return };
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", b.len());
+                let _ = (&s).write_all(head.as_bytes());
+                let _ = (&s).write_all(&b);
+            }
+            // Drop: the server closes an idle kept-alive connection.
+        })
     }
 
     #[test]
@@ -623,7 +619,7 @@ mod tests {
             assert_eq!((r.status, r.body), (200, body.into_bytes()));
         }
         // 7 requests, 3 per connection: 3 connections, each stale one replaced transparently.
-        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(count(&conns), 3);
     }
 
     fn batch<'a>(bodies: &'a [String], headers: &'a [(&'a str, &'a str)]) -> Vec<Request<'a>> {
@@ -634,10 +630,7 @@ mod tests {
     fn a_batch_goes_out_in_one_write_and_its_answers_are_read_in_order() {
         // The server reads all four requests before it answers any: a client that waited for
         // each answer would get none (it times out), so this passes only if it pipelines.
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            let (s, _) = l.accept().unwrap();
+        let (port, _) = serve(1, |_, s| {
             let mut r = BufReader::new(s.try_clone().unwrap());
             for _ in 0..4 {
                 if !read_request(&mut r) {
@@ -687,30 +680,22 @@ mod tests {
         let echoed: Vec<Vec<u8>> = answers.into_iter().map(|a| a.body).collect();
         let sent: Vec<Vec<u8>> = bodies.into_iter().map(String::into_bytes).collect();
         assert_eq!(echoed, sent);
-        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(count(&conns), 3);
     }
 
     #[test]
     fn a_batch_whose_answer_breaks_off_mid_way_is_an_error_after_the_whole_answers() {
         // Half an answer is not a clean close: the server may have processed that request, so
         // it is not sent again here (the worker retries it with its backoff).
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let a2 = accepted.clone();
-        std::thread::spawn(move || {
-            for s in l.incoming().take(3) {
-                let s = s.unwrap();
-                a2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                for _ in 0..3 {
-                    read_request(&mut r);
-                }
-                let _ = (&s).write_all(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\
-                      HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
-                );
+        let (port, accepted) = serve(3, |_, s| {
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            for _ in 0..3 {
+                read_request(&mut r);
             }
+            let _ = (&s).write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\
+                  HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+            );
         });
         let mut c = Client::new("127.0.0.1", Some(port), Duration::from_secs(5));
         let bodies: Vec<String> = (0..3).map(|i| i.to_string()).collect();
@@ -718,7 +703,7 @@ mod tests {
         let e = c.post_all(&batch(&bodies, &[]), &mut answers, &|| false).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
         assert_eq!(answers.len(), 1);
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "not sent again");
+        assert_eq!(count(&accepted), 1, "not sent again");
     }
 
     #[test]
@@ -744,7 +729,7 @@ mod tests {
             assert_eq!(echoed, bodies.into_iter().map(String::into_bytes).collect::<Vec<_>>());
         }
         // The second batch found the first connection closed and used a second one.
-        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(count(&conns), 2);
     }
 
     #[test]
@@ -752,25 +737,20 @@ mod tests {
         // Each connection: read whatever requests came, answer the first with
         // `Connection: close`. Without the fallback the rest of the batch would be written
         // again on every new connection (4 + 3 + 2 + 1 requests); with it, 4 + 1 + 1 + 1.
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let read = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let read = Count::default();
         let r2 = read.clone();
-        std::thread::spawn(move || {
-            for s in l.incoming().take(10) {
-                let s = s.unwrap();
-                s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                let mut n = 0;
-                while read_request(&mut r) {
-                    n += 1;
-                }
-                r2.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
-                let _ = (&s).write_all(
-                    format!("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n{n}")
-                        .as_bytes(),
-                );
+        let (port, _) = serve(10, move |_, s| {
+            s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut n = 0;
+            while read_request(&mut r) {
+                n += 1;
             }
+            r2.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+            let _ = (&s).write_all(
+                format!("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n{n}")
+                    .as_bytes(),
+            );
         });
         let mut c = Client::new("127.0.0.1", Some(port), Duration::from_secs(5));
         let bodies: Vec<String> = (0..4).map(|i| i.to_string()).collect();
@@ -778,15 +758,12 @@ mod tests {
         c.post_all(&batch(&bodies, &[]), &mut answers, &|| false).unwrap();
         let seen: Vec<Vec<u8>> = answers.into_iter().map(|a| a.body).collect();
         assert_eq!(seen, vec![b"4".to_vec(), b"1".to_vec(), b"1".to_vec(), b"1".to_vec()]);
-        assert_eq!(read.load(std::sync::atomic::Ordering::SeqCst), 7);
+        assert_eq!(count(&read), 7);
     }
 
     #[test]
     fn stop_is_asked_between_answers() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            let (s, _) = l.accept().unwrap();
+        let (port, _) = serve(1, |_, s| {
             let mut r = BufReader::new(s.try_clone().unwrap());
             read_request(&mut r);
             let _ = (&s).write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
@@ -806,26 +783,21 @@ mod tests {
 
     #[test]
     fn bytes_nobody_asked_for_after_the_last_answer_are_not_taken_for_the_next_one() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            for (k, s) in l.incoming().take(2).enumerate() {
-                let s = s.unwrap();
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                read_request(&mut r);
-                if k == 0 {
-                    // A second answer to the one request starts in the same write and ends when
-                    // the next request comes: taken for that request's answer, it would break it.
-                    let _ = (&s).write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirstHTTP/1.1 200 OK\r\n",
-                    );
-                    if read_request(&mut r) {
-                        let _ = (&s).write_all(b"Content-Length: 5\r\n\r\nbogus");
-                    }
-                } else {
-                    let _ = (&s).write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond");
-                    let _ = read_request(&mut r);
+        let (port, _) = serve(2, |k, s| {
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            read_request(&mut r);
+            if k == 0 {
+                // A second answer to the one request starts in the same write and ends when
+                // the next request comes: taken for that request's answer, it would break it.
+                let _ = (&s).write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirstHTTP/1.1 200 OK\r\n",
+                );
+                if read_request(&mut r) {
+                    let _ = (&s).write_all(b"Content-Length: 5\r\n\r\nbogus");
                 }
+            } else {
+                let _ = (&s).write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond");
+                let _ = read_request(&mut r);
             }
         });
         let mut c = Client::new("127.0.0.1", Some(port), Duration::from_secs(5));
@@ -869,14 +841,15 @@ mod tests {
         assert!(t.elapsed() < Duration::from_millis(1500), "{:?}", t.elapsed());
     }
 
-    /// Reads one request (headers and Content-Length body) from `r`; false at end of stream.
-    fn read_request(r: &mut impl BufRead) -> bool {
+    /// Reads one request (headers and Content-Length body) from `r`: its body, None at end of
+    /// stream.
+    fn read_body(r: &mut impl BufRead) -> Option<Vec<u8>> {
         let mut len = 0;
         let mut line = String::new();
         loop {
             line.clear();
             if r.read_line(&mut line).unwrap_or(0) == 0 {
-                return false;
+                return None;
             }
             if line == "\r\n" {
                 break;
@@ -886,7 +859,11 @@ mod tests {
             }
         }
         let mut b = vec![0; len];
-        r.read_exact(&mut b).is_ok()
+        r.read_exact(&mut b).ok().map(|()| b)
+    }
+
+    fn read_request(r: &mut impl BufRead) -> bool {
+        read_body(r).is_some()
     }
 
     const TIMEOUT: Duration = Duration::from_millis(600);
