@@ -33,6 +33,13 @@ def proc_cpu(pid, tid=None):
         return stat_cpu(f.read())
 
 
+def steal_seconds():
+    """CPU time the host took from this VM (all CPUs), from /proc/stat's steal column."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / TCK if len(fields) > 8 else 0.0
+
+
 def thread_cpus(pid):
     """CPU seconds of each thread of a process, summed by thread name (comm)."""
     out = {}
