@@ -33,6 +33,8 @@ struct Shared {
     hang: AtomicBool,
     /// Microseconds each answer waits (see [`Sink::set_delay`]).
     delay_us: std::sync::atomic::AtomicU64,
+    /// Seconds of `Retry-After` on every answer that is not 2xx (0: none).
+    retry_after_s: std::sync::atomic::AtomicU64,
     /// Requests taken and not answered yet, and the most there ever were.
     in_flight: std::sync::atomic::AtomicUsize,
     max_in_flight: std::sync::atomic::AtomicUsize,
@@ -156,6 +158,11 @@ impl Sink {
         self.shared.delay_us.store(d.as_micros() as u64, Ordering::SeqCst);
     }
 
+    /// Every answer that is not 2xx says `Retry-After: secs` (0: no such header).
+    pub fn set_retry_after(&self, secs: u64) {
+        self.shared.retry_after_s.store(secs, Ordering::SeqCst);
+    }
+
     /// The most requests this sink held unanswered at once. Over 1 with a single client
     /// connection means that client pipelines.
     pub fn max_in_flight(&self) -> usize {
@@ -233,7 +240,14 @@ fn answer(shared: &Shared, mut req: tiny_http::Request, arrival: u64, status: u1
     }
     // Before the answer leaves: a client waiting for it cannot have sent its next request yet.
     shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-    let _ = req.respond(tiny_http::Response::from_string(text).with_status_code(status));
+    let mut answer = tiny_http::Response::from_string(text).with_status_code(status);
+    let retry_after = shared.retry_after_s.load(Ordering::SeqCst);
+    if status / 100 != 2 && retry_after > 0 {
+        let h = tiny_http::Header::from_bytes("Retry-After", retry_after.to_string())
+            .expect("a valid header");
+        answer = answer.with_header(h);
+    }
+    let _ = req.respond(answer);
 }
 
 impl Drop for Sink {

@@ -143,6 +143,36 @@ fn a_message_refused_inside_a_pipelined_batch_is_retried_after_the_rest_and_noth
 }
 
 #[test]
+fn only_the_first_refusal_of_a_batch_waits_its_retry_after() {
+    let env = Env::new();
+    let sink = Sink::start();
+    // As above, a batch of 8 after the first message; its first three are refused with
+    // `Retry-After: 1`. The first of them waits that second; once it got through, the backend
+    // takes messages again, so the other two go at once instead of a second each.
+    sink.set_delay(Duration::from_millis(100));
+    sink.set_retry_after(1);
+    sink.script(&[200, 503, 503, 503]);
+    let opts = backend_opts(sink.port()).set("workers", 1);
+    let broker = Broker::start(&env, &opts);
+    let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
+    let sent = publish_ids(&mut dev, "w", 12);
+    let got = sink.wait_for(sent.len(), Duration::from_secs(30));
+    assert_eq!(got.len(), sent.len(), "{}", broker.log());
+    let at = |id: &str| got.iter().find(|r| r.message_id == id).expect("delivered").at;
+    // The positive control: the first refusal did wait its second.
+    assert!(
+        at("w-001") - at("w-008") >= Duration::from_millis(900),
+        "{:?}",
+        at("w-001") - at("w-008")
+    );
+    for (a, b) in [("w-001", "w-002"), ("w-002", "w-003")] {
+        let gap = at(b) - at(a);
+        assert!(gap < Duration::from_millis(600), "{b} came {gap:?} after {a}");
+    }
+    assert_eq!(sink.requests(), sent.len() + 3, "{}", broker.log());
+}
+
+#[test]
 fn kill_9_mid_stream_loses_no_acknowledged_message() {
     let env = Env::new();
     let bport = Port::reserve();
