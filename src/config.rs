@@ -767,6 +767,18 @@ mod tests {
     }
 
     #[test]
+    fn every_option_is_documented_in_the_example_configuration() {
+        let example = include_str!("../mosquitto.conf.example");
+        let lines: Vec<&str> = example.lines().map(|l| l.trim_start_matches('#')).collect();
+        for key in KEYS {
+            let set = format!("plugin_opt_{key} ");
+            assert!(lines.iter().any(|l| l.starts_with(&set)), "{key} is not in the example");
+        }
+        // The positive control: a key that is not an option is not found either.
+        assert!(!lines.iter().any(|l| l.starts_with("plugin_opt_no_such_key ")));
+    }
+
+    #[test]
     fn config_backend_pipeline_is_1_to_64() {
         assert_eq!(with_db(&[("backend_pipeline", "1")]).unwrap().backend.unwrap().pipeline, 1);
         assert_eq!(with_db(&[("backend_pipeline", "64")]).unwrap().backend.unwrap().pipeline, 64);
