@@ -43,8 +43,6 @@ pub struct Client {
     conn: Option<TcpStream>,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
-    /// See [`Client::took`].
-    took: Vec<Duration>,
     /// The server closed the last connection after its first answer: send one at a time.
     one_per_conn: bool,
 }
@@ -119,7 +117,6 @@ impl Client {
             conn: None,
             rbuf: Vec::with_capacity(4096),
             wbuf: Vec::with_capacity(1024),
-            took: Vec::new(),
             one_per_conn: false,
         }
     }
@@ -165,12 +162,12 @@ impl Client {
     ) -> io::Result<Response> {
         let mut answers = Vec::with_capacity(1);
         self.post_all(&[Request { path, headers, body }], &mut answers, &|| false)?;
-        Ok(answers.pop().expect("one request answered"))
+        Ok(answers.pop().expect("one request answered").0)
     }
 
     /// POSTs `reqs` back to back on one kept-alive connection (HTTP/1.1 pipelining: one
     /// `write`, and the answers read as they come) and appends their answers to `answers`, in
-    /// order. Connecting, writing and the first answer share one deadline of `timeout` from now;
+    /// order, each with how long it took from the start of the call. Connecting, writing and the first answer share one deadline of `timeout` from now;
     /// each later answer gets `timeout` from the one before, so no request waits longer for its
     /// answer than it would have alone, and `stop` is asked before each of them (shutdown waits
     /// for one answer at most). When the server closes the connection after an answer
@@ -184,13 +181,12 @@ impl Client {
     pub fn post_all(
         &mut self,
         reqs: &[Request<'_>],
-        answers: &mut Vec<Response>,
+        answers: &mut Vec<(Response, Duration)>,
         stop: &dyn Fn() -> bool,
     ) -> io::Result<()> {
         let first = answers.len();
         let started = Instant::now();
         let mut until = started + self.timeout;
-        self.took.clear();
         let mut stale_retry = true;
         loop {
             let done = answers.len() - first;
@@ -216,11 +212,6 @@ impl Client {
         }
     }
 
-    /// How long each answer of the last [`Client::post_all`] took from its start, in order.
-    pub fn took(&self) -> &[Duration] {
-        &self.took
-    }
-
     /// Writes `reqs` and reads their answers until all came or the server closed after one
     /// (Ok either way); on Err the bool says whether any byte of the awaited answer arrived.
     /// The connection is dropped on Err, after a closing answer, and when bytes nobody asked
@@ -228,7 +219,7 @@ impl Client {
     fn exchange(
         &mut self,
         reqs: &[Request<'_>],
-        answers: &mut Vec<Response>,
+        answers: &mut Vec<(Response, Duration)>,
         until: &mut Instant,
         stop: &dyn Fn() -> bool,
         started: Instant,
@@ -261,8 +252,7 @@ impl Client {
             let stream = self.conn.as_mut().expect("kept while answers come");
             match read_response(&mut Deadline { stream, until: *until }, &mut self.rbuf) {
                 Ok((resp, keep)) => {
-                    answers.push(resp);
-                    self.took.push(started.elapsed());
+                    answers.push((resp, started.elapsed()));
                     *until = Instant::now() + self.timeout;
                     if !keep {
                         // A server that closes after every answer gets one request at a time.
@@ -651,8 +641,10 @@ mod tests {
         let bodies: Vec<String> = (0..4).map(|i| format!("{{\"n\":{i}}}")).collect();
         let mut answers = Vec::new();
         c.post_all(&batch(&bodies, &[]), &mut answers, &|| false).unwrap();
-        let got: Vec<(u16, &[u8], Option<&str>)> =
-            answers.iter().map(|a| (a.status, &a.body[..], a.retry_after.as_deref())).collect();
+        let got: Vec<(u16, &[u8], Option<&str>)> = answers
+            .iter()
+            .map(|(a, _)| (a.status, &a.body[..], a.retry_after.as_deref()))
+            .collect();
         assert_eq!(
             got,
             vec![
@@ -677,7 +669,7 @@ mod tests {
             false
         })
         .unwrap();
-        let echoed: Vec<Vec<u8>> = answers.into_iter().map(|a| a.body).collect();
+        let echoed: Vec<Vec<u8>> = answers.into_iter().map(|(a, _)| a.body).collect();
         let sent: Vec<Vec<u8>> = bodies.into_iter().map(String::into_bytes).collect();
         assert_eq!(echoed, sent);
         assert_eq!(count(&conns), 3);
@@ -725,7 +717,7 @@ mod tests {
             let bodies: Vec<String> = (0..3).map(|i| format!("{round}-{i}")).collect();
             let mut answers = Vec::new();
             c.post_all(&batch(&bodies, &[]), &mut answers, &|| false).unwrap();
-            let echoed: Vec<Vec<u8>> = answers.into_iter().map(|a| a.body).collect();
+            let echoed: Vec<Vec<u8>> = answers.into_iter().map(|(a, _)| a.body).collect();
             assert_eq!(echoed, bodies.into_iter().map(String::into_bytes).collect::<Vec<_>>());
         }
         // The second batch found the first connection closed and used a second one.
@@ -756,7 +748,7 @@ mod tests {
         let bodies: Vec<String> = (0..4).map(|i| i.to_string()).collect();
         let mut answers = Vec::new();
         c.post_all(&batch(&bodies, &[]), &mut answers, &|| false).unwrap();
-        let seen: Vec<Vec<u8>> = answers.into_iter().map(|a| a.body).collect();
+        let seen: Vec<Vec<u8>> = answers.into_iter().map(|(a, _)| a.body).collect();
         assert_eq!(seen, vec![b"4".to_vec(), b"1".to_vec(), b"1".to_vec(), b"1".to_vec()]);
         assert_eq!(count(&read), 7);
     }

@@ -277,9 +277,8 @@ impl Backend {
         let failed = client.post_all(&reqs, &mut answers, stop).err();
         let mut attempts: Vec<(Attempt, Duration)> = answers
             .into_iter()
-            .zip(client.took())
             .map(|(r, took)| {
-                (outcome(r.status, r.retry_after.as_deref(), r.body, r.truncated), *took)
+                (outcome(r.status, r.retry_after.as_deref(), r.body, r.truncated), took)
             })
             .collect();
         if let Some(e) = failed {
