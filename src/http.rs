@@ -153,7 +153,9 @@ impl Client {
         Ok(())
     }
 
-    /// POSTs `body` to `path` with `headers`: [`Client::post_all`] with one request.
+    /// POSTs `body` to `path` with `headers`: [`Client::post_all`] with one request. (The
+    /// workers call `post_all` for one request as for many; this is the tests' shorthand.)
+    #[cfg(test)]
     pub fn post(
         &mut self,
         path: &str,

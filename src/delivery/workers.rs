@@ -236,26 +236,23 @@ impl Backend {
         }
     }
 
-    /// POSTs `batch` back to back (HTTP/1.1 pipelining) when this is a plain `http://` backend
-    /// and there is more than one; the attempts of the first messages, in order, each with how
-    /// long its answer took. Fewer than the batch: the rest got no answer (the connection failed
-    /// or `stop` said so; the error is the last attempt). Otherwise one attempt, for the first
-    /// message only.
+    /// POSTs `batch` back to back (HTTP/1.1 pipelining) to a plain `http://` backend; the
+    /// attempts of the first messages, in order, each with how long its answer took. Fewer than
+    /// the batch: the rest got no answer (the connection failed or `stop` said so; the error is
+    /// the last attempt). An `https://` backend (ureq) makes one attempt, for the first message
+    /// only (its workers get batches of one).
     pub fn attempt_all(
         &mut self,
         batch: &[QueuedMessage],
         stop: &dyn Fn() -> bool,
     ) -> Vec<(Attempt, Duration)> {
-        let one = |b: &mut Self| {
+        let Backend::Plain { client, path } = self else {
             let started = Instant::now();
-            let first = batch.first().map(|m| b.attempt(m));
-            first.map(|a| (a, started.elapsed())).into_iter().collect()
+            let first = batch.first().map(|m| self.attempt(m));
+            return first.map(|a| (a, started.elapsed())).into_iter().collect();
         };
-        if batch.len() < 2 {
-            return one(self);
-        }
-        let Backend::Plain { client, path } = self else { return one(self) };
         let paths: Vec<String> = batch.iter().map(|m| url_for(path, &m.device_id)).collect();
+        // The client makes every header value safe itself.
         let headers: Vec<[(&str, &str); 3]> = batch
             .iter()
             .map(|m| {
@@ -290,18 +287,9 @@ impl Backend {
     /// POSTs one message once.
     pub fn attempt(&mut self, m: &QueuedMessage) -> Attempt {
         match self {
-            Backend::Plain { client, path } => {
-                let p = url_for(path, &m.device_id);
-                // The client makes every header value safe itself.
-                let headers = [
-                    ("Content-Type", "application/json"),
-                    ("X-Device-Id", m.device_id.as_str()),
-                    ("X-Message-Id", m.message_id.as_str()),
-                ];
-                match client.post(&p, &headers, &m.payload) {
-                    Ok(r) => outcome(r.status, r.retry_after.as_deref(), r.body, r.truncated),
-                    Err(e) => Attempt::Retry { why: e.to_string(), after: None },
-                }
+            Backend::Plain { .. } => {
+                let mut attempts = self.attempt_all(std::slice::from_ref(m), &|| false);
+                attempts.pop().expect("one message, one attempt").0
             }
             Backend::Tls { agent, url } => {
                 let mid = crate::http::header_value(&m.message_id);
@@ -617,10 +605,10 @@ impl Worker {
     /// in order. Only the first of them waits its backoff (or `Retry-After`): once it got
     /// through, the backend is taking messages again, so the next ones are tried at once.
     fn deliver_all(&mut self, mut batch: Vec<QueuedMessage>) {
-        if batch.len() == 1 || self.claimer.is_some() {
-            for m in batch {
-                self.deliver(m, None, 0);
-            }
+        // Batches of one in cluster mode (see `pipeline`): claimed, then sent, one at a time.
+        if let [_] = batch[..] {
+            let m = batch.pop().expect("one message");
+            self.deliver(m, None, 0);
             return;
         }
         if self.stopping() {
