@@ -262,9 +262,9 @@ impl Validator {
         &mut self.registry
     }
 
-    /// Forgets ids that left their window.
-    pub fn prune(&mut self, now: i64) {
-        self.replay.prune_all(now);
+    /// Forgets up to `budget` ids that left their window (a bounded share per tick).
+    pub fn forget_expired(&mut self, now: i64, budget: usize) {
+        self.replay.prune_some(now, budget);
     }
 
     /// Ids remembered.
