@@ -12,7 +12,10 @@ Rate = messages / (publisher start -> subscriber got all N); for forwarding also
 logged all N requests. Broker CPU per message = broker thread's utime+stime delta
 (/proc/PID/task/PID/stat) / N. Drain: a QoS 0 burst of N queued while nginx is down, then
 nginx started: N / (first -> last request time in nginx's access log, $msec). Latency:
-LAT_MESSAGES (5000) paced at LAT_RATE (1000) msg/s, publish -> nginx log. Everything on
+LAT_MESSAGES (5000) paced at LAT_RATE (1000) msg/s, publish -> nginx log; EXPIRY_BURST=N first
+sends N messages whose ids all leave the replay window in the same second, 2 s into that run.
+PLUGIN=path runs another build in place of target/release's; KEEP=1 keeps the temp directory
+(configurations, broker logs, nginx's access log). Everything on
 loopback, bounded (timeouts on every wait), every process it starts is stopped at exit.
 """
 import os
@@ -36,6 +39,7 @@ TIMEOUT = float(os.environ.get("BENCH_TIMEOUT", "120"))
 REL = os.path.join(ROOT, "target", "release")
 DEVICE = "bench_000"
 SECRET = "bench-secret-0123456789abcdef"
+TOLERANCE = 300  # the plugin's default timestamp_tolerance
 
 procs = []
 
@@ -89,12 +93,15 @@ def main():
     finally:
         for p in procs:
             stop(p)
-        shutil.rmtree(d, ignore_errors=True)
+        if os.environ.get("KEEP"):
+            print(f"kept {d}", flush=True)
+        else:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def bench(d, nginx, env):
     gw = os.path.join(d, "gw")
-    plugin = os.path.join(REL, "libsecure_iot_gateway.so")
+    plugin = os.environ.get("PLUGIN") or os.path.join(REL, "libsecure_iot_gateway.so")
     iotgw = os.path.join(REL, "iotgw")
     # BASE_PLUGIN=/path/old.so: also run that build validating ("base"), for before/after
     # figures from the same run.
@@ -273,6 +280,35 @@ def bench(d, nginx, env):
     # pacer notes when it hands each line to mosquitto_pub; nginx logs when each request ended
     # ($msec, millisecond resolution); one device = one lane, so the order is the same.
     rate, count = int(os.environ.get("LAT_RATE", "1000")), int(os.environ.get("LAT_MESSAGES", "5000"))
+    start_at = 0.0
+    burst = int(os.environ.get("EXPIRY_BURST", "0"))
+    if burst:
+        # Stamped so that the default 300 s tolerance still accepts them while they are sent
+        # (20 s, and 1 s more per 2,000): all their ids leave the window at once, when the
+        # clock passes ts + 300.
+        ts = int(time.time()) - TOLERANCE + 20 + burst // 2000
+        path = os.path.join(d, "burst.txt")
+        with open(path, "w") as f:
+            run(os.path.join(REL, "examples", "bench_envelopes"), SECRET, DEVICE, str(burst),
+                str(ts), f"b0b5{os.getpid() & 0xffff:04x}", stdout=f)
+        before = len(access_lines(access))
+        # mosquitto_pub -l stops early past 65,535 messages at QoS 1 (its 16-bit message ids
+        # wrap and it takes an early PUBACK for its last one): one publisher per 60,000.
+        lines = open(path).read().splitlines(keepends=True)
+        for at in range(0, burst, 60000):
+            with open(path, "w") as f:
+                f.writelines(lines[at:at + 60000])
+            with open(path) as f:
+                run("mosquitto_pub", "-h", "127.0.0.1", "-p", str(ports["fwd"]), *dev,
+                    "-t", f"device/{DEVICE}/data", "-q", "1", "-l", stdin=f)
+        deadline = time.time() + TIMEOUT
+        while len(access_lines(access)) < before + burst and time.time() < deadline:
+            time.sleep(0.05)
+        start_at = ts + TOLERANCE + 1 - 2
+        got = len(access_lines(access)) - before
+        print(f"expiry burst: {got} of {burst} delivered; their ids expire at "
+              f"{time.strftime('%H:%M:%S', time.localtime(ts + TOLERANCE + 1))}, "
+              f"{start_at - time.time() + 2:.0f} s from now, 2 s into the latency run", flush=True)
     path = os.path.join(d, "env.txt")
     with open(path, "w") as f:
         run(os.path.join(REL, "examples", "bench_envelopes"), SECRET, DEVICE, str(count),
@@ -284,6 +320,8 @@ def bench(d, nginx, env):
                            stdin=subprocess.PIPE, text=True)
     procs.append(pub)
     time.sleep(1.0)  # TLS handshake and CONNECT before the first timed line
+    if start_at:
+        time.sleep(max(0.0, start_at - time.time()))
     sent = []
     t0, steal0 = time.time(), steal_seconds()
     for i, line in enumerate(lines_in):
@@ -301,6 +339,10 @@ def bench(d, nginx, env):
     got = access_lines(access)[before:before + count]
     # $msec is truncated to the millisecond: adding 1 ms makes each figure an upper bound.
     lat = sorted(float(g) + 0.001 - s for g, s in zip(got, sent))
+    if burst:
+        worst = sorted(((float(g) + 0.001 - s, s) for g, s in zip(got, sent)), reverse=True)[:3]
+        print("slowest: " + ", ".join(f"{w * 1000:.1f} ms sent {s - start_at - 2:+.3f} s from the "
+                                      "expiry" for w, s in worst), flush=True)
     if len(got) == count:
         q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000
         print(f"latency publish -> backend at {rate} msg/s, {count} messages (QoS 1), upper bounds: "
@@ -310,6 +352,8 @@ def bench(d, nginx, env):
     else:
         print(f"latency: only {len(got)} of {count} reached the backend", flush=True)
 
+    if not rows:
+        return
     print("\nmedians over rounds:")
     print("| | plain | validating | ratio | forwarding (pub->sub) | ratio | backend rate | CPU µs/msg plain / valid / fwd |")
     print("|---|---|---|---|---|---|---|---|")
