@@ -7,8 +7,9 @@
 //! so an id can never be accepted twice. With ids stamped near `now`, the cap allows a sustained
 //! rate of `cap / tolerance` messages per second per device (1000 / 300 s ≈ 3.3 msg/s).
 //!
-//! An entry is a 16-byte digest of the id plus an 8-byte expiry, held once in a hash map and once
-//! in a min-heap ordered by expiry: 60–85 bytes with table overhead (BENCHMARKS.md).
+//! An entry is a 16-byte digest of the id plus an 8-byte expiry, held once in a hash map and in a
+//! min-heap ordered by expiry (again for each later expiry the id is recorded with; the older heap
+//! entries are only popped): 60–85 bytes with table overhead (BENCHMARKS.md).
 //!
 //! Forgetting is bounded work, never a stall: the broker thread runs [`ReplayCache::check`] for
 //! every message, and ids expire in bursts (a burst of messages stamped in the same second
@@ -32,9 +33,10 @@ pub type IdDigest = [u8; 16];
 /// Expired ids a check removes from its device (more than the one id a message adds, so a
 /// device that keeps sending works off its own backlog).
 pub const PRUNE_PER_CHECK: usize = 4;
-/// A device at its cap removes expired ids until it is below the cap again, at most this many
-/// per check (more only after the cap was lowered; a check past this budget refuses the message
-/// as "cache full" while expired ids are still being worked off).
+/// A device at its cap removes expired ids until it is below the cap again, popping at most this
+/// many heap entries per check. More are needed only when the device holds far more ids than its
+/// cap (read back at start-up after the cap was lowered) or many renewed ids' older entries; a
+/// check past this budget refuses the message as "cache full" while the rest is worked off.
 const PRUNE_AT_CAP: usize = 1024;
 
 /// The digest of a message id.
@@ -212,7 +214,7 @@ impl ReplayCache {
         };
         match ids.live.insert(id, expires_at) {
             None => self.ids += 1,
-            Some(old) if old > expires_at => {
+            Some(old) if old >= expires_at => {
                 ids.live.insert(id, old);
                 return;
             }
@@ -221,9 +223,10 @@ impl ReplayCache {
         ids.by_expiry.push(Reverse((expires_at, id)));
     }
 
-    /// Removes up to `budget` expired ids, going round the devices from where the last call
-    /// stopped, and drops devices left with none (the tick's share of forgetting: ids of devices
-    /// that stopped sending, which no check removes).
+    /// Forgets expired ids, going round the devices from where the last call stopped, and drops
+    /// devices left with none (the tick's share of forgetting: ids of devices that stopped
+    /// sending, which no check removes). `budget` counts heap entries popped and devices visited
+    /// with nothing to pop, so many devices with nothing to forget are not a long walk either.
     pub fn prune_some(&mut self, now: i64, budget: usize) {
         let mut left = budget;
         let mut visits = self.devices.len();
@@ -232,12 +235,10 @@ impl ReplayCache {
                 self.cursor = 0;
             }
             let Some((_, ids)) = self.devices.get_index_mut(self.cursor) else { break };
-            // A visit costs one unit of budget too, so that many devices with nothing to forget
-            // are not a long walk either.
-            left -= 1;
             let before = ids.by_expiry.len();
             self.ids -= ids.prune(now, left);
-            left -= before - ids.by_expiry.len();
+            let popped = before - ids.by_expiry.len();
+            left -= popped.max(1).min(left);
             let (empty, more) = (ids.live.is_empty(), ids.has_expired(now));
             if empty {
                 // The last device moves here: it is visited next.
@@ -314,7 +315,18 @@ mod tests {
 
     /// The count kept beside the maps is the maps' own count.
     fn counted(c: &ReplayCache) -> usize {
-        let n = c.devices.values().map(|d| d.live.len()).sum();
+        let n = c
+            .devices
+            .values()
+            .map(|d| match &d.live {
+                IdMap::One(m) => m.len(),
+                IdMap::Many { shards, len, .. } => {
+                    let real = shards.iter().map(|s| s.len()).sum();
+                    assert_eq!(*len, real, "a split map's count drifted from its shards");
+                    real
+                }
+            })
+            .sum();
         assert_eq!(c.len(), n, "the running count drifted from the maps");
         n
     }
@@ -459,5 +471,21 @@ mod tests {
         c.record("dev", digest("m2"), 3000);
         assert_eq!(c.check("dev", &digest("m2"), 1500), ReplayCheck::Seen);
         assert_eq!(counted(&c), n / 2 + 1);
+    }
+
+    #[test]
+    fn the_tick_makes_progress_on_the_smallest_budget() {
+        let mut c = ReplayCache::new(1000);
+        for i in 0..10 {
+            c.record("a", digest(&format!("a{i}")), 1000);
+        }
+        c.record("b", digest("b"), 5000);
+        for _ in 0..10 {
+            c.prune_some(1001, 1);
+        }
+        assert_eq!(counted(&c), 1, "ten calls with budget 1 forget the ten expired ids");
+        // Recording an id again with the same expiry adds no second heap entry.
+        c.record("b", digest("b"), 5000);
+        assert_eq!(heap(&c, "b"), 1);
     }
 }
