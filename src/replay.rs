@@ -293,10 +293,7 @@ mod tests {
 
     #[test]
     fn device_at_cap_is_refused_not_forgotten() {
-        let mut c = ReplayCache::new(3);
-        for i in 0..3 {
-            c.record("dev", digest(&format!("m{i}")), 1300);
-        }
+        let mut c = filled(3, 3, 1300);
         assert_eq!(c.check("dev", &digest("new"), 1000), ReplayCheck::CacheFull);
         // The old ids are all still refused as replays.
         assert_eq!(c.check("dev", &digest("m0"), 1000), ReplayCheck::Seen);
@@ -335,6 +332,15 @@ mod tests {
         c.devices.get(device).map_or(0, |d| d.by_expiry.len())
     }
 
+    /// A cache with cap `cap` whose device "dev" holds `n` ids `m0`, `m1`, … expiring at `exp`.
+    fn filled(cap: usize, n: usize, exp: i64) -> ReplayCache {
+        let mut c = ReplayCache::new(cap);
+        for i in 0..n {
+            c.record("dev", digest(&format!("m{i}")), exp);
+        }
+        c
+    }
+
     #[test]
     fn prune_some_drops_empty_devices() {
         let mut c = ReplayCache::new(10);
@@ -348,46 +354,34 @@ mod tests {
 
     #[test]
     fn a_burst_of_expired_ids_is_forgotten_a_bounded_share_per_check() {
-        let mut c = ReplayCache::new(1_000_000);
-        for i in 0..10_000 {
-            c.record("dev", digest(&format!("old{i}")), 1000);
-        }
+        let mut c = filled(1_000_000, 10_000, 1000);
         c.record("dev", digest("live"), 2000);
         // Past the burst's expiry: one check removes only its share...
         assert_eq!(c.check("dev", &digest("new"), 1001), ReplayCheck::Fresh);
         assert_eq!(heap(&c, "dev"), 10_001 - PRUNE_PER_CHECK);
         // ...yet answers as if all were gone: an expired id is new again, a live one is not.
-        assert_eq!(c.check("dev", &digest("old9999"), 1001), ReplayCheck::Fresh);
+        assert_eq!(c.check("dev", &digest("m9999"), 1001), ReplayCheck::Fresh);
         assert_eq!(c.check("dev", &digest("live"), 1001), ReplayCheck::Seen);
         assert_eq!(heap(&c, "dev"), 10_001 - 3 * PRUNE_PER_CHECK);
         // Positive control: before the expiry the same old id is a replay.
-        assert_eq!(c.check("dev", &digest("old9999"), 1000), ReplayCheck::Seen);
+        assert_eq!(c.check("dev", &digest("m9999"), 1000), ReplayCheck::Seen);
         counted(&c);
     }
 
     #[test]
     fn a_device_over_its_cap_makes_room_from_expired_ids_it_has_not_forgotten_yet() {
         // More ids than the cap: what a restart with a lowered `replay_cache_size` reads back.
-        let mut c = ReplayCache::new(100);
-        for i in 0..150 {
-            c.record("dev", digest(&format!("m{i}")), 1000);
-        }
+        let mut c = filled(100, 150, 1000);
         assert_eq!(c.check("dev", &digest("new"), 1000), ReplayCheck::CacheFull);
         // All expire: the check forgets its share, then as many more as make room for one.
         assert_eq!(c.check("dev", &digest("new"), 1001), ReplayCheck::Fresh);
         assert_eq!(counted(&c), 99);
         // Positive control: live ids are never made room from.
-        let mut d = ReplayCache::new(100);
-        for i in 0..150 {
-            d.record("dev", digest(&format!("m{i}")), 5000);
-        }
+        let mut d = filled(100, 150, 5000);
         assert_eq!(d.check("dev", &digest("new"), 1001), ReplayCheck::CacheFull);
         assert_eq!(counted(&d), 150);
         // Past the budget a check refuses (cache full) and leaves the rest to the next ones.
-        let mut e = ReplayCache::new(10);
-        for i in 0..(PRUNE_AT_CAP + 500) {
-            e.record("dev", digest(&format!("m{i}")), 1000);
-        }
+        let mut e = filled(10, PRUNE_AT_CAP + 500, 1000);
         assert_eq!(e.check("dev", &digest("new"), 1001), ReplayCheck::CacheFull);
         assert_eq!(counted(&e), 500 - PRUNE_PER_CHECK);
         assert_eq!(e.check("dev", &digest("new"), 1001), ReplayCheck::Fresh);
@@ -475,10 +469,7 @@ mod tests {
 
     #[test]
     fn the_tick_makes_progress_on_the_smallest_budget() {
-        let mut c = ReplayCache::new(1000);
-        for i in 0..10 {
-            c.record("a", digest(&format!("a{i}")), 1000);
-        }
+        let mut c = filled(1000, 10, 1000);
         c.record("b", digest("b"), 5000);
         for _ in 0..10 {
             c.prune_some(1001, 1);
