@@ -99,6 +99,49 @@ const REASONS: [&str; 10] = [
     "outbox_error",
 ];
 
+/// The ids of a device that stopped sending are forgotten by the tick once their window closes
+/// (a check only forgets its own device's, a bounded share at a time), and an id is new again
+/// after its window and not before.
+#[test]
+fn replay_ids_of_a_quiet_device_are_forgotten_after_their_window() {
+    let env = Env::new();
+    let (broker, mport) =
+        start_with(&env, &[("backend_url", "none".into()), ("timestamp_tolerance", "3".into())]);
+    let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
+    let t = now();
+    let ids: Vec<String> = (0..20).map(|_| uid()).collect();
+    for id in &ids {
+        publish_expect(
+            &mut dev,
+            "sensor_001",
+            &signed_as("sensor_001", t, id, "{}"),
+            true,
+            &broker,
+        );
+    }
+    // Positive control: inside the window the ids are remembered, and a reused one is refused.
+    publish_expect(
+        &mut dev,
+        "sensor_001",
+        &signed_as("sensor_001", now(), &ids[0], "{\"n\":1}"),
+        false,
+        &broker,
+    );
+    scrape_until(&broker, mport, "20 ids remembered", |m| m.get("iotgw_replay_ids") == Some(&20.0));
+    // Nothing is sent any more: only the tick can forget them, once `now > t + 3`.
+    let m = scrape_until(&broker, mport, "every id forgotten", |m| {
+        m.get("iotgw_replay_ids") == Some(&0.0)
+    });
+    assert!(now() > t + 3, "forgotten inside their window; scrape:\n{m:#?}");
+    publish_expect(
+        &mut dev,
+        "sensor_001",
+        &signed_as("sensor_001", now(), &ids[0], "{\"n\":2}"),
+        true,
+        &broker,
+    );
+}
+
 #[test]
 fn metrics_count_known_traffic_exactly_in_the_prometheus_text_format() {
     let env = Env::new();
