@@ -255,6 +255,14 @@ def bench(d, nginx, env):
                   + (f" | base build validating {res['base'][0]:8.0f} ({res['base'][0]/pl[0]:.2f}x, "
                      f"{res['base'][2]:5.1f} µs)" if base_so else "")
                   + (f" | LOST {lost}" if lost else ""), flush=True)
+            for name in lost:
+                # Why: Mosquitto drops QoS 1 messages for a subscriber more than
+                # max_queued_messages (1,000) behind; anything else is in the broker's log too.
+                log = open(os.path.join(d, f"{name}.log"), errors="replace").read().splitlines()
+                said = [l for l in log if "dropped" in l or "internal error" in l
+                        or "out of memory" in l]
+                print(f"  {name}: {len(said)} lines of its log about drops or errors"
+                      + (f", first: {said[0]}" if said else ""), flush=True)
         # Drain: nginx down, a QoS 0 burst accepted into the outbox, then nginx up.
         path = os.path.join(d, "env.txt")
         with open(path, "w") as f:
