@@ -304,11 +304,9 @@ def bench(d, nginx, env):
         # wrap and it takes an early PUBACK for its last one): one publisher per 60,000.
         lines = open(path).read().splitlines(keepends=True)
         for at in range(0, burst, 60000):
-            with open(path, "w") as f:
-                f.writelines(lines[at:at + 60000])
-            with open(path) as f:
-                run("mosquitto_pub", "-h", "127.0.0.1", "-p", str(ports["fwd"]), *dev,
-                    "-t", f"device/{DEVICE}/data", "-q", "1", "-l", stdin=f)
+            run("mosquitto_pub", "-h", "127.0.0.1", "-p", str(ports["fwd"]), *dev,
+                "-t", f"device/{DEVICE}/data", "-q", "1", "-l",
+                input="".join(lines[at:at + 60000]), text=True)
         deadline = time.time() + TIMEOUT
         while len(access_lines(access)) < before + burst and time.time() < deadline:
             time.sleep(0.05)
@@ -346,9 +344,10 @@ def bench(d, nginx, env):
         time.sleep(0.05)
     got = access_lines(access)[before:before + count]
     # $msec is truncated to the millisecond: adding 1 ms makes each figure an upper bound.
-    lat = sorted(float(g) + 0.001 - s for g, s in zip(got, sent))
+    samples = [(float(g) + 0.001 - s, s) for g, s in zip(got, sent)]
+    lat = sorted(w for w, _ in samples)
     if burst:
-        worst = sorted(((float(g) + 0.001 - s, s) for g, s in zip(got, sent)), reverse=True)[:3]
+        worst = sorted(samples, reverse=True)[:3]
         print("slowest: " + ", ".join(f"{w * 1000:.1f} ms sent {s - start_at - 2:+.3f} s from the "
                                       "expiry" for w, s in worst), flush=True)
     if len(got) == count:

@@ -15,10 +15,10 @@
 //! every message, and ids expire in bursts (a burst of messages stamped in the same second
 //! expires in the same second). Forgetting 60,000 ids of one second at once took the broker
 //! thread 65 ms, which every message behind it waited (`make bench` saw such spikes after a
-//! few rounds: BENCHMARKS.md). So an id whose window has closed counts as forgotten whether or not it has
-//! been removed yet (each entry keeps its expiry), a check removes at most [`PRUNE_PER_CHECK`]
-//! of its device's expired ids, and [`ReplayCache::prune_some`] removes the rest a bounded
-//! batch at a time from the tick.
+//! few rounds: BENCHMARKS.md). So an id whose window has closed counts as forgotten whether or
+//! not it has been removed yet (each entry keeps its expiry), a check removes at most
+//! [`PRUNE_PER_CHECK`] of its device's expired ids, and [`ReplayCache::prune_some`] removes the
+//! rest a bounded batch at a time from the tick.
 
 use crate::fasthash::{Keyed, Map};
 use indexmap::IndexMap;

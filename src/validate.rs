@@ -262,7 +262,8 @@ impl Validator {
         &mut self.registry
     }
 
-    /// Forgets up to `budget` ids that left their window (a bounded share per tick).
+    /// Forgets ids that left their window, a bounded share per tick (`budget`: see
+    /// [`ReplayCache::prune_some`]).
     pub fn forget_expired(&mut self, now: i64, budget: usize) {
         self.replay.prune_some(now, budget);
     }
