@@ -85,6 +85,9 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static st
     // Valid JSON is UTF-8 throughout (outside strings only ASCII is allowed), so one check of
     // the whole input covers every string.
     std::str::from_utf8(bytes).ok()?;
+    if let Some(e) = exact(bytes, s) {
+        return Some(Ok(e));
+    }
     let mut p = Parser { b: bytes, i: 0 };
     p.ws();
     if p.peek()? != b'{' {
@@ -103,14 +106,11 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static st
     let mut sorted = true;
     loop {
         p.ws();
-        let (key, span_start) = p.member_name(&mut st, 0, top)?;
+        let (key, span_start) = p.member_name(&mut st, 0, &mut sorted, top)?;
         let (kind, value_start) = {
             let v = top.len();
             (p.value(&mut st, 1, top)?, v)
         };
-        if let Some(prev) = st.members.last() {
-            sorted &= key_cmp(&st.keys[prev.key.clone()], &st.keys[key.clone()]).is_lt();
-        }
         st.members.push(Member { key: key.clone(), span: span_start..top.len() });
         let which = field(&st.keys[key.clone()]);
         kinds.push(TopMember { key, value: value_start..top.len(), kind, field: which });
@@ -216,6 +216,80 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static st
         signature,
         timestamp,
     }))
+}
+
+/// The envelope as signers send it: the five members in canonical order and nothing else, no
+/// whitespace around them, ids without escapes (the payload may be any JSON value). Each
+/// member name is then a fixed run of bytes compared in one go, the signed bytes are written
+/// straight to the envelope's buffer, and none of the general walk's bookkeeping is done
+/// (names kept for the duplicate and order checks, the top level reassembled): about a third
+/// of the reader's instructions per message (`scripts/accept_cost.sh validate`). Anything else,
+/// None: [`scan`]'s general walk decides, so both always agree (`tests`).
+fn exact(bytes: &[u8], s: &mut Scratch) -> Option<Scanned> {
+    /// A string member's unescaped text at the start of `rest`, and what follows its quote.
+    fn plain_string(rest: &[u8]) -> Option<(&[u8], &[u8])> {
+        let n = find_stop(rest)?;
+        (rest[n] == b'"').then(|| (&rest[..n], &rest[n + 1..]))
+    }
+    let rest = bytes.strip_prefix(b"{\"device_id\":\"")?;
+    let (device, rest) = plain_string(rest)?;
+    // The device id's syntax is ASCII, so its text is also its UTF-8 and needs no escape.
+    if !valid_device_id(std::str::from_utf8(device).ok()?) {
+        return None;
+    }
+    let rest = rest.strip_prefix(b",\"message_id\":\"")?;
+    let (mid, rest) = plain_string(rest)?;
+    // The whole input is UTF-8 (checked by the caller), so this slice of it is too.
+    let mid_text = std::str::from_utf8(mid).ok()?;
+    if mid.is_empty()
+        || (mid.len() > crate::envelope::MAX_ID_CHARS
+            && mid_text.chars().count() > crate::envelope::MAX_ID_CHARS)
+    {
+        return None;
+    }
+    let rest = rest.strip_prefix(b",\"payload\":")?;
+
+    let Scratch { keys, members, tmp, dec, spare, .. } = s;
+    keys.clear();
+    members.clear();
+    let mut buf = std::mem::take(spare);
+    buf.clear();
+    buf.reserve(bytes.len());
+    buf.extend_from_slice(b"{\"device_id\":\"");
+    let device_r = buf.len()..buf.len() + device.len();
+    buf.extend_from_slice(device);
+    buf.extend_from_slice(b"\",\"message_id\":\"");
+    let mid_r = buf.len()..buf.len() + mid.len();
+    buf.extend_from_slice(mid);
+    buf.extend_from_slice(b"\",\"payload\":");
+    let payload_start = buf.len();
+    let mut p = Parser { b: bytes, i: bytes.len() - rest.len() };
+    let mut st = State { keys, members, tmp, dec };
+    let parsed = p.value(&mut st, 1, &mut buf);
+    let payload_r = payload_start..buf.len();
+    let tail = parsed.and_then(|_| {
+        let rest = bytes[p.i..].strip_prefix(b",\"signature\":\"")?;
+        let (sig, rest) = plain_string(rest)?;
+        let signature = crate::envelope::decode_hex::<32>(sig)?;
+        let rest = rest.strip_prefix(b",\"timestamp\":")?;
+        p.i = bytes.len() - rest.len();
+        buf.extend_from_slice(b",\"timestamp\":");
+        let Kind::Int(timestamp) = p.number(&mut buf)? else { return None };
+        (bytes.get(p.i..) == Some(b"}")).then_some((signature, timestamp))
+    });
+    let Some((signature, timestamp)) = tail else {
+        *spare = buf;
+        return None;
+    };
+    buf.push(b'}');
+    Some(Scanned {
+        buf,
+        device: device_r,
+        message_id: mid_r,
+        payload: payload_r,
+        signature,
+        timestamp,
+    })
 }
 
 /// The envelope's own members.
@@ -336,11 +410,13 @@ impl Parser<'_> {
 
     /// `"name":` of a member of the object whose members start at `base`: the decoded name
     /// goes to `keys` (None if the object already has it), `"name":` canonical to `out`.
-    /// Returns the name's range in `keys` and where the member starts in `out`.
+    /// `sorted` says whether the object's members so far are in canonical order, and is kept
+    /// up to date. Returns the name's range in `keys` and where the member starts in `out`.
     fn member_name(
         &mut self,
         st: &mut State<'_>,
         base: usize,
+        sorted: &mut bool,
         out: &mut Vec<u8>,
     ) -> Option<(Range<usize>, usize)> {
         if self.next()? != b'"' {
@@ -355,7 +431,14 @@ impl Parser<'_> {
             None => st.keys.extend_from_slice(st.dec),
         }
         let key = ks..st.keys.len();
-        if st.members[base..].iter().any(|m| st.keys[m.key.clone()] == st.keys[key.clone()]) {
+        if let Some(prev) = st.members[base..].last() {
+            *sorted &= key_cmp(&st.keys[prev.key.clone()], &st.keys[key.clone()]).is_lt();
+        }
+        // In canonical order (what signers send) each name is greater than all before it, so
+        // equal to none: only out of order must a name be compared with every earlier one.
+        if !*sorted
+            && st.members[base..].iter().any(|m| st.keys[m.key.clone()] == st.keys[key.clone()])
+        {
             return None;
         }
         // Without escapes the name holds no character canonical form escapes.
@@ -518,11 +601,8 @@ impl Parser<'_> {
         let mut sorted = true;
         loop {
             self.ws();
-            let (key, start) = self.member_name(st, base, out)?;
+            let (key, start) = self.member_name(st, base, &mut sorted, out)?;
             self.value(st, depth, out)?;
-            if let Some(prev) = st.members[base..].last() {
-                sorted &= key_cmp(&st.keys[prev.key.clone()], &st.keys[key.clone()]).is_lt();
-            }
             st.members.push(Member { key, span: start..out.len() });
             self.ws();
             match self.next()? {
@@ -645,9 +725,11 @@ mod tests {
     use std::path::Path;
 
     /// Which path answered, for the coverage figures.
-    #[derive(Default, Debug)]
+    #[derive(Default, Debug, Clone, Copy)]
     struct Tally {
         fast: usize,
+        /// Of `fast`, read by [`exact`].
+        exact: usize,
         reference_ok: usize,
         rejected: usize,
         /// Rejected as missing a member by the single pass itself.
@@ -657,8 +739,12 @@ mod tests {
     fn check(bytes: &[u8], scratch: &mut Scratch, tally: &mut Tally) {
         // Buffers are handed back as on the broker thread, so every comparison below also runs
         // in memory a previous envelope left behind.
+        let exact_shape = std::str::from_utf8(bytes).is_ok()
+            && exact(bytes, scratch).map(|s| scratch.recycle(s.buf)).is_some();
+        tally.exact += usize::from(exact_shape);
         let scanned = scan(bytes, scratch).map(|r| r.map(|s| scratch.recycle(s.buf)).is_ok());
         let fast = scanned == Some(true);
+        assert!(fast || !exact_shape, "the exact shape was read but the scan refused it");
         tally.missing += usize::from(scanned == Some(false));
         let ours = Envelope::parse_with(bytes, usize::MAX, scratch);
         let reference = if bytes.is_empty() {
@@ -1001,13 +1087,22 @@ mod tests {
         if r.below(25) != 0 {
             all.insert(r.below(all.len() + 1), sig_member);
         }
-        // Shuffle the wire order.
-        for i in (1..all.len()).rev() {
-            all.swap(i, r.below(i + 1));
+        // Shuffle the wire order, or (half of them) keep the canonical order signers send
+        // without whitespace, the shape the exact path takes, so that mutations hit it too.
+        let canonical = r.below(2) == 0;
+        if canonical {
+            all.sort_by_key(|m| {
+                m.split('"').nth(1).unwrap_or("").encode_utf16().collect::<Vec<_>>()
+            });
+        } else {
+            for i in (1..all.len()).rev() {
+                all.swap(i, r.below(i + 1));
+            }
         }
-        let sep = r.pick(&[",", ", ", " ,\n"]);
+        let sep = if canonical { "," } else { r.pick(&[",", ", ", " ,\n"]) };
         let lead = r.mostly(&["", " ", "\n"], &["\u{feff}", "x"], 30);
         let trail = r.mostly(&["", " ", "\n\t"], &[" x", "{}", ","], 30);
+        let (lead, trail) = if canonical { ("", "") } else { (lead, trail) };
         format!("{lead}{{{}}}{trail}", all.join(sep)).into_bytes()
     }
 
@@ -1091,8 +1186,9 @@ mod tests {
             check(&e, &mut s, &mut t);
         }
         eprintln!("generated and mutated: {t:?}");
-        // Both paths and the rejections are exercised, not just one of them.
+        // Every path and the rejections are exercised, not just one of them.
         assert!(t.fast > 1000 && t.reference_ok > 100 && t.rejected > 3000, "{t:?}");
+        assert!(t.exact > 400 && t.fast - t.exact > 500, "{t:?}");
         assert!(t.missing > 100, "{t:?}");
     }
 
@@ -1136,6 +1232,61 @@ mod tests {
     }
 
     #[test]
+    fn the_exact_shape_and_its_near_misses_read_the_same() {
+        let mut s = Scratch::default();
+        let mut t = Tally::default();
+        let sig = "00000000000000000000000000000000000000000000000000000000000000ff";
+        let good = format!(
+            r#"{{"device_id":"d-1","message_id":"m","payload":{{"b":1,"a":[2.50,"x"]}},"signature":"{sig}","timestamp":1}}"#
+        );
+        check(good.as_bytes(), &mut s, &mut t);
+        assert_eq!((t.exact, t.rejected), (1, 0), "positive control: {t:?}");
+        let payload = r#""payload":{"b":1,"a":[2.50,"x"]}"#;
+        let near = [
+            format!("{good} "),
+            format!("{good}}}"),
+            format!("{good}x"),
+            format!(" {good}"),
+            good.replacen(r#""timestamp":1"#, r#""timestamp":1.0"#, 1),
+            good.replacen(r#""timestamp":1"#, r#""timestamp":-0"#, 1),
+            good.replacen(r#""timestamp":1"#, r#""timestamp":01"#, 1),
+            good.replacen(r#""timestamp":1"#, r#""timestamp":9007199254740992"#, 1),
+            good.replacen(r#""timestamp":1"#, r#""timestamp":"1""#, 1),
+            good.replacen(r#""device_id":"d-1""#, r#""device_id":"d/1""#, 1),
+            good.replacen(r#""device_id":"d-1""#, r#""device_id":"..""#, 1),
+            good.replacen(r#""device_id":"d-1""#, r#""device_id":"d\u002d1""#, 1),
+            good.replacen(r#""message_id":"m""#, r#""message_id":"""#, 1),
+            good.replacen(r#""message_id":"m""#, r#""message_id":"m\n""#, 1),
+            good.replacen(
+                r#""message_id":"m""#,
+                &format!(r#""message_id":"{}""#, "é".repeat(129)),
+                1,
+            ),
+            good.replacen(
+                r#""message_id":"m""#,
+                &format!(r#""message_id":"{}""#, "é".repeat(128)),
+                1,
+            ),
+            good.replacen(sig, &sig[..62], 1),
+            good.replacen(sig, &sig.to_uppercase().replace('0', "A"), 1),
+            good.replacen(&format!(r#""signature":"{sig}""#), r#""signature":5"#, 1),
+            good.replacen(r#","timestamp":1"#, r#","timestamp":1,"zz":0"#, 1),
+            good.replacen(r#""payload":"#, r#""payload": "#, 1),
+            good.replacen(payload, r#""payload":{"b":1,"b":2}"#, 1),
+            good.replacen(payload, r#""payload":{"b":1,"a":[2.50,"x"] }"#, 1),
+            good.replacen(payload, r#""payload":[1e400]"#, 1),
+            good.replacen(payload, r#""payload":"\ud800""#, 1),
+        ];
+        for n in &near {
+            check(n.as_bytes(), &mut s, &mut t);
+        }
+        // Whitespace before or in the payload, an upper-case signature and a long id of few
+        // characters are still the exact shape; the rest are refused or read by the general walk.
+        assert_eq!(t.exact, 5, "{t:?}");
+        assert!(t.rejected >= 15, "{t:?}");
+    }
+
+    #[test]
     fn deep_nesting_and_key_order_edges_read_the_same() {
         let mut s = Scratch::default();
         let mut t = Tally::default();
@@ -1155,5 +1306,32 @@ mod tests {
             check(format!("{head}{p}}}").as_bytes(), &mut s, &mut t);
         }
         assert!(t.fast >= 5 && t.rejected >= 3, "{t:?}");
+
+        // Duplicates are compared for only once members are out of order: a name repeated in
+        // order, or after the order broke (`b` repeated after `a`), is still refused, at the
+        // top level and nested.
+        let sig =
+            "\"signature\":\"00000000000000000000000000000000000000000000000000000000000000ff\"";
+        let base = r#""device_id":"d","message_id":"m","payload":"#;
+        for (p, dup) in [
+            (r#"{"a":1,"b":2,"c":3}"#, false),
+            (r#"{"b":1,"a":2,"c":3}"#, false),
+            (r#"{"a":1,"a":2}"#, true),
+            (r#"{"a":1,"b":2,"b":3}"#, true),
+            (r#"{"b":1,"a":2,"b":3}"#, true),
+            (r#"{"b":1,"a":2,"c":3,"b":4}"#, true),
+            (r#"{"x":{"b":1,"a":2,"b":3}}"#, true),
+        ] {
+            for extra in ["", r#","timestamp":2"#, r#","device_id":"e""#] {
+                let top = format!("{{{base}{p},{sig},\"timestamp\":1{extra}}}");
+                let before = t;
+                check(top.as_bytes(), &mut s, &mut t);
+                let refused = t.rejected > before.rejected;
+                assert_eq!(refused, dup || !extra.is_empty(), "{top}");
+                if !refused {
+                    assert_eq!(t.fast, before.fast + 1, "{top} took the reference");
+                }
+            }
+        }
     }
 }
