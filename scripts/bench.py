@@ -350,7 +350,9 @@ def bench(d, nginx, env):
         worst = sorted(samples, reverse=True)[:3]
         print("slowest: " + ", ".join(f"{w * 1000:.1f} ms sent {s - start_at - 2:+.3f} s from the "
                                       "expiry" for w, s in worst), flush=True)
-    if len(got) == count:
+    if count == 0:
+        print("latency: not measured (LAT_MESSAGES=0)", flush=True)
+    elif len(got) == count:
         q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000
         print(f"latency publish -> backend at {rate} msg/s, {count} messages (QoS 1), upper bounds: "
               f"p50 <= {q(0.50):.2f} ms, p99 <= {q(0.99):.2f} ms, max <= {lat[-1]*1000:.2f} ms; "
