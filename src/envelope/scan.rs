@@ -78,16 +78,17 @@ pub struct Scanned {
 /// Some(Ok): a well-formed envelope. Some(Err(name)): well-formed JSON whose members have the
 /// right types, but the required member `name` is missing. None: the reference decides.
 pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static str>> {
-    s.top.clear();
-    s.keys.clear();
-    s.members.clear();
-    s.kinds.clear();
     // Valid JSON is UTF-8 throughout (outside strings only ASCII is allowed), so one check of
     // the whole input covers every string.
     std::str::from_utf8(bytes).ok()?;
     if let Some(e) = exact(bytes, s) {
         return Some(Ok(e));
     }
+    // After `exact`, which may have stopped halfway through the payload: the walk starts clean.
+    s.top.clear();
+    s.keys.clear();
+    s.members.clear();
+    s.kinds.clear();
     let mut p = Parser { b: bytes, i: 0 };
     p.ws();
     if p.peek()? != b'{' {
