@@ -84,12 +84,31 @@ fn backend_down_then_up_delivers_all_200_in_order_per_device() {
 
 /// Publishes `n` messages of sensor_001 (QoS 1, all acknowledged); returns their ids.
 fn publish_ids(dev: &mut Mqtt, prefix: &str, n: usize) -> Vec<String> {
+    publish_range(dev, prefix, 0..n)
+}
+
+fn publish_range(dev: &mut Mqtt, prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
     let t = now();
-    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i:03}")).collect();
+    let ids: Vec<String> = range.map(|i| format!("{prefix}-{i:03}")).collect();
     for mid in &ids {
         let m = signed_as("sensor_001", t, mid, "{}");
         assert!(dev.publish("device/sensor_001/data", 1, false, &m).is_ok());
     }
+    ids
+}
+
+/// Publishes the first message, waits until it reached the backend (which holds it), then the
+/// other `n - 1`: they queue behind it, and the one worker sends them as one pipelined batch.
+/// Publishing all at once would leave the first batch to the race between the worker and the
+/// broker accepting the second message.
+fn publish_first_alone(dev: &mut Mqtt, sink: &Sink, prefix: &str, n: usize) -> Vec<String> {
+    let mut ids = publish_range(dev, prefix, 0..1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sink.requests() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(sink.requests(), 1, "the first message did not reach the backend alone");
+    ids.extend(publish_range(dev, prefix, 1..n));
     ids
 }
 
@@ -128,7 +147,7 @@ fn a_message_refused_inside_a_pipelined_batch_is_retried_after_the_rest_and_noth
     let opts = backend_opts(sink.port()).set("workers", 1);
     let broker = Broker::start(&env, &opts);
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
-    let sent = publish_ids(&mut dev, "r", 30);
+    let sent = publish_first_alone(&mut dev, &sink, "r", 30);
     let got = sink.wait_for(sent.len(), Duration::from_secs(30));
     let order: Vec<String> = got.iter().map(|r| r.message_id.clone()).collect();
     let mut ids = order.clone();
@@ -155,7 +174,7 @@ fn only_the_first_refusal_of_a_batch_waits_its_retry_after() {
     let opts = backend_opts(sink.port()).set("workers", 1);
     let broker = Broker::start(&env, &opts);
     let mut dev = Mqtt::connect(&env, broker.port, "sensor_001");
-    let sent = publish_ids(&mut dev, "w", 12);
+    let sent = publish_first_alone(&mut dev, &sink, "w", 12);
     let got = sink.wait_for(sent.len(), Duration::from_secs(30));
     assert_eq!(got.len(), sent.len(), "{}", broker.log());
     let at = |id: &str| got.iter().find(|r| r.message_id == id).expect("delivered").at;
