@@ -100,6 +100,12 @@ pub fn valid_device_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
+/// `message_id` length: 1–[`MAX_ID_CHARS`] characters. Counting characters only when the
+/// byte length could exceed the limit: ids are nearly always short ASCII.
+pub fn valid_message_id(id: &str) -> bool {
+    !id.is_empty() && (id.len() <= MAX_ID_CHARS || id.chars().count() <= MAX_ID_CHARS)
+}
+
 mod scan;
 pub use scan::Scratch;
 
@@ -312,8 +318,7 @@ impl Reference {
                 ("timestamp", _) => {
                     return Err(Rejection::new(Reason::Malformed, "timestamp must be an integer"))
                 }
-                ("message_id", Json::String(s))
-                    if !s.is_empty() && s.chars().count() <= MAX_ID_CHARS => {}
+                ("message_id", Json::String(s)) if valid_message_id(s) => {}
                 ("message_id", _) => {
                     return Err(Rejection::new(
                         Reason::Malformed,
@@ -566,6 +571,16 @@ mod tests {
         assert!(!valid_device_id("a/b"));
         assert!(!valid_device_id("a+b"));
         assert!(!valid_device_id("dé"));
+    }
+
+    #[test]
+    fn message_id_length_edges_count_characters_not_bytes() {
+        assert!(valid_message_id("m"));
+        assert!(valid_message_id(&"x".repeat(128)));
+        assert!(valid_message_id(&"é".repeat(128)), "256 bytes, 128 characters");
+        assert!(!valid_message_id(""));
+        assert!(!valid_message_id(&"x".repeat(129)));
+        assert!(!valid_message_id(&"é".repeat(129)));
     }
 
     fn env(s: &str) -> Result<Envelope, Rejection> {

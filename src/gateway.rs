@@ -222,7 +222,7 @@ impl Stats {
 
 const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 /// How often, and how much, the tick forgets expired replay ids (those of devices that stopped
-/// sending; a device that sends forgets its own): at most 256 heap entries or devices a time, so
+/// sending; a device that sends forgets its own): at most 256 queue entries or devices a time, so
 /// that no message waits long behind it (a burst of 60,000 took 65 ms, ~1 µs each); up to 10,000
 /// ids a second while busy, 2,560 while idle (ticks every 100 ms).
 const FORGET_EVERY: Duration = Duration::from_millis(25);

@@ -158,17 +158,13 @@ impl DeviceIds {
         }
     }
 
-    /// Removes and returns the entry with the earliest expiry.
+    /// Removes and returns the entry with the earliest expiry (on a tie, the in-order one).
     fn pop_earliest(&mut self) -> Option<(i64, IdDigest)> {
-        let heap_first = match (self.in_order.front(), self.by_expiry.peek()) {
-            (Some((a, _)), Some(Reverse((b, _)))) => b < a,
-            (None, Some(_)) => true,
-            _ => false,
-        };
-        if heap_first {
-            self.by_expiry.pop().map(|Reverse(e)| e)
-        } else {
+        let first = self.earliest()?;
+        if self.in_order.front().is_some_and(|(exp, _)| *exp == first) {
             self.in_order.pop_front()
+        } else {
+            self.by_expiry.pop().map(|Reverse(e)| e)
         }
     }
 

@@ -9,7 +9,7 @@
 //! surrogates, escaped ids), go to the reference parser, so rejections and their details are
 //! always the reference's. `tests` holds the differential test against it.
 
-use crate::envelope::valid_device_id;
+use crate::envelope::{valid_device_id, valid_message_id};
 use crate::json::{self, MAX_DEPTH, MAX_SAFE_INTEGER};
 use std::cmp::Ordering;
 use std::ops::Range;
@@ -147,10 +147,7 @@ pub fn scan(bytes: &[u8], s: &mut Scratch) -> Option<Result<Scanned, &'static st
             (Some(Field::MessageId), Kind::Str) => {
                 mid = inner(v).filter(|m| {
                     // A byte loop: ids are short, and `str::contains` sets up a searcher.
-                    !m.is_empty()
-                        && !m.bytes().any(|b| b == b'\\')
-                        && (m.len() <= crate::envelope::MAX_ID_CHARS
-                            || m.chars().count() <= crate::envelope::MAX_ID_CHARS)
+                    !m.bytes().any(|b| b == b'\\') && valid_message_id(m)
                 });
                 mid.is_some()
             }
@@ -242,11 +239,7 @@ fn exact(bytes: &[u8], s: &mut Scratch) -> Option<Scanned> {
     let rest = rest.strip_prefix(b",\"message_id\":\"")?;
     let (mid, rest) = plain_string(rest)?;
     // The whole input is UTF-8 (checked by the caller), so this slice of it is too.
-    let mid_text = std::str::from_utf8(mid).ok()?;
-    if mid.is_empty()
-        || (mid.len() > crate::envelope::MAX_ID_CHARS
-            && mid_text.chars().count() > crate::envelope::MAX_ID_CHARS)
-    {
+    if !valid_message_id(std::str::from_utf8(mid).ok()?) {
         return None;
     }
     let rest = rest.strip_prefix(b",\"payload\":")?;
