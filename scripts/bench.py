@@ -272,9 +272,15 @@ def bench(d, nginx, env):
         before = len(access_lines(access))
         load("fwd", 0, path)
         ng = nginx_start()
+        fpid = brokers["fwd"].pid
+        threads0, ng0 = thread_cpus(fpid), proc_cpu(ng.pid)
         deadline = time.time() + TIMEOUT
         while len(access_lines(access)) < before + N and time.time() < deadline:
             time.sleep(0.1)
+        spent = {k: (v - threads0.get(k, 0.0)) * 1e6 / N for k, v in thread_cpus(fpid).items()}
+        spent["nginx"] = (proc_cpu(ng.pid) - ng0) * 1e6 / N
+        print(f"  drain CPU µs/msg by thread: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in sorted(spent.items()) if v >= 0.05), flush=True)
         lines = access_lines(access)[before:]
         if len(lines) >= N:
             first, last = float(lines[0]), float(lines[N - 1])
@@ -380,8 +386,13 @@ def bench(d, nginx, env):
                   f"{statistics.median(x['base'][0]/x['plain'][0] for x in rs):.2f}x, CPU "
                   f"{statistics.median(x['base'][2] for x in rs):.1f} µs/msg")
     if drains:
+        # Against the steady state: the fastest forwarding rate at the backend (QoS 0 or 1).
+        steady = max((statistics.median(row[2]["fwd"][3] or 0 for row in rows if row[1] == q)
+                      for q in (0, 1)), default=0) if rows else 0
         print(f"backlog drain: median {statistics.median(drains):.0f} msg/s "
-              f"(min {min(drains):.0f}, max {max(drains):.0f}) over {len(drains)} rounds")
+              f"(min {min(drains):.0f}, max {max(drains):.0f}) over {len(drains)} rounds"
+              + (f"; {statistics.median(drains) / steady:.2f}x the steady forwarding rate at the "
+                 f"backend ({steady:.0f} msg/s)" if steady else ""))
 
 
 if __name__ == "__main__":

@@ -175,7 +175,12 @@ impl Shared {
         let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         while !self.stop.load(Ordering::Acquire) {
             if self.owing() {
-                // Kick until the tick starts; give up the fast rate if the broker never ticks.
+                // Kick until the tick starts; give up the fast rate if the broker stops ticking.
+                // "Stops ticking", not "is owed a tick for a while": under a stream of results
+                // a new request is owed before the last one is served, tick after tick, and
+                // reading that as a broker that never ticks left the kicker at PERIOD and a
+                // backlog drain waiting up to 100 ms for each refill (BENCHMARKS.md).
+                let mut ticks = self.ticks.load(Ordering::Acquire);
                 let mut since = Instant::now();
                 self.polling.store(true, Ordering::SeqCst);
                 let lingering = || {
@@ -183,10 +188,13 @@ impl Shared {
                     self.since_epoch().saturating_sub(last) < LINGER.as_nanos() as u64
                 };
                 while (self.owing() || lingering()) && !self.stop.load(Ordering::Acquire) {
+                    let now_ticks = self.ticks.load(Ordering::Acquire);
+                    if now_ticks != ticks || !self.owing() {
+                        ticks = now_ticks;
+                        since = Instant::now();
+                    }
                     if self.owing() {
                         self.kick();
-                    } else {
-                        since = Instant::now();
                     }
                     let wait = if since.elapsed() < KICK_GIVE_UP { KICK_EVERY } else { PERIOD };
                     g = self.cv.wait_timeout(g, wait).unwrap_or_else(|p| p.into_inner()).0;
@@ -351,6 +359,46 @@ mod tests {
         assert!(s.owing());
         s.kick();
         assert_ne!(s.last_kick_ns.load(Ordering::SeqCst), 0, "no tick for a while: signalled");
+    }
+
+    #[test]
+    fn a_stream_of_requests_keeps_the_kicker_at_its_fast_rate() {
+        // A broker that sleeps until signalled, and a worker whose next result is queued right
+        // after each tick (a backlog drain): a tick is owed again before the kicker looks, every
+        // time. The kicker must keep signalling every KICK_EVERY or so; it used to take this
+        // for a broker that never ticks and fall back to PERIOD after KICK_GIVE_UP.
+        let s = Arc::new(shared());
+        let kicker = {
+            let s = s.clone();
+            std::thread::spawn(move || s.run())
+        };
+        let start = Instant::now();
+        let mut seen = 0;
+        let (mut early, mut late) = (0u32, 0u32);
+        s.request(false);
+        while start.elapsed() < Duration::from_millis(250) {
+            let kicked = s.last_kick_ns.load(Ordering::SeqCst);
+            if kicked != seen {
+                seen = kicked;
+                s.tick_started();
+                s.request(false);
+                // Past KICK_GIVE_UP: the old kicker managed at most 3 here (one per PERIOD).
+                if start.elapsed() > KICK_GIVE_UP + Duration::from_millis(10) {
+                    late += 1;
+                } else {
+                    early += 1;
+                }
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+        s.stop.store(true, Ordering::SeqCst);
+        drop(s.lock.lock().unwrap());
+        s.cv.notify_all();
+        kicker.join().unwrap();
+        // Positive control: the kicker was signalling at its fast rate before KICK_GIVE_UP.
+        assert!(early >= 10, "only {early} signals in the first {KICK_GIVE_UP:?}");
+        assert!(late >= 20, "only {late} signals in the 220 ms after {KICK_GIVE_UP:?}");
     }
 
     #[test]
