@@ -99,6 +99,13 @@ def main():
             shutil.rmtree(d, ignore_errors=True)
 
 
+def cpu_by_thread(pid, threads0, ng_pid, ng0):
+    """CPU µs per message since `threads0` (thread_cpus) and `ng0` (nginx), by thread name."""
+    spent = {k: (v - threads0.get(k, 0.0)) * 1e6 / N for k, v in thread_cpus(pid).items()}
+    spent["nginx"] = ((proc_cpu(ng_pid) - ng0) * 1e6 / N) if ng_pid else 0.0
+    return ", ".join(f"{k} {v:.1f}" for k, v in sorted(spent.items()) if v >= 0.05)
+
+
 def bench(d, nginx, env):
     gw = os.path.join(d, "gw")
     plugin = os.environ.get("PLUGIN") or os.path.join(REL, "libsecure_iot_gateway.so")
@@ -211,11 +218,8 @@ def bench(d, nginx, env):
         c1 = thread_cpu(pid)
         if name != "plain":
             # Where the rest of the CPU went: the plugin's threads (by name) and nginx.
-            threads1 = thread_cpus(pid)
-            spent = {k: (v - threads0.get(k, 0.0)) * 1e6 / N for k, v in threads1.items()}
-            spent["nginx"] = ((proc_cpu(ng_pid) - ng0) * 1e6 / N) if ng_pid else 0.0
-            print(f"  {name} QoS {qos} CPU µs/msg by thread: " + ", ".join(
-                f"{k} {v:.1f}" for k, v in sorted(spent.items()) if v >= 0.05), flush=True)
+            print(f"  {name} QoS {qos} CPU µs/msg by thread: "
+                  + cpu_by_thread(pid, threads0, ng_pid, ng0), flush=True)
         # A VM's host can take the CPUs away mid-run; say so, since it skews that run alone.
         steal = steal_seconds() - steal0
         if steal >= 0.05:
@@ -277,10 +281,8 @@ def bench(d, nginx, env):
         deadline = time.time() + TIMEOUT
         while len(access_lines(access)) < before + N and time.time() < deadline:
             time.sleep(0.1)
-        spent = {k: (v - threads0.get(k, 0.0)) * 1e6 / N for k, v in thread_cpus(fpid).items()}
-        spent["nginx"] = (proc_cpu(ng.pid) - ng0) * 1e6 / N
-        print(f"  drain CPU µs/msg by thread: " + ", ".join(
-            f"{k} {v:.1f}" for k, v in sorted(spent.items()) if v >= 0.05), flush=True)
+        print("  drain CPU µs/msg by thread: " + cpu_by_thread(fpid, threads0, ng.pid, ng0),
+              flush=True)
         lines = access_lines(access)[before:]
         if len(lines) >= N:
             first, last = float(lines[0]), float(lines[N - 1])

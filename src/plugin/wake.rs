@@ -176,11 +176,11 @@ impl Shared {
         while !self.stop.load(Ordering::Acquire) {
             if self.owing() {
                 // Kick until the tick starts; give up the fast rate if the broker stops ticking.
-                // "Stops ticking", not "is owed a tick for a while": under a stream of results
-                // a new request is owed before the last one is served, tick after tick, and
-                // reading that as a broker that never ticks left the kicker at PERIOD and a
-                // backlog drain waiting up to 100 ms for each refill (BENCHMARKS.md).
-                let mut ticks = self.ticks.load(Ordering::Acquire);
+                // "Stops ticking": no tick started (and something was owed all along) for
+                // KICK_GIVE_UP. Not "is owed a tick for a while": under a stream of results a new
+                // request is owed before the last one is served, tick after tick, and reading
+                // that as a broker that never ticks left the kicker at PERIOD and a backlog drain
+                // waiting up to 100 ms for each refill (BENCHMARKS.md).
                 let mut since = Instant::now();
                 self.polling.store(true, Ordering::SeqCst);
                 let lingering = || {
@@ -188,15 +188,17 @@ impl Shared {
                     self.since_epoch().saturating_sub(last) < LINGER.as_nanos() as u64
                 };
                 while (self.owing() || lingering()) && !self.stop.load(Ordering::Acquire) {
-                    let now_ticks = self.ticks.load(Ordering::Acquire);
-                    if now_ticks != ticks || !self.owing() {
-                        ticks = now_ticks;
-                        since = Instant::now();
-                    }
                     if self.owing() {
                         self.kick();
+                    } else {
+                        since = Instant::now();
                     }
-                    let wait = if since.elapsed() < KICK_GIVE_UP { KICK_EVERY } else { PERIOD };
+                    let ticked = Duration::from_nanos(
+                        self.since_epoch()
+                            .saturating_sub(self.last_tick_ns.load(Ordering::Acquire)),
+                    );
+                    let quiet = since.elapsed().min(ticked);
+                    let wait = if quiet < KICK_GIVE_UP { KICK_EVERY } else { PERIOD };
                     g = self.cv.wait_timeout(g, wait).unwrap_or_else(|p| p.into_inner()).0;
                 }
                 // A request that saw `polling` still set was not notified: the loop above goes
@@ -214,6 +216,13 @@ impl Shared {
             }
             g = self.cv.wait_timeout(g, PERIOD - idle).unwrap_or_else(|p| p.into_inner()).0;
         }
+    }
+
+    /// Tells the kicker to end; it returns from [`Shared::run`] at once.
+    fn halt(&self) {
+        self.stop.store(true, Ordering::Release);
+        drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()));
+        self.cv.notify_all();
     }
 
     fn request(&self, kick_now: bool) {
@@ -298,9 +307,7 @@ impl Waker {
 
     /// Stops and joins the kicker; no signal is sent afterwards. Idempotent.
     pub fn stop(&self) {
-        self.shared.stop.store(true, Ordering::Release);
-        drop(self.shared.lock.lock().unwrap_or_else(|p| p.into_inner()));
-        self.shared.cv.notify_all();
+        self.shared.halt();
         let handle = self.kicker.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = handle {
             let _ = h.join();
@@ -392,9 +399,7 @@ mod tests {
                 std::thread::sleep(Duration::from_micros(20));
             }
         }
-        s.stop.store(true, Ordering::SeqCst);
-        drop(s.lock.lock().unwrap());
-        s.cv.notify_all();
+        s.halt();
         kicker.join().unwrap();
         // Positive control: the kicker was signalling at its fast rate before KICK_GIVE_UP.
         assert!(early >= 10, "only {early} signals in the first {KICK_GIVE_UP:?}");
